@@ -1,0 +1,299 @@
+"""Typed configuration: `config.toml`, then `STREAM_CL_SECTION__KEY`, then `--set section.key=value`.
+
+Every key has a typed default here; `config.toml` at the repository root documents each one.
+An unknown key or a value of the wrong type raises `ConfigError` naming the key; the CLI maps
+that to exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "STREAM_CL_"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; `key` is the dotted key at fault."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config key '{key}': {message}")
+        self.key = key
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap_servers: str = "127.0.0.1:9092"
+    topic: str = "stream_cl.samples"
+    group_id: str = "stream_cl"
+    dead_letter_topic: str = "stream_cl.dead_letters"
+    auto_offset_reset: str = "earliest"
+    max_poll_records: int = 2000
+    poll_timeout_ms: int = 100
+    max_poll_interval_ms: int = 10_000
+    session_timeout_ms: int = 10_000
+    fetch_max_bytes: int = 52_428_800
+    max_partition_fetch_bytes: int = 10_485_760
+    commit_interval_s: float = 5.0
+
+    def validate(self) -> None:
+        _choice("kafka.auto_offset_reset", self.auto_offset_reset, ("earliest", "latest"))
+        _positive("kafka.max_poll_records", self.max_poll_records)
+        _positive("kafka.max_poll_interval_ms", self.max_poll_interval_ms)
+
+
+@dataclass
+class ModelConfig:
+    device: str = "auto"
+    backbone: str = "mlp"
+    input_dim: int = 0
+    hidden: list[int] = field(default_factory=lambda: [256, 256])
+    seed: int = 0
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    max_classes: int = 1000
+
+    def validate(self) -> None:
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError("model.device", f"expected 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        _choice("model.backbone", self.backbone, ("mlp", "cnn"))
+        _choice("model.optimizer", self.optimizer, ("adam", "sgd"))
+        if self.input_dim < 0:
+            raise ConfigError("model.input_dim", "must be >= 0 (0 = taken from the first sample)")
+        if not self.hidden or any(h <= 0 for h in self.hidden):
+            raise ConfigError("model.hidden", f"expected a non-empty list of positive widths, got {self.hidden}")
+        _positive("model.lr", self.lr)
+        _positive("model.batch_size", self.batch_size)
+        _positive("model.max_classes", self.max_classes)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "finetune"
+    head: str = "random"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LearnerConfig:
+    snapshot_every_steps: int = 20
+    snapshot_every_ms: int = 500
+    prequential_window: int = 1000
+
+    def validate(self) -> None:
+        _positive("learner.snapshot_every_steps", self.snapshot_every_steps)
+        _positive("learner.prequential_window", self.prequential_window)
+
+
+@dataclass
+class ServeConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 7070
+    token: str = ""
+    max_frame_bytes: int = 1_048_576
+    max_batch: int = 256
+    batch_wait_ms: float = 1.0
+    max_connections: int = 256
+    idle_timeout_s: float = 300.0
+    read_timeout_s: float = 10.0
+
+    def validate(self) -> None:
+        _port("serve.port", self.port)
+        _positive("serve.max_frame_bytes", self.max_frame_bytes)
+        _positive("serve.max_batch", self.max_batch)
+        _positive("serve.max_connections", self.max_connections)
+
+
+@dataclass
+class MetricsConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 9108
+    max_task_labels: int = 64
+
+    def validate(self) -> None:
+        _port("metrics.port", self.port)
+        _positive("metrics.max_task_labels", self.max_task_labels)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "checkpoints"
+    every_samples: int = 0
+    every_s: float = 0.0
+    keep: int = 3
+
+    def validate(self) -> None:
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    format: str = "auto"
+
+    def validate(self) -> None:
+        _choice("log.level", self.level, ("debug", "info", "warning", "error"))
+        _choice("log.format", self.format, ("auto", "json", "console"))
+
+
+@dataclass
+class Config:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> Config:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            check = getattr(section, "validate", None)
+            if check is not None:
+                check()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: Iterable[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Load `path` (if given), then environment variables, then `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError("--config", f"file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", f"{p} is not valid TOML: {e}") from e
+    env = os.environ if env is None else env
+    for name, value in sorted(env.items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            _set_dotted(raw, dotted, value, from_text=True)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like section.key=value")
+        dotted, value = item.split("=", 1)
+        _set_dotted(raw, dotted.strip(), value, from_text=True)
+    return build(Config, raw, "").validate()
+
+
+class _Text(str):
+    """A value that came from the environment or --set: parsed against the target type."""
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: str, from_text: bool) -> None:
+    parts = dotted.split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(dotted, "expected section.key")
+    node = raw
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(dotted, f"'{part}' is a value, not a section")
+        node = nxt
+    node[parts[-1]] = _Text(value) if from_text else value
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and mistyped values."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix or "<root>", f"expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else key
+        if key not in fields:
+            valid = ", ".join(sorted(fields))
+            raise ConfigError(dotted, f"unknown key (valid keys here: {valid})")
+        kwargs[key] = _coerce(hints[key], value, dotted)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        return build(tp, value, key)
+    origin = typing.get_origin(tp)
+    if isinstance(value, _Text):
+        return _parse_text(tp, str(value), key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if isinstance(value, list):
+            return [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {k: (str(v) if isinstance(v, _Text) else v) for k, v in value.items()}
+    elif origin in (typing.Union, types.UnionType) or tp is Any:
+        return value
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _parse_text(tp: Any, text: str, key: str) -> Any:
+    """Parse a string from the environment or --set into `tp` (TOML syntax for lists)."""
+    if tp is str:
+        return text
+    try:
+        parsed = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if typing.get_origin(tp) is dict:
+            raise ConfigError(key, f"expected an inline table, got {text!r}") from None
+        raise ConfigError(key, f"expected {_type_name(tp)}, got {text!r}") from None
+    return _coerce(tp, parsed, key)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a table"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"expected one of {', '.join(choices)}; got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(key, f"must be > 0, got {value}")
+
+
+def _port(key: str, value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ConfigError(key, f"must be a TCP port (0-65535, 0 = any free port), got {value}")

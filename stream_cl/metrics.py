@@ -1,0 +1,108 @@
+"""Prometheus collectors, all on an injected `CollectorRegistry` (never the global default).
+
+Names and labels are the contract in design.md; dashboards and alert rules key on them. Labels
+stay bounded: `task` labels are capped at `max_task_labels` (the most recent tasks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+class Metrics:
+    """Every series the daemon exports. One instance per daemon, passed to each component."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_task_labels: int = 64) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.max_task_labels = max_task_labels
+        r = self.registry
+        self.samples = Counter(
+            "stream_cl_samples", "Samples consumed, by outcome.", ["outcome"], registry=r
+        )
+        for outcome in ("learned", "held_out", "invalid", "unlabeled"):
+            self.samples.labels(outcome=outcome)
+        self.consumer_lag = Gauge(
+            "stream_cl_consumer_lag", "Messages behind the partition's end offset.", ["partition"], registry=r
+        )
+        self.task_boundaries = Counter(
+            "stream_cl_task_boundaries", "Task boundaries detected, by evidence.", ["reason"], registry=r
+        )
+        for reason in ("explicit", "new_class", "drift"):
+            self.task_boundaries.labels(reason=reason)
+        self.current_task = Gauge("stream_cl_current_task", "Index of the current task.", registry=r)
+        self.tasks_seen = Gauge("stream_cl_tasks_seen", "Distinct tasks seen so far.", registry=r)
+        self.classes_seen = Gauge("stream_cl_classes_seen", "Distinct labels seen so far.", registry=r)
+        self.task_accuracy = Gauge(
+            "stream_cl_task_accuracy", "Latest accuracy on the task's held-out reservoir.", ["task"], registry=r
+        )
+        self.task_forgetting = Gauge(
+            "stream_cl_task_forgetting",
+            "Max-based forgetting of the task: max_{l<T} R[l][j] - R[T][j].",
+            ["task"],
+            registry=r,
+        )
+        self.average_accuracy = Gauge(
+            "stream_cl_average_accuracy", "Mean over tasks of the latest held-out accuracy.", registry=r
+        )
+        self.average_forgetting = Gauge(
+            "stream_cl_average_forgetting", "Mean max-based forgetting over earlier tasks.", registry=r
+        )
+        self.backward_transfer = Gauge(
+            "stream_cl_backward_transfer", "BWT (Lopez-Paz): mean of R[T][j] - R[j][j] over j < T.", registry=r
+        )
+        self.prequential_accuracy = Gauge(
+            "stream_cl_prequential_accuracy",
+            "Rolling test-then-train accuracy over the last learner.prequential_window labeled samples.",
+            registry=r,
+        )
+        self.learn_step_seconds = Histogram(
+            "stream_cl_learn_step_seconds", "Time of one learner step.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.predict_seconds = Histogram(
+            "stream_cl_predict_seconds",
+            "Time to answer one prediction request.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.predictions = Counter("stream_cl_predictions", "Samples predicted over the socket.", registry=r)
+        self.model_version = Gauge("stream_cl_model_version", "Version of the served snapshot.", registry=r)
+        self.last_checkpoint = Gauge(
+            "stream_cl_last_checkpoint_timestamp_seconds", "When the last checkpoint was written.", registry=r
+        )
+        self.dead_letters = Counter(
+            "stream_cl_dead_letters", "Messages sent to the dead-letter topic, by reason.", ["reason"], registry=r
+        )
+        self._task_labels: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def task_label(self, task: object) -> str | None:
+        """Admit `task` as a label value, dropping the oldest task's series beyond the cap."""
+        label = str(task)
+        with self._lock:
+            if label in self._task_labels:
+                self._task_labels.move_to_end(label)
+                return label
+            self._task_labels[label] = None
+            while len(self._task_labels) > self.max_task_labels:
+                old, _ = self._task_labels.popitem(last=False)
+                for gauge in (self.task_accuracy, self.task_forgetting):
+                    try:
+                        gauge.remove(old)
+                    except KeyError:
+                        pass
+            return label
+
+    def sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return self.registry.get_sample_value(name, labels or {})
+
+
+def start_metrics_server(metrics: Metrics, host: str, port: int) -> tuple[WSGIServer, int]:
+    """Serve `/metrics` for `metrics.registry`; returns the server and the bound port."""
+    server, _thread = start_http_server(port, addr=host, registry=metrics.registry)
+    return server, server.server_port

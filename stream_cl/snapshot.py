@@ -1,0 +1,90 @@
+"""Immutable, versioned model snapshots: what the prediction server reads.
+
+The learner thread is the only writer of the live model. Every N steps, every T ms and at each
+boundary it publishes a `Snapshot` holding a private eval-mode copy of what prediction needs;
+readers take the current reference from `SnapshotHolder` (read-copy-update), so serving never
+blocks on learning and never sees a half-updated model.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+Label = int | str
+TaskId = int | str
+
+# Maps a float32 batch [n, *input_shape] and an optional task hint to
+# (probabilities over the snapshot's labels [n, len(labels)], the task route taken per sample).
+Predictor = Callable[[torch.Tensor, TaskId | None], tuple[torch.Tensor, Sequence[TaskId | None]]]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    proba: np.ndarray
+    tasks: Sequence[TaskId | None]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    version: int
+    strategy: str
+    labels: tuple[Label, ...]
+    tasks: tuple[TaskId, ...]
+    input_shape: tuple[int, ...]
+    predictor: Predictor
+    device: str = "cpu"
+    created_at: float = field(default_factory=time.time)
+
+    @property
+    def input_size(self) -> int:
+        return int(np.prod(self.input_shape)) if self.input_shape else 0
+
+    def predict(self, xs: np.ndarray, task: TaskId | None = None) -> Prediction:
+        """Predict a float32 batch shaped [n, input_size] (or [n, *input_shape])."""
+        if task is not None and task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; known tasks: {list(self.tasks)}")
+        x = torch.from_numpy(np.ascontiguousarray(xs, dtype=np.float32))
+        x = x.reshape((x.shape[0], *self.input_shape)).to(self.device)
+        with torch.inference_mode():
+            proba, routes = self.predictor(x, task)
+        return Prediction(proba=proba.float().cpu().numpy(), tasks=list(routes))
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "model_version": self.version,
+            "strategy": self.strategy,
+            "classes": list(self.labels),
+            "tasks": list(self.tasks),
+            "input_shape": list(self.input_shape),
+        }
+
+
+class SnapshotHolder:
+    """The one place the latest snapshot lives; swapping the reference is the publish."""
+
+    def __init__(self) -> None:
+        self._snapshot: Snapshot | None = None
+        self._changed = threading.Condition()
+
+    def publish(self, snapshot: Snapshot) -> None:
+        with self._changed:
+            self._snapshot = snapshot
+            self._changed.notify_all()
+
+    def get(self) -> Snapshot | None:
+        return self._snapshot
+
+    def wait_for(self, min_version: int, timeout: float) -> Snapshot | None:
+        """Block until a snapshot with version >= `min_version` is published (or timeout)."""
+        with self._changed:
+            self._changed.wait_for(
+                lambda: self._snapshot is not None and self._snapshot.version >= min_version, timeout
+            )
+            return self._snapshot
