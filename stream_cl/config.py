@@ -34,6 +34,7 @@ class KafkaConfig:
     topic: str = "stream_cl.samples"
     group_id: str = "stream_cl"
     dead_letter_topic: str = "stream_cl.dead_letters"
+    predictions_topic: str = ""
     auto_offset_reset: str = "earliest"
     max_poll_records: int = 2000
     poll_timeout_ms: int = 100
@@ -71,7 +72,9 @@ class ModelConfig:
         if self.input_dim < 0:
             raise ConfigError("model.input_dim", "must be >= 0 (0 = taken from the first sample)")
         if not self.hidden or any(h <= 0 for h in self.hidden):
-            raise ConfigError("model.hidden", f"expected a non-empty list of positive widths, got {self.hidden}")
+            raise ConfigError(
+                "model.hidden", f"expected a non-empty list of positive widths, got {self.hidden}"
+            )
         _positive("model.lr", self.lr)
         _positive("model.batch_size", self.batch_size)
         _positive("model.max_classes", self.max_classes)
@@ -82,6 +85,17 @@ class StrategyConfig:
     name: str = "finetune"
     head: str = "random"
     options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BoundariesConfig:
+    explicit: bool = True
+    new_class: bool = True
+    min_task_length: int = 50
+
+    def validate(self) -> None:
+        if self.min_task_length < 0:
+            raise ConfigError("boundaries.min_task_length", f"must be >= 0, got {self.min_task_length}")
 
 
 @dataclass
@@ -154,6 +168,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    boundaries: BoundariesConfig = field(default_factory=BoundariesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -6,6 +6,7 @@ stay bounded: `task` labels are capped at `max_task_labels` (the most recent tas
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import OrderedDict
 from wsgiref.simple_server import WSGIServer
@@ -22,9 +23,7 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.max_task_labels = max_task_labels
         r = self.registry
-        self.samples = Counter(
-            "stream_cl_samples", "Samples consumed, by outcome.", ["outcome"], registry=r
-        )
+        self.samples = Counter("stream_cl_samples", "Samples consumed, by outcome.", ["outcome"], registry=r)
         for outcome in ("learned", "held_out", "invalid", "unlabeled"):
             self.samples.labels(outcome=outcome)
         self.consumer_lag = Gauge(
@@ -39,7 +38,10 @@ class Metrics:
         self.tasks_seen = Gauge("stream_cl_tasks_seen", "Distinct tasks seen so far.", registry=r)
         self.classes_seen = Gauge("stream_cl_classes_seen", "Distinct labels seen so far.", registry=r)
         self.task_accuracy = Gauge(
-            "stream_cl_task_accuracy", "Latest accuracy on the task's held-out reservoir.", ["task"], registry=r
+            "stream_cl_task_accuracy",
+            "Latest accuracy on the task's held-out reservoir.",
+            ["task"],
+            registry=r,
         )
         self.task_forgetting = Gauge(
             "stream_cl_task_forgetting",
@@ -54,7 +56,9 @@ class Metrics:
             "stream_cl_average_forgetting", "Mean max-based forgetting over earlier tasks.", registry=r
         )
         self.backward_transfer = Gauge(
-            "stream_cl_backward_transfer", "BWT (Lopez-Paz): mean of R[T][j] - R[j][j] over j < T.", registry=r
+            "stream_cl_backward_transfer",
+            "BWT (Lopez-Paz): mean of R[T][j] - R[j][j] over j < T.",
+            registry=r,
         )
         self.prequential_accuracy = Gauge(
             "stream_cl_prequential_accuracy",
@@ -76,7 +80,10 @@ class Metrics:
             "stream_cl_last_checkpoint_timestamp_seconds", "When the last checkpoint was written.", registry=r
         )
         self.dead_letters = Counter(
-            "stream_cl_dead_letters", "Messages sent to the dead-letter topic, by reason.", ["reason"], registry=r
+            "stream_cl_dead_letters",
+            "Messages sent to the dead-letter topic, by reason.",
+            ["reason"],
+            registry=r,
         )
         self._task_labels: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
@@ -92,10 +99,8 @@ class Metrics:
             while len(self._task_labels) > self.max_task_labels:
                 old, _ = self._task_labels.popitem(last=False)
                 for gauge in (self.task_accuracy, self.task_forgetting):
-                    try:
+                    with contextlib.suppress(KeyError):
                         gauge.remove(old)
-                    except KeyError:
-                        pass
             return label
 
     def sample_value(self, name: str, labels: dict[str, str] | None = None) -> float | None:

@@ -1,0 +1,149 @@
+"""`stream-cl bench throughput`: the daemon against its two limits, side by side in one run.
+
+1. raw consume+decode: kafka-python in its fastest configuration (partitions assigned directly, no
+   group, large fetches, C crc32c) reading every message and decoding it with `decode_sample`;
+2. raw train step: the same strategy, model and batch size fed pre-built tensors in-process;
+3. the daemon end to end: broker → source thread → learner thread, counting learned samples.
+
+Goal: daemon ≥ 0.7 × min(raw consume, raw train). Group-join time is excluded from (3): the clock
+starts at the first learned sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import torch
+from kafka import KafkaConsumer, TopicPartition
+from stream_cl.broker import EmbeddedBroker
+from stream_cl.datasets import load_stream
+from stream_cl.producer import produce_stream
+
+from stream_cl.codec import decode_sample
+from stream_cl.config import Config
+from stream_cl.daemon import Daemon
+from stream_cl.strategies import Batch, from_config
+
+
+def raw_consume_rate(bootstrap: str, topic: str, n: int, timeout_s: float = 120.0) -> float:
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        enable_auto_commit=False,
+        fetch_max_bytes=64 * 1024 * 1024,
+        max_partition_fetch_bytes=32 * 1024 * 1024,
+        max_poll_records=10_000,
+        fetch_max_wait_ms=50,
+    )
+    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    consumer.assign(partitions)
+    consumer.seek_to_beginning()
+    seen = 0
+    t0: float | None = None
+    deadline = time.monotonic() + timeout_s
+    while seen < n and time.monotonic() < deadline:
+        for messages in consumer.poll(timeout_ms=500).values():
+            if t0 is None:
+                t0 = time.perf_counter()
+            for m in messages:
+                decode_sample(m.value)
+            seen += len(messages)
+    elapsed = time.perf_counter() - (t0 or time.perf_counter())
+    consumer.close()
+    return seen / elapsed if elapsed > 0 else float("nan")
+
+
+def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
+    stream = load_stream(stream_name)
+    x_all = np.concatenate([t.train_x for t in stream.tasks])
+    y_all = np.concatenate([t.train_y for t in stream.tasks])
+    strategy = from_config(config, stream.input_shape)
+    n_classes = int(y_all.max()) + 1
+    strategy.add_classes(list(range(n_classes)), 0)
+    bs = config.model.batch_size
+    batches = []
+    for i in range(0, len(x_all) - bs + 1, bs):
+        x = torch.from_numpy(x_all[i : i + bs]).reshape((bs, *stream.input_shape)).to(strategy.device)
+        batches.append(Batch(x=x, y=torch.from_numpy(y_all[i : i + bs]).long().to(strategy.device), task=0))
+    for b in batches[:20]:  # warm-up
+        strategy.learn(b)
+    steps = max(1, n // bs)
+    t0 = time.perf_counter()
+    for s in range(steps):
+        strategy.learn(batches[s % len(batches)])
+    return steps * bs / (time.perf_counter() - t0)
+
+
+def daemon_rate(config: Config, bootstrap: str, topic: str, n: int, timeout_s: float = 300.0) -> float:
+    cfg = dataclasses.replace(
+        config,
+        kafka=dataclasses.replace(
+            config.kafka, bootstrap_servers=bootstrap, topic=topic, group_id=f"bench-{uuid.uuid4()}"
+        ),
+        serve=dataclasses.replace(config.serve, enabled=False),
+        metrics=dataclasses.replace(config.metrics, enabled=False),
+    )
+    daemon = Daemon(cfg)
+    daemon.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        t0: float | None = None
+        first = 0
+        while time.monotonic() < deadline:
+            learned = daemon.learner.stats()["learned"]
+            if t0 is None and learned > 0:
+                t0, first = time.perf_counter(), learned
+            if learned >= n:
+                return (learned - first) / (time.perf_counter() - t0)  # type: ignore[operator]
+            time.sleep(0.002)
+        raise TimeoutError(
+            f"the daemon learned {daemon.learner.stats()['learned']}/{n} samples in {timeout_s}s"
+        )
+    finally:
+        daemon.stop()
+
+
+def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: int = 5) -> dict[str, Any]:
+    stream = load_stream(stream_name)
+    n = stream.n_train * repeats
+    with EmbeddedBroker() as broker:
+        topic = f"bench-throughput-{uuid.uuid4().hex[:8]}"
+        broker.create_topic(topic)
+        for _ in range(repeats):
+            produce_stream(broker.bootstrap_servers, topic, stream)
+        consume = raw_consume_rate(broker.bootstrap_servers, topic, n)
+        train = raw_train_rate(config, stream_name, n)
+        daemon = daemon_rate(config, broker.bootstrap_servers, topic, n)
+    limit = min(consume, train)
+    return {
+        "stream": stream_name,
+        "samples": n,
+        "strategy": config.strategy.name,
+        "batch_size": config.model.batch_size,
+        "hidden": config.model.hidden,
+        "raw_consume_decode_samples_per_s": consume,
+        "raw_train_samples_per_s": train,
+        "daemon_samples_per_s": daemon,
+        "daemon_vs_slower_limit": daemon / limit,
+        "goal_daemon_vs_slower_limit": 0.7,
+        "goal_met": daemon / limit >= 0.7,
+    }
+
+
+def format_throughput(r: dict[str, Any]) -> str:
+    from stream_cl.evaluation import format_table
+
+    rows = [
+        ["raw kafka-python consume + decode", r["raw_consume_decode_samples_per_s"], ""],
+        ["raw train step (in-process)", r["raw_train_samples_per_s"], ""],
+        ["daemon end to end", r["daemon_samples_per_s"], f"{r['daemon_vs_slower_limit']:.2f}x slower limit"],
+    ]
+    table = format_table(["path", "samples/s", "ratio"], [[a, round(b), c] for a, b, c in rows])
+    verdict = "met" if r["goal_met"] else "NOT met"
+    return (
+        f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}\n"
+        f"{table}\ngoal daemon >= 0.7 x slower limit: {verdict}"
+    )

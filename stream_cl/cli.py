@@ -1,0 +1,246 @@
+"""`stream-cl` command line: run, demo, broker, produce, predict, bench.
+
+Configuration comes from `--config PATH` (default: ./config.toml when present), then
+`STREAM_CL_SECTION__KEY` variables, then `--set section.key=value`. A bad configuration is one
+line naming the key, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from stream_cl.config import Config, ConfigError, load_config
+from stream_cl.log import configure_logging
+
+EXIT_USAGE = 2
+
+
+def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    path = args.config
+    if path is None and Path("config.toml").exists():
+        path = "config.toml"
+    return load_config(path, [*extra, *(args.set or [])])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from stream_cl.daemon import Daemon
+
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format)
+    return Daemon(config).run()
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from stream_cl.broker import EmbeddedBroker
+
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    with EmbeddedBroker(host=args.host, port=args.port) as broker:
+        print(
+            f"embedded Kafka-protocol broker listening on {broker.bootstrap_servers} (memory only; Ctrl-C stops it)"
+        )
+        sys.stdout.flush()
+        while not done.wait(0.5):
+            if not broker.is_running():
+                print("broker exited", file=sys.stderr)
+                return 1
+    return 0
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from stream_cl.datasets import load_stream
+    from stream_cl.producer import produce_file, produce_stream
+
+    config = _load(args)
+    bootstrap = args.bootstrap or config.kafka.bootstrap_servers
+    topic = args.topic or config.kafka.topic
+    if args.file:
+        n = produce_file(bootstrap, topic, args.file, rate=args.rate)
+    else:
+        stream = load_stream(
+            args.stream,
+            seed=args.seed,
+            class_order=_class_order(args.class_order),
+            send_task=not args.no_task,
+        )
+        n = produce_stream(
+            bootstrap,
+            topic,
+            stream,
+            limit=args.limit,
+            rate=args.rate,
+            binary=not args.array,
+            progress=_progress,
+        )
+        print(file=sys.stderr)
+    print(json.dumps({"produced": n, "topic": topic, "bootstrap_servers": bootstrap}))
+    return 0
+
+
+def _class_order(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(c) for c in text.split(",")]
+    except ValueError:
+        raise ConfigError("--class-order", f"expected comma-separated ints, got {text!r}") from None
+
+
+def _progress(done: int, total: int) -> None:
+    print(f"\rproduced {done}/{total}", end="", file=sys.stderr, flush=True)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from stream_cl.client import PredictionClient, PredictionError
+
+    config = _load(args)
+    host = args.host or config.serve.host
+    port = args.port or config.serve.port
+    token = args.token if args.token is not None else (config.serve.token or None)
+    try:
+        with PredictionClient(host, port, token=token, timeout=args.timeout) as client:
+            if args.health:
+                reply: Any = client.health()
+            elif args.info:
+                reply = client.info()
+            elif args.x:
+                reply = client.predict(json.loads(args.x), task=_task_arg(args.task))
+            else:
+                return _predict_stream(client, args)
+    except (OSError, PredictionError) as e:
+        print(f"stream-cl predict: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply, default=str))
+    return 0
+
+
+def _task_arg(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _predict_stream(client: Any, args: argparse.Namespace) -> int:
+    """Predict a built-in stream's held-out samples over the socket and print the accuracy."""
+    import numpy as np
+
+    from stream_cl.datasets import load_stream
+
+    stream = load_stream(args.stream, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    xs = np.concatenate([t.test_x for t in stream.tasks])
+    ys = np.concatenate([t.test_y for t in stream.tasks])
+    pick = rng.choice(len(xs), size=min(args.n, len(xs)), replace=False)
+    reply = client.predict_batch(xs[pick])
+    labels = [r["label"] for r in reply["results"]]
+    acc = float(np.mean([lab == int(y) for lab, y in zip(labels, ys[pick], strict=True)]))
+    print(json.dumps({"samples": len(pick), "accuracy": acc, "model_version": reply["model_version"]}))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stream_cl.demo import run_demo
+
+    config = _load(args, extra=[f"log.level={args.log_level}"])
+    configure_logging(config.log.level, config.log.format)
+    return run_demo(config, args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stream_cl.bench.commands import run_bench
+
+    config = _load(args, extra=["log.level=warning"])
+    configure_logging(config.log.level, config.log.format)
+    return run_bench(args.bench, config, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="stream-cl", description="Continual learning on live Kafka streams.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", help="config file (default: ./config.toml when present)")
+    common.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override one config key (repeatable)"
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=cmd_run)
+
+    b = sub.add_parser("broker", parents=[common], help="start the embedded Kafka-protocol broker")
+    b.add_argument("--host", default="127.0.0.1")
+    b.add_argument("--port", type=int, default=9092)
+    b.set_defaults(func=cmd_broker)
+
+    pr = sub.add_parser("produce", parents=[common], help="replay a built-in stream or a file into a topic")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--stream", help="split-mnist, permuted-mnist, split-digits or split-mnist1d")
+    src.add_argument("--file", help="a .jsonl or .msgpack file of samples")
+    _stream_args(pr)
+    pr.add_argument("--topic", help="default: kafka.topic")
+    pr.add_argument("--bootstrap", help="default: kafka.bootstrap_servers")
+    pr.add_argument("--limit", type=int)
+    pr.add_argument("--rate", type=float, help="samples per second (default: as fast as possible)")
+    pr.add_argument("--array", action="store_true", help="send x as a number array instead of float32 bytes")
+    pr.set_defaults(func=cmd_produce)
+
+    pd = sub.add_parser("predict", parents=[common], help="query a running daemon over the socket")
+    pd.add_argument("--host")
+    pd.add_argument("--port", type=int)
+    pd.add_argument("--token")
+    pd.add_argument("--timeout", type=float, default=10.0)
+    pd.add_argument("--task", help="task hint")
+    what = pd.add_mutually_exclusive_group()
+    what.add_argument("--x", help="one sample as a JSON array of numbers")
+    what.add_argument("--health", action="store_true")
+    what.add_argument("--info", action="store_true")
+    what.add_argument("--stream", default="split-mnist", help="score N held-out samples of a built-in stream")
+    pd.add_argument("--n", type=int, default=500)
+    pd.add_argument("--seed", type=int, default=0)
+    pd.set_defaults(func=cmd_predict)
+
+    d = sub.add_parser(
+        "demo", parents=[common], help="embedded broker + built-in stream + daemon, one command"
+    )
+    d.add_argument("--stream", default="split-mnist")
+    _stream_args(d)
+    d.add_argument("--rate", type=float, help="producer samples per second (default: as fast as possible)")
+    d.add_argument("--exit-when-done", action="store_true", help="exit 0 after the report instead of serving")
+    d.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    d.set_defaults(func=cmd_demo)
+
+    from stream_cl.bench.commands import add_bench_parsers
+
+    add_bench_parsers(sub, common)
+    return p
+
+
+def _stream_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--class-order", help="comma-separated class ids, e.g. 9,8,7,6,5,4,3,2,1,0")
+    p.add_argument("--no-task", action="store_true", help="do not send the task field")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as e:
+        print(f"stream-cl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Python client for the prediction socket (design.md, "Prediction socket").
+
+Blocking and dependency-light (socket, msgpack, numpy) so it drops into notebooks, scripts and
+load generators alike. One client = one connection; it is not thread-safe (give each thread its
+own). The convenience methods send one request and wait for its reply; `send`/`recv` pipeline
+many requests on the connection (the server answers them in order, each echoing its `id`).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any
+
+import msgpack
+import numpy as np
+
+_HEADER = struct.Struct(">I")
+
+
+class PredictionError(RuntimeError):
+    """The server answered `ok: false`; `code` is the protocol's error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _to_wire(obj: Any) -> Any:
+    """msgpack `default` hook: numpy feature arrays go as compact float32 LE bytes."""
+    if isinstance(obj, np.ndarray):
+        return np.ascontiguousarray(obj, dtype="<f4").reshape(-1).tobytes()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"cannot send {type(obj).__name__}")
+
+
+def _rows(xs: Any) -> list[Any]:
+    """A batch as one feature vector per sample: rows of a 2-D+ array, or the items of a list."""
+    if isinstance(xs, np.ndarray):
+        return list(xs.reshape(len(xs), -1)) if xs.ndim > 1 else [xs]
+    return list(xs)
+
+
+class PredictionClient:
+    """A connection to a `PredictionServer`; authenticates on connect when `token` is given."""
+
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 7070, token: str | None = None, timeout: float = 10.0
+    ) -> None:
+        self._sock = socket.create_connection((host, port), timeout=timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buf = bytearray()
+        self._next_id = 0
+        self._outstanding = 0
+        if token:
+            self._call({"op": "auth", "token": token})
+
+    def __enter__(self) -> PredictionClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    # -- convenience calls -------------------------------------------------------------------
+    def predict(self, x: Any, task: int | str | None = None) -> dict[str, Any]:
+        """Predict one sample; returns `{"id", "ok", "label", "proba", "task", "model_version"}`."""
+        request: dict[str, Any] = {"op": "predict", "x": x}
+        if task is not None:
+            request["task"] = task
+        return self._call(request)
+
+    def predict_batch(self, xs: Iterable[Any] | np.ndarray, task: int | str | None = None) -> dict[str, Any]:
+        """Predict several samples in one request; `results` holds one entry per sample."""
+        request: dict[str, Any] = {"op": "predict_batch", "xs": _rows(xs)}
+        if task is not None:
+            request["task"] = task
+        return self._call(request)
+
+    def health(self) -> dict[str, Any]:
+        return self._call({"op": "health"})
+
+    def info(self) -> dict[str, Any]:
+        return self._call({"op": "info"})
+
+    def _call(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self._outstanding:
+            raise RuntimeError(f"{self._outstanding} pipelined replies are unread: recv() them first")
+        self.send(request)
+        reply = self.recv()
+        if not reply.get("ok"):
+            error = reply.get("error") or {}
+            raise PredictionError(str(error.get("code", "unknown")), str(error.get("message", "")))
+        return reply
+
+    # -- pipelining --------------------------------------------------------------------------
+    def send(self, request: dict[str, Any]) -> Any:
+        """Send one request without waiting; returns its `id` (assigned when the request has none)."""
+        if "id" not in request:
+            request = {**request, "id": self._next_id}
+            self._next_id += 1
+        payload = msgpack.packb(request, use_bin_type=True, default=_to_wire)
+        self._sock.sendall(_HEADER.pack(len(payload)) + payload)
+        self._outstanding += 1
+        return request["id"]
+
+    def recv(self) -> dict[str, Any]:
+        """The next reply on this connection, `ok: false` replies included (they are not raised)."""
+        (n,) = _HEADER.unpack(self._read_exact(_HEADER.size))
+        reply = msgpack.unpackb(self._read_exact(n), raw=False, strict_map_key=False)
+        self._outstanding = max(0, self._outstanding - 1)
+        if not isinstance(reply, dict):
+            raise PredictionError("bad_reply", f"server sent {type(reply).__name__}, not a map")
+        return reply
+
+    def _read_exact(self, n: int) -> bytes:
+        buf = self._buf
+        while len(buf) < n:
+            chunk = self._sock.recv(max(65536, n - len(buf)))
+            if not chunk:
+                raise ConnectionError("the server closed the connection")
+            buf += chunk
+        data = bytes(buf[:n])
+        del buf[:n]
+        return data

@@ -1,0 +1,184 @@
+"""The daemon: source thread → learner thread → snapshots → prediction server and /metrics.
+
+Lifecycle (uvicorn-style): signal handlers only set a flag; the main loop notices it and shuts
+down in a fixed order under a deadline: stop consuming, let the learner finish its step, commit
+the processed offsets, drain and close the socket, stop /metrics. A second signal forces exit.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from types import FrameType
+from typing import Any
+
+import msgpack
+from kafka import KafkaProducer
+from prometheus_client import CollectorRegistry
+
+from stream_cl.codec import Sample
+from stream_cl.config import Config
+from stream_cl.learner import Learner
+from stream_cl.log import get_logger
+from stream_cl.metrics import Metrics, start_metrics_server
+from stream_cl.serve import PredictionServer
+from stream_cl.snapshot import SnapshotHolder
+from stream_cl.source import KafkaSource, Record
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_FORCED = 130
+
+
+class Daemon:
+    """One daemon: owns every component and their threads. `start()`, then `stop()` (or `run()`)."""
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
+        self.config = config
+        self.log = get_logger("stream_cl.daemon")
+        self.metrics = Metrics(registry, config.metrics.max_task_labels)
+        self.holder = SnapshotHolder()
+        self.queue: queue.Queue[list[Record]] = queue.Queue(maxsize=8)
+        self.source = KafkaSource(config.kafka, self.queue, self.metrics, expected_size=self._input_size)
+        self._predictions: KafkaProducer | None = None
+        self.learner = Learner(
+            config,
+            self.holder,
+            self.metrics,
+            on_processed=self.source.mark_processed,
+            dead_letter=self.source.dead_letter,
+            on_unlabeled=self._publish_prediction if config.kafka.predictions_topic else None,
+        )
+        self.server: PredictionServer | None = None
+        self.serve_port: int | None = None
+        self.metrics_port: int | None = None
+        self._metrics_server: Any = None
+        self._learner_stop = threading.Event()
+        self._learner_thread = threading.Thread(
+            target=self._learn_loop, name="stream-cl-learner", daemon=True
+        )
+        self._source_thread = threading.Thread(target=self.source.run, name="stream-cl-source", daemon=True)
+        self.learner_error: BaseException | None = None
+        self._shutdown = threading.Event()
+        self._signals = 0
+
+    def _input_size(self) -> int | None:
+        return self.learner.input_size
+
+    # -- start / stop ---------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.config
+        if cfg.metrics.enabled:
+            self._metrics_server, self.metrics_port = start_metrics_server(
+                self.metrics, cfg.metrics.host, cfg.metrics.port
+            )
+        if cfg.serve.enabled:
+            self.server = PredictionServer(cfg.serve, self.holder, self.metrics)
+            self.serve_port = self.server.start()
+        if cfg.kafka.predictions_topic:
+            self._predictions = KafkaProducer(
+                bootstrap_servers=cfg.kafka.bootstrap_servers.split(","), linger_ms=5
+            )
+        self.source.connect()
+        self._source_thread.start()
+        self._learner_thread.start()
+        self.log.info(
+            "daemon_started",
+            topic=cfg.kafka.topic,
+            group_id=cfg.kafka.group_id,
+            strategy=cfg.strategy.name,
+            serve_port=self.serve_port,
+            metrics_port=self.metrics_port,
+        )
+
+    def _learn_loop(self) -> None:
+        try:
+            while not self._learner_stop.is_set():
+                try:
+                    records = self.queue.get(timeout=0.05)
+                except queue.Empty:
+                    self.learner.flush()  # the stream went quiet: learn the partial batch, publish
+                    if self.source.stop_event.is_set():
+                        break
+                    continue
+                self.learner.process(records)
+        except BaseException as e:
+            self.learner_error = e
+            self.log.exception("learner_failed")
+        finally:
+            self._shutdown.set()
+
+    def stop(self, deadline_s: float = 10.0) -> None:
+        """Stop in order: consuming, learning (finish the step), commit, serving, metrics."""
+        t_end = time.monotonic() + deadline_s
+        self.log.info("daemon_stopping")
+        self.source.stop_event.set()
+        self._source_thread.join(max(0.1, t_end - time.monotonic()))
+        self._learner_stop.set()
+        self._learner_thread.join(max(0.1, t_end - time.monotonic()))
+        if not self._learner_thread.is_alive():
+            self.learner.flush()
+        # Records still queued were never learned and are not committed: the next run re-reads them.
+        try:
+            self.source.close()
+        except Exception:
+            self.log.exception("final_commit_failed")
+        if self._predictions is not None:
+            self._predictions.close(timeout=max(0.1, t_end - time.monotonic()))
+        if self.server is not None:
+            self.server.stop(drain_timeout=max(0.1, t_end - time.monotonic()))
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+        self.log.info("daemon_stopped", **self.learner.stats())
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self.learner_error or self.source.error
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until a component fails or `request_shutdown` is called; True if it happened."""
+        return self._shutdown.wait(timeout)
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Wait until everything learned so far is in the published snapshot."""
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            if self.learner.stats()["unpublished_steps"] == 0 and self.queue.empty():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def request_shutdown(self) -> None:
+        self._shutdown.set()
+
+    # -- the process entry point ----------------------------------------------------------------
+    def run(self, deadline_s: float = 10.0) -> int:
+        """Run until SIGTERM/SIGINT (or a component fails); returns the process exit code."""
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.start()
+            while not self._shutdown.wait(0.5):
+                if self.source.stop_event.is_set():  # the source died on its own
+                    break
+            self.stop(deadline_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return EXIT_FAILURE if self.failed else EXIT_OK
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            os._exit(EXIT_FORCED)  # a second Ctrl-C: the user wants out now
+        self._shutdown.set()
+
+    # -- unlabeled samples ----------------------------------------------------------------------
+    def _publish_prediction(self, sample: Sample, prediction: dict[str, Any]) -> None:
+        if self._predictions is None:
+            return
+        message = {"id": sample.id, **prediction}
+        self._predictions.send(self.config.kafka.predictions_topic, msgpack.packb(message, use_bin_type=True))

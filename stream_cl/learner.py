@@ -1,0 +1,260 @@
+"""The learner: the one thread that owns and writes the model.
+
+It takes decoded records from the source, maps raw labels to class indices (growing the head for
+new ones), asks the boundary detector whether a new task starts, learns in mini-batches
+(test-then-train: each batch is scored before the update, which feeds prequential accuracy),
+and publishes an immutable snapshot every N steps, every T ms and at each boundary.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_cl.boundaries import BoundaryDetector, BoundaryEvent
+from stream_cl.codec import Sample
+from stream_cl.config import Config
+from stream_cl.log import get_logger
+from stream_cl.metrics import Metrics
+from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
+from stream_cl.source import Record
+from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
+
+
+class Learner:
+    """Turns records into strategy steps; single-threaded by design (the only model writer)."""
+
+    def __init__(
+        self,
+        config: Config,
+        holder: SnapshotHolder,
+        metrics: Metrics,
+        on_processed: Callable[[int, int], None] = lambda partition, offset: None,
+        dead_letter: Callable[[bytes | None, str, str, int, int], None] | None = None,
+        on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.holder = holder
+        self.metrics = metrics
+        self.on_processed = on_processed
+        self.dead_letter = dead_letter
+        self.on_unlabeled = on_unlabeled
+        self.log = get_logger("stream_cl.learner")
+        check_config(config)  # fail on a bad [strategy] before consuming anything
+        self.detector = BoundaryDetector(config.boundaries)
+        self.strategy: Strategy | None = None
+        self.input_shape: tuple[int, ...] | None = None
+        if config.model.input_dim:
+            self.input_shape = (config.model.input_dim,)
+        self.labels: list[Label] = []
+        self.label_index: dict[Label, int] = {}
+        self.version = 0
+        self.steps = 0
+        self.learned = 0
+        self.boundaries: list[BoundaryEvent] = []
+        self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
+        self._pending: list[tuple[np.ndarray, int, Record]] = []
+        self._steps_since_publish = 0
+        self._last_publish = time.monotonic()
+        self._lock = threading.Lock()  # guards stats read by other threads
+
+    # -- inputs ---------------------------------------------------------------------------------
+    @property
+    def input_size(self) -> int | None:
+        return int(np.prod(self.input_shape)) if self.input_shape else None
+
+    def _ensure_strategy(self, sample: Sample) -> Strategy:
+        if self.strategy is None:
+            if self.input_shape is None:
+                self.input_shape = sample.shape or (sample.x.size,)
+            cfg = self.config
+            self.strategy = from_config(cfg, self.input_shape)
+            self.log.info(
+                "model_created",
+                strategy=cfg.strategy.name,
+                input_shape=list(self.input_shape),
+                device=str(self.strategy.device),
+            )
+            self.publish()
+        return self.strategy
+
+    def process(self, records: list[Record]) -> None:
+        """Handle one polled chunk of records in stream order."""
+        for rec in records:
+            sample = rec.sample
+            if self.input_size is not None and sample.x.size != self.input_size:
+                self._reject(
+                    rec, "bad_length", f"'x' has {sample.x.size} features, expected {self.input_size}"
+                )
+                continue
+            strategy = self._ensure_strategy(sample)
+            if sample.y is None:
+                self._unlabeled(rec)
+                continue
+            new_label = sample.y not in self.label_index
+            if new_label and len(self.labels) >= self.config.model.max_classes:
+                self._reject(rec, "too_many_classes", f"label {sample.y!r} beyond model.max_classes")
+                continue
+            event = self.detector.observe(sample.task, new_label, rec.partition, rec.offset)
+            if event is not None:
+                self._learn_pending()
+                self._boundary(event)
+            task = self.detector.current or 0
+            if new_label:
+                self._learn_pending()
+                cls = len(self.labels)
+                self.labels.append(sample.y)
+                self.label_index[sample.y] = cls
+                strategy.add_classes([cls], task)
+                self.metrics.classes_seen.set(len(self.labels))
+            else:
+                strategy.note_task(task, [self.label_index[sample.y]])
+            self._pending.append((sample.x, self.label_index[sample.y], rec))
+            if len(self._pending) >= self.config.model.batch_size:
+                self._learn_pending()
+        self._maybe_publish()
+
+    def flush(self) -> None:
+        """Learn a partial batch (the stream went quiet) and publish."""
+        self._learn_pending()
+        self._maybe_publish(force=self._steps_since_publish > 0)
+
+    # -- learning -------------------------------------------------------------------------------
+    def _learn_pending(self) -> None:
+        if not self._pending or self.strategy is None:
+            return
+        pending, self._pending = self._pending, []
+        strategy = self.strategy
+        x = torch.from_numpy(np.stack([p[0] for p in pending]))
+        x = x.reshape((len(pending), *self.input_shape)).to(strategy.device)  # type: ignore[misc]
+        y = torch.tensor([p[1] for p in pending], dtype=torch.long, device=strategy.device)
+        start = time.perf_counter()
+        result = strategy.learn(Batch(x=x, y=y, task=self.detector.current or 0))
+        self.metrics.learn_step_seconds.observe(time.perf_counter() - start)
+        with self._lock:
+            self._prequential.extend(result.correct.tolist())
+            self.steps += 1
+            self.learned += len(pending)
+        self._steps_since_publish += 1
+        self.metrics.samples.labels(outcome="learned").inc(len(pending))
+        self.metrics.prequential_accuracy.set(self.prequential_accuracy)
+        for _, _, rec in pending:
+            self.on_processed(rec.partition, rec.offset)
+
+    def _boundary(self, event: BoundaryEvent) -> None:
+        assert self.strategy is not None
+        self.boundaries.append(event)
+        self.strategy.on_boundary(
+            Boundary(
+                previous_task=event.previous_task,
+                task=event.task,
+                reason=event.reason,
+                recurring=event.recurring,
+            )
+        )
+        if event.previous_task is not None:
+            self.metrics.task_boundaries.labels(reason=event.reason).inc()
+        self.metrics.current_task.set(event.task)
+        self.metrics.tasks_seen.set(len(self.detector.task_ids))
+        self.log.info(
+            "task_boundary",
+            reason=event.reason,
+            task=event.task_id,
+            task_index=event.task,
+            previous_task=event.previous_task,
+            recurring=event.recurring,
+            partition=event.partition,
+            offset=event.offset,
+            evidence=event.evidence,
+        )
+        self.publish()
+
+    def _unlabeled(self, rec: Record) -> None:
+        self.metrics.samples.labels(outcome="unlabeled").inc()
+        if self.on_unlabeled is not None:
+            snap = self.holder.get()
+            if snap is not None and snap.labels:
+                pred = snap.predict(rec.sample.x[None, :])
+                proba = pred.proba[0]
+                best = int(proba.argmax())
+                self.on_unlabeled(
+                    rec.sample,
+                    {
+                        "label": snap.labels[best],
+                        "proba": {lab: float(p) for lab, p in zip(snap.labels, proba, strict=True)},
+                        "model_version": snap.version,
+                    },
+                )
+        self.on_processed(rec.partition, rec.offset)
+
+    def _reject(self, rec: Record, reason: str, detail: str) -> None:
+        if self.dead_letter is not None:
+            self.dead_letter(rec.raw, reason, detail, rec.partition, rec.offset)
+        else:
+            self.metrics.samples.labels(outcome="invalid").inc()
+            self.on_processed(rec.partition, rec.offset)
+
+    # -- snapshots ------------------------------------------------------------------------------
+    @property
+    def prequential_accuracy(self) -> float:
+        window = self._prequential
+        return float(sum(window) / len(window)) if window else 0.0
+
+    def _maybe_publish(self, force: bool = False) -> None:
+        cfg = self.config.learner
+        due_steps = self._steps_since_publish >= cfg.snapshot_every_steps
+        due_time = (
+            self._steps_since_publish > 0
+            and (time.monotonic() - self._last_publish) * 1000 >= cfg.snapshot_every_ms
+        )
+        if force or due_steps or due_time:
+            self.publish()
+
+    def publish(self) -> Snapshot | None:
+        """Publish an immutable snapshot of the current model (learner thread only)."""
+        if self.strategy is None or self.input_shape is None:
+            return None
+        self.version += 1
+        task_ids: tuple[TaskId, ...] = tuple(self.detector.task_ids)
+        index_of = {tid: i for i, tid in enumerate(task_ids)}
+        inner = self.strategy.predictor()
+
+        def predictor(x: torch.Tensor, task: TaskId | None) -> tuple[torch.Tensor, list[TaskId | None]]:
+            proba, routes = inner(x, None if task is None else index_of[task])
+            return proba, [None if r is None else task_ids[r] for r in routes]
+
+        snap = Snapshot(
+            version=self.version,
+            strategy=self.strategy.name,
+            labels=tuple(self.labels),
+            tasks=task_ids,
+            input_shape=self.input_shape,
+            predictor=predictor,
+            device=str(self.strategy.device),
+        )
+        self.holder.publish(snap)
+        self.metrics.model_version.set(self.version)
+        self._steps_since_publish = 0
+        self._last_publish = time.monotonic()
+        return snap
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "learned": self.learned,
+                "steps": self.steps,
+                "model_version": self.version,
+                "classes": len(self.labels),
+                "tasks": len(self.detector.task_ids),
+                "current_task": None
+                if self.detector.current is None
+                else self.detector.task_ids[self.detector.current],
+                "prequential_accuracy": self.prequential_accuracy,
+                "unpublished_steps": self._steps_since_publish + (1 if self._pending else 0),
+            }

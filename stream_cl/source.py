@@ -1,0 +1,198 @@
+"""Kafka source: a consumer in a group, batched polls, decoding, dead letters, manual commits.
+
+kafka-python's consumer is not thread-safe, so one thread (the source thread) owns it: it polls,
+decodes, dead-letters invalid messages and hands decoded records to the learner through a bounded
+queue. The learner reports how far it has *processed* each partition; the source thread commits
+exactly those offsets, never the ones merely fetched, so a crash re-reads unprocessed samples.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from stream_cl.codec import InvalidSample, Sample, decode_sample
+from stream_cl.config import KafkaConfig
+from stream_cl.log import get_logger
+from stream_cl.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    partition: int
+    offset: int
+    sample: Sample
+    raw: bytes  # the original message value, for dead letters raised later by the learner
+
+
+def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list:
+    return [
+        ("stream_cl.reason", reason.encode()),
+        ("stream_cl.detail", detail[:500].encode()),
+        ("stream_cl.source", f"{topic}:{partition}:{offset}".encode()),
+    ]
+
+
+class KafkaSource:
+    """Owns the consumer and the dead-letter producer; runs `run()` on its own thread."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        out: queue.Queue[list[Record]],
+        metrics: Metrics,
+        expected_size: Callable[[], int | None] = lambda: None,
+        max_features: int = 1 << 20,
+    ) -> None:
+        self.config = config
+        self.out = out
+        self.metrics = metrics
+        self.expected_size = expected_size
+        self.max_features = max_features
+        self.log = get_logger("stream_cl.source")
+        self.stop_event = threading.Event()
+        self._processed: dict[int, int] = {}  # partition -> next offset to read (learner-owned)
+        self._committed: dict[int, int] = {}
+        self._lock = threading.Lock()
+        self.consumer: KafkaConsumer | None = None
+        self._dead_letters: KafkaProducer | None = None
+        self.dead_lettered = 0
+        self.error: BaseException | None = None
+
+    # -- called from the learner thread ---------------------------------------------------------
+    def mark_processed(self, partition: int, offset: int) -> None:
+        """The learner finished the record at `offset`; commit may advance past it."""
+        with self._lock:
+            if offset + 1 > self._processed.get(partition, -1):
+                self._processed[partition] = offset + 1
+
+    # -- the source thread ----------------------------------------------------------------------
+    def connect(self) -> None:
+        c = self.config
+        self.consumer = KafkaConsumer(
+            c.topic,
+            bootstrap_servers=c.bootstrap_servers.split(","),
+            group_id=c.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=c.auto_offset_reset,
+            max_poll_records=c.max_poll_records,
+            max_poll_interval_ms=c.max_poll_interval_ms,
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, c.session_timeout_ms // 3),
+            fetch_max_bytes=c.fetch_max_bytes,
+            max_partition_fetch_bytes=c.max_partition_fetch_bytes,
+            fetch_min_bytes=1,
+            fetch_max_wait_ms=100,
+        )
+        # Created up front: both the source and the learner thread dead-letter (the producer is thread-safe).
+        self._dead_letters = KafkaProducer(
+            bootstrap_servers=c.bootstrap_servers.split(","), linger_ms=5, acks=1
+        )
+
+    def run(self) -> None:
+        try:
+            if self.consumer is None:
+                self.connect()
+            last_commit = last_lag = time.monotonic()
+            while not self.stop_event.is_set():
+                polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms)  # type: ignore[union-attr]
+                records = self._decode(polled)
+                if records:
+                    self._put(records)
+                now = time.monotonic()
+                if now - last_commit >= self.config.commit_interval_s:
+                    self.commit()
+                    last_commit = now
+                if now - last_lag >= 1.0:
+                    self._update_lag()
+                    last_lag = now
+        except BaseException as e:  # reported to the daemon, which decides to stop
+            self.error = e
+            self.log.exception("source_failed")
+        finally:
+            self.stop_event.set()
+
+    def _put(self, records: list[Record]) -> None:
+        while not self.stop_event.is_set():
+            try:
+                self.out.put(records, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    def _decode(self, polled: dict[TopicPartition, list[Any]]) -> list[Record]:
+        records: list[Record] = []
+        expected = self.expected_size()
+        for tp, messages in polled.items():
+            for m in messages:
+                try:
+                    sample = decode_sample(m.value, expected, self.max_features)
+                except InvalidSample as e:
+                    self.dead_letter(m.value, e.reason, e.detail, tp.partition, m.offset)
+                    continue
+                records.append(Record(tp.partition, m.offset, sample, m.value))
+        return records
+
+    def dead_letter(self, value: bytes | None, reason: str, detail: str, partition: int, offset: int) -> None:
+        """Send the original bytes and the reason to the dead-letter topic; count it."""
+        assert self._dead_letters is not None, "connect() first"
+        headers = dead_letter_headers(reason, detail, self.config.topic, partition, offset)
+        self._dead_letters.send(self.config.dead_letter_topic, value=value or b"", headers=headers)
+        self.dead_lettered += 1
+        self.metrics.samples.labels(outcome="invalid").inc()
+        self.metrics.dead_letters.labels(reason=reason).inc()
+        self.log.warning(
+            "sample_dead_lettered", reason=reason, detail=detail[:200], partition=partition, offset=offset
+        )
+        with self._lock:  # an invalid message is processed as soon as it is dead-lettered
+            if offset + 1 > self._processed.get(partition, -1):
+                self._processed[partition] = offset + 1
+
+    def commit(self) -> None:
+        """Commit the offsets the learner has processed (source thread only)."""
+        if self.consumer is None:
+            return
+        with self._lock:
+            todo = {p: o for p, o in self._processed.items() if self._committed.get(p) != o}
+        if not todo:
+            return
+        if self._dead_letters is not None:
+            self._dead_letters.flush(timeout=10)  # a dead letter must be durable before its offset is
+        offsets = {
+            TopicPartition(self.config.topic, p): OffsetAndMetadata(o, "", -1) for p, o in todo.items()
+        }
+        self.consumer.commit(offsets)
+        self._committed.update(todo)
+        self.log.debug("offsets_committed", offsets={str(p): o for p, o in todo.items()})
+
+    def _update_lag(self) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            with self._lock:
+                done = self._processed.get(tp.partition)
+            if done is None:
+                done = consumer.committed(tp) or 0
+            self.metrics.consumer_lag.labels(partition=str(tp.partition)).set(max(0, high - done))
+
+    def close(self) -> None:
+        """Final commit, then close the consumer and producer (source thread, after `run`)."""
+        try:
+            self.commit()
+        finally:
+            if self._dead_letters is not None:
+                self._dead_letters.flush(timeout=10)
+                self._dead_letters.close(timeout=5)
+            if self.consumer is not None:
+                self.consumer.close(autocommit=False)

@@ -1,0 +1,257 @@
+"""The `Strategy` base class: one learner, a few typed methods.
+
+A strategy sees class *indices* (0, 1, ... in order of first appearance) and task *indices*; the
+daemon owns the mapping from the stream's raw labels and task ids. Every strategy:
+
+- `learn(batch)`            one online step; returns the pre-update (test-then-train) outcome;
+- `add_classes(ids, task)`  grow the head for labels never seen before;
+- `on_boundary(event)`      react to a task boundary (consolidate, snapshot old outputs, ...);
+- `predict_proba(x, task)`  class probabilities, optionally restricted to a task's classes;
+- `state_dict()` / `load_state_dict()`  everything needed to resume from a checkpoint.
+
+Only `learn` is abstract; the rest has a sensible default here.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stream_cl.config import ModelConfig
+from stream_cl.models import Classifier, build_backbone, resolve_device
+
+
+@dataclass(frozen=True)
+class Batch:
+    x: torch.Tensor  # [n, *input_shape] float32, on the strategy's device
+    y: torch.Tensor  # [n] int64 class indices, on the strategy's device
+    task: int  # index of the task the batch belongs to
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the model did on the batch *before* the update (prequential, test-then-train)."""
+
+    loss: float
+    sample_losses: np.ndarray  # [n] float32, cross-entropy per sample before the update
+    correct: np.ndarray  # [n] bool, argmax prediction before the update was right
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """A task boundary as the strategy sees it (task indices, not raw ids)."""
+
+    previous_task: int | None
+    task: int
+    reason: str  # "explicit" | "new_class" | "drift"
+    recurring: bool = False
+
+
+class Strategy(abc.ABC):
+    """Base class; subclasses set `name` and implement `learn`."""
+
+    name: ClassVar[str] = ""
+    #: Reasons a conformance check does not apply, e.g. {"check_seeded_determinism": "why"}.
+    check_opt_outs: ClassVar[dict[str, str]] = {}
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        model: ModelConfig | None = None,
+        head: str = "random",
+        device: str = "auto",
+    ) -> None:
+        self.input_shape = tuple(int(d) for d in input_shape)
+        self.model_config = model or ModelConfig()
+        if head != "random":
+            raise ValueError(f"strategy.head: unknown head policy {head!r} (valid: random)")
+        self.head_policy = head
+        self.device = resolve_device(device if device != "auto" else self.model_config.device)
+        seed = self.model_config.seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            backbone = build_backbone(self.model_config.backbone, self.input_shape, self.model_config.hidden)
+            self.model = Classifier(backbone, backbone.feature_dim).to(self.device)
+        self.generator = torch.Generator().manual_seed(seed + 1)
+        self.task_classes: list[list[int]] = []  # task index -> class indices seen in that task
+        self.current_task = 0
+        self.optimizer = self._make_optimizer()
+
+    # -- the one abstract method ---------------------------------------------------------------
+    @abc.abstractmethod
+    def learn(self, batch: Batch) -> StepResult:
+        """One online step on `batch`; returns the outcome measured before the update."""
+
+    # -- classes, tasks, boundaries ------------------------------------------------------------
+    @property
+    def n_classes(self) -> int:
+        return self.model.head.n_classes
+
+    def add_classes(self, class_ids: Sequence[int], task: int) -> None:
+        """Grow the head for new class indices (they must be the next indices in order)."""
+        expected = list(range(self.n_classes, self.n_classes + len(class_ids)))
+        if list(class_ids) != expected:
+            raise ValueError(f"new classes must be the next indices {expected}, got {list(class_ids)}")
+        self._ensure_task(task)
+        carry = self._optimizer_state_by_name()
+        self.model.head.grow(len(class_ids), self.generator)
+        self.task_classes[task].extend(class_ids)
+        self._rebuild_optimizer(carry)
+
+    def note_task(self, task: int, class_ids: Sequence[int]) -> None:
+        """Record that classes already known also occur in `task` (domain/task-incremental)."""
+        self._ensure_task(task)
+        known = set(self.task_classes[task])
+        self.task_classes[task].extend(c for c in class_ids if c not in known)
+
+    def on_boundary(self, event: Boundary) -> None:
+        """React to a boundary; the default only tracks the current task."""
+        self._ensure_task(event.task)
+        self.current_task = event.task
+
+    def _ensure_task(self, task: int) -> None:
+        while len(self.task_classes) <= task:
+            self.task_classes.append([])
+
+    # -- prediction ----------------------------------------------------------------------------
+    def predict_proba(
+        self, x: torch.Tensor, task: int | None = None
+    ) -> tuple[torch.Tensor, list[int | None]]:
+        """Probabilities over all classes [n, n_classes] and the task route taken per sample."""
+        return self._predict_with(self.model, self.task_classes, x, task)
+
+    @staticmethod
+    def _predict_with(
+        model: nn.Module, task_classes: list[list[int]], x: torch.Tensor, task: int | None
+    ) -> tuple[torch.Tensor, list[int | None]]:
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            logits = model(x)
+        model.train(was_training)
+        n = x.shape[0]
+        if logits.shape[1] == 0:
+            return logits.new_zeros((n, 0)), [task] * n
+        if task is not None and task < len(task_classes) and task_classes[task]:
+            mask = torch.full_like(logits, float("-inf"))
+            mask[:, task_classes[task]] = 0.0
+            logits = logits + mask
+        return torch.softmax(logits, dim=1), [task] * n
+
+    def predictor(self) -> Any:
+        """A frozen copy of what prediction needs, safe to call from other threads."""
+        model = copy.deepcopy(self.model).eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        task_classes = [list(c) for c in self.task_classes]
+
+        def predict(x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, list[int | None]]:
+            return Strategy._predict_with(model, task_classes, x, task)
+
+        return predict
+
+    # -- training helpers ----------------------------------------------------------------------
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        cfg = self.model_config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if cfg.optimizer == "sgd":
+            return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def _optimizer_state_by_name(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: self.optimizer.state[p]
+            for name, p in self.model.named_parameters()
+            if p in self.optimizer.state
+        }
+
+    def _rebuild_optimizer(self, carry: dict[str, dict[str, Any]] | None = None) -> None:
+        """A new optimizer over the current parameters, with `carry` (state by parameter name) moved over.
+
+        State of a parameter that grew (the head) is zero-padded for its new rows.
+        """
+        self.optimizer = self._make_optimizer()
+        for name, p in self.model.named_parameters():
+            state = (carry or {}).get(name)
+            if not state or not p.requires_grad:
+                continue
+            moved: dict[str, Any] = {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != p.shape:
+                    padded = torch.zeros_like(p)
+                    padded[: value.shape[0]] = value
+                    value = padded
+                moved[key] = value
+            self.optimizer.state[p] = moved
+
+    def _logits_and_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.model(batch.x)
+        return logits, F.cross_entropy(logits, batch.y, reduction="none")
+
+    @staticmethod
+    def _outcome(logits: torch.Tensor, losses: torch.Tensor, y: torch.Tensor) -> StepResult:
+        with torch.no_grad():
+            correct = (logits.argmax(1) == y).cpu().numpy()
+            per_sample = losses.detach().float().cpu().numpy()
+        return StepResult(loss=float(per_sample.mean()), sample_losses=per_sample, correct=correct)
+
+    def _step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume: weights, head size, optimizer, tasks, RNG. Subclasses extend it."""
+        return {
+            "name": self.name,
+            "n_classes": self.n_classes,
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
+            "task_classes": [list(c) for c in self.task_classes],
+            "current_task": self.current_task,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"checkpoint is for strategy {state.get('name')!r}, not {self.name!r}")
+        grow = state["n_classes"] - self.n_classes
+        if grow < 0:
+            raise ValueError("cannot load a checkpoint with fewer classes into a grown model")
+        if grow:
+            self.model.head.grow(grow)
+        self.model.load_state_dict(state["model"])
+        self.task_classes = [list(c) for c in state["task_classes"]]
+        self.current_task = state["current_task"]
+        self.generator.set_state(state["generator"])
+        self._rebuild_optimizer()
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def memory_usage(self) -> dict[str, tuple[int, int]]:
+        """Bounded buffers as {name: (items held, capacity)}; checked by the conformance suite."""
+        return {}
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.state_dict(), buf)
+        return buf.getvalue()
+
+
+def _to_cpu(obj: Any) -> Any:
+    if torch.is_tensor(obj):
+        return obj.detach().cpu().clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
