@@ -142,8 +142,10 @@ def _predict_stream(client: Any, args: argparse.Namespace) -> int:
     xs = np.concatenate([t.test_x for t in stream.tasks])
     ys = np.concatenate([t.test_y for t in stream.tasks])
     pick = rng.choice(len(xs), size=min(args.n, len(xs)), replace=False)
-    reply = client.predict_batch(xs[pick])
-    labels = [r["label"] for r in reply["results"]]
+    labels: list[Any] = []
+    for start in range(0, len(pick), 200):  # keep each frame well under serve.max_frame_bytes
+        reply = client.predict_batch(xs[pick[start : start + 200]])
+        labels += [r["label"] for r in reply["results"]]
     acc = float(np.mean([lab == int(y) for lab, y in zip(labels, ys[pick], strict=True)]))
     print(json.dumps({"samples": len(pick), "accuracy": acc, "model_version": reply["model_version"]}))
     return 0

@@ -11,25 +11,23 @@ starts at the first learned sample.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import time
 import uuid
 from typing import Any
 
-import numpy as np
-import torch
-from kafka import KafkaConsumer, TopicPartition
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.datasets import load_stream
-from stream_cl.producer import produce_stream
-
-from stream_cl.codec import decode_sample
 from stream_cl.config import Config
-from stream_cl.daemon import Daemon
-from stream_cl.strategies import Batch, from_config
+
+# Heavy imports (torch, kafka, the daemon) live inside the functions: building the CLI parser
+# imports this module for every `stream-cl` command.
 
 
 def raw_consume_rate(bootstrap: str, topic: str, n: int, timeout_s: float = 120.0) -> float:
+    from kafka import KafkaConsumer, TopicPartition
+
+    from stream_cl.codec import decode_sample
+
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
         enable_auto_commit=False,
@@ -57,6 +55,12 @@ def raw_consume_rate(bootstrap: str, topic: str, n: int, timeout_s: float = 120.
 
 
 def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
+    import numpy as np
+    import torch
+
+    from stream_cl.datasets import load_stream
+    from stream_cl.strategies import Batch, from_config
+
     stream = load_stream(stream_name)
     x_all = np.concatenate([t.train_x for t in stream.tasks])
     y_all = np.concatenate([t.train_y for t in stream.tasks])
@@ -78,6 +82,8 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
 
 
 def daemon_rate(config: Config, bootstrap: str, topic: str, n: int, timeout_s: float = 300.0) -> float:
+    from stream_cl.daemon import Daemon
+
     cfg = dataclasses.replace(
         config,
         kafka=dataclasses.replace(
@@ -107,6 +113,10 @@ def daemon_rate(config: Config, bootstrap: str, topic: str, n: int, timeout_s: f
 
 
 def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: int = 5) -> dict[str, Any]:
+    from stream_cl.broker import EmbeddedBroker
+    from stream_cl.datasets import load_stream
+    from stream_cl.producer import produce_stream
+
     stream = load_stream(stream_name)
     n = stream.n_train * repeats
     with EmbeddedBroker() as broker:
@@ -147,3 +157,16 @@ def format_throughput(r: dict[str, Any]) -> str:
         f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}\n"
         f"{table}\ngoal daemon >= 0.7 x slower limit: {verdict}"
     )
+
+
+HELP = "daemon samples/s against raw consume and raw train rates"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", default="split-mnist")
+    p.add_argument("--repeats", type=int, default=5, help="times the stream is replayed into the topic")
+
+
+def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    result = run_throughput(config, args.stream, repeats=args.repeats)
+    return result, format_throughput(result)

@@ -1,0 +1,272 @@
+"""The daemon end to end on the real embedded broker: learn, serve, scrape, dead-letter, shut down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import msgpack
+import numpy as np
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from stream_cl.broker import EmbeddedBroker
+from stream_cl.client import PredictionClient
+from stream_cl.config import load_config
+from stream_cl.daemon import Daemon
+from stream_cl.datasets import BenchmarkStream, load_stream
+from stream_cl.producer import consume_all, produce_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+N_TRAIN = 4000  # permuted-mnist task 0: plain MNIST-5k, all ten classes
+
+
+def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def mnist() -> BenchmarkStream:
+    return load_stream("permuted-mnist", seed=0)
+
+
+@pytest.fixture(scope="module")
+def running(broker: EmbeddedBroker, mnist: BenchmarkStream) -> Iterator[tuple[Daemon, str]]:
+    """A daemon learning task 0 of permuted-mnist, with three malformed messages in the middle."""
+    topic = f"e2e-{os.getpid()}-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
+            f"kafka.topic={topic}",
+            f"kafka.dead_letter_topic={topic}.dlq",
+            f"kafka.group_id=g-{topic}",
+            "serve.port=0",
+            "metrics.port=0",
+            "model.hidden=[128]",
+            "learner.snapshot_every_steps=5",
+        ],
+        env={},
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    produce_stream(broker.bootstrap_servers, topic, mnist, limit=N_TRAIN // 2)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    producer.send(topic, b"\xc1 definitely not msgpack")
+    producer.send(topic, msgpack.packb({"x": [0.0] * 10, "y": 1}))  # wrong length
+    producer.send(topic, msgpack.packb({"x": np.full(784, np.nan, "<f4").tobytes(), "y": 1}))
+    producer.flush()
+    producer.close()
+    # the second half: produce_stream numbers ids from 0, which is fine for this test
+    produce_stream(broker.bootstrap_servers, topic, mnist, limit=N_TRAIN)
+    yield daemon, topic
+    daemon.stop()
+
+
+def test_stream_is_learned(running: tuple[Daemon, str]) -> None:
+    """Every valid produced sample is learned; the three malformed ones are counted invalid."""
+    daemon, _ = running
+    total_valid = N_TRAIN // 2 + N_TRAIN
+    _wait(lambda: daemon.learner.stats()["learned"] >= total_valid, 120, "all samples learned")
+    assert daemon.learner.stats()["learned"] == total_valid
+    assert daemon.metrics.sample_value("stream_cl_samples_total", {"outcome": "learned"}) == total_valid
+    assert daemon.metrics.sample_value("stream_cl_samples_total", {"outcome": "invalid"}) == 3
+    assert daemon.failed is None
+
+
+def test_malformed_messages_reach_dead_letter_topic(broker: EmbeddedBroker, running: tuple[Daemon, str]) -> None:
+    """Each malformed message lands in the dead-letter topic with its original bytes and reason."""
+    daemon, topic = running
+    _wait(lambda: daemon.source.dead_lettered >= 3, 60, "three dead letters")
+    records: list = []
+    _wait(lambda: len(records := consume_all(broker.bootstrap_servers, f"{topic}.dlq", timeout_s=5)) >= 3, 30, "dlq")
+    records = consume_all(broker.bootstrap_servers, f"{topic}.dlq", timeout_s=5)
+    reasons = sorted(dict(r.headers)["stream_cl.reason"].decode() for r in records)
+    assert reasons == ["bad_length", "not_finite", "not_msgpack"]
+    originals = {r.value for r in records}
+    assert b"\xc1 definitely not msgpack" in originals
+    sources = [dict(r.headers)["stream_cl.source"].decode() for r in records]
+    assert all(s.startswith(f"{topic}:0:") for s in sources)
+
+
+def test_socket_predictions_beat_chance(running: tuple[Daemon, str], mnist: BenchmarkStream) -> None:
+    """Held-out predictions over the socket are far above chance (10%) and carry model_version."""
+    daemon, _ = running
+    _wait(lambda: daemon.learner.stats()["learned"] >= N_TRAIN * 3 // 2, 120, "learning")
+    daemon.wait_idle()
+    task0 = mnist.tasks[0]
+    assert daemon.serve_port is not None
+    with PredictionClient("127.0.0.1", daemon.serve_port) as client:
+        labels = []
+        for start in (0, 200):  # 200 MNIST samples per frame stay under serve.max_frame_bytes
+            reply = client.predict_batch(task0.test_x[start : start + 200])
+            labels += [r["label"] for r in reply["results"]]
+        acc = float(np.mean(np.asarray(labels) == task0.test_y[:400]))
+        assert acc > 0.6, acc
+        one = client.predict(task0.test_x[0])
+        assert one["ok"] and one["model_version"] >= 1
+        assert set(one["proba"]) == set(range(10))
+
+
+def test_model_version_increases_while_learning(broker: EmbeddedBroker) -> None:
+    """Replies made while the daemon learns carry non-decreasing, eventually increasing versions."""
+    topic = f"versions-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
+            f"kafka.topic={topic}",
+            f"kafka.group_id=g-{topic}",
+            "serve.port=0",
+            "metrics.enabled=false",
+            "model.hidden=[64]",
+            "learner.snapshot_every_steps=2",
+        ],
+        env={},
+    )
+    stream = load_stream("split-digits", seed=0)
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        produce_stream(broker.bootstrap_servers, topic, stream, limit=200)
+        _wait(lambda: daemon.holder.get() is not None, 60, "a first snapshot")
+        assert daemon.serve_port is not None
+        versions = []
+        with PredictionClient("127.0.0.1", daemon.serve_port) as client:
+            first = client.predict(stream.tasks[0].test_x[0])["model_version"]
+            produce_stream(broker.bootstrap_servers, topic, stream, limit=stream.n_train)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                versions.append(client.predict(stream.tasks[0].test_x[0])["model_version"])
+                if versions[-1] > first + 5:
+                    break
+                time.sleep(0.01)
+        assert versions == sorted(versions)
+        assert versions[-1] > first
+    finally:
+        daemon.stop()
+
+
+def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) -> None:
+    """A real HTTP scrape of /metrics returns the design.md series with live values."""
+    daemon, _ = running
+    _wait(lambda: daemon.learner.stats()["learned"] >= N_TRAIN, 120, "learning")
+    time.sleep(1.2)  # lag is refreshed every second
+    body = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    for series in (
+        'stream_cl_samples_total{outcome="learned"}',
+        'stream_cl_samples_total{outcome="invalid"}',
+        'stream_cl_consumer_lag{partition="0"}',
+        "stream_cl_prequential_accuracy",
+        "stream_cl_learn_step_seconds_bucket",
+        "stream_cl_predict_seconds_bucket",
+        "stream_cl_predictions_total",
+        "stream_cl_model_version",
+        "stream_cl_classes_seen 10.0",
+    ):
+        assert series in body, series
+    preq = daemon.metrics.sample_value("stream_cl_prequential_accuracy")
+    assert preq is not None and preq > 0.5
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> int | None:
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
+    try:
+        return consumer.committed(TopicPartition(topic, 0))
+    finally:
+        consumer.close()
+
+
+def test_sigterm_commits_offsets_and_exits_zero(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """SIGTERM: the daemon process exits 0 with every processed offset committed; the group re-reads nothing."""
+    topic = f"sigterm-{time.monotonic_ns()}"
+    group = f"g-{topic}"
+    broker.create_topic(topic)
+    stream = load_stream("split-digits", seed=0)
+    n = produce_stream(broker.bootstrap_servers, topic, stream)
+    env = {**os.environ, "STREAM_CL_KAFKA__BOOTSTRAP_SERVERS": broker.bootstrap_servers}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stream_cl.cli",
+            "run",
+            "--set",
+            f"kafka.topic={topic}",
+            "--set",
+            f"kafka.group_id={group}",
+            "--set",
+            "kafka.commit_interval_s=3600",  # only the shutdown commit can commit
+            "--set",
+            "serve.port=0",
+            "--set",
+            "metrics.port=0",
+            "--set",
+            "log.format=json",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics_port = None
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            event = json.loads(line) if line.startswith("{") else {}
+            if event.get("event") == "daemon_started":
+                metrics_port = event["metrics_port"]
+                break
+        assert metrics_port, "daemon_started was never logged"
+        # keep draining the log so a full pipe can never block the daemon
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
+
+        def learned() -> float:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            line = next(x for x in body.splitlines() if x.startswith('stream_cl_samples_total{outcome="learned"}'))
+            return float(line.split()[-1])
+
+        _wait(lambda: learned() >= n, 120, "the subprocess daemon to learn the stream")
+        assert _committed(broker.bootstrap_servers, group, topic) in (None, 0)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _committed(broker.bootstrap_servers, group, topic) == n
+    again = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker.bootstrap_servers,
+        group_id=group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_interval_ms=10_000,
+        session_timeout_ms=10_000,
+    )
+    try:
+        reread = 0
+        deadline = time.monotonic() + 30
+        while not again.assignment() and time.monotonic() < deadline:
+            reread += sum(len(v) for v in again.poll(timeout_ms=250).values())
+        assert again.assignment(), "the second consumer never joined the group"
+        for _ in range(8):  # assigned: anything uncommitted would be fetched now
+            reread += sum(len(v) for v in again.poll(timeout_ms=250).values())
+    finally:
+        again.close()
+    assert reread == 0
