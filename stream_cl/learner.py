@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from stream_cl.boundaries import BoundaryDetector, BoundaryEvent
+from stream_cl.checkpoint import CheckpointStore
 from stream_cl.codec import Sample
 from stream_cl.config import Config
 from stream_cl.log import get_logger
@@ -38,6 +39,8 @@ class Learner:
         on_processed: Callable[[int, int], None] = lambda partition, offset: None,
         dead_letter: Callable[[bytes | None, str, str, int, int], None] | None = None,
         on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
+        checkpoints: CheckpointStore | None = None,
+        on_checkpoint: Callable[[dict[int, int]], None] = lambda offsets: None,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -45,6 +48,10 @@ class Learner:
         self.on_processed = on_processed
         self.dead_letter = dead_letter
         self.on_unlabeled = on_unlabeled
+        self.checkpoints = checkpoints
+        self.on_checkpoint = on_checkpoint
+        self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
+        self._accepted: dict[int, int] = {}  # partition -> next offset not yet taken in (processed or pending)
         self.log = get_logger("stream_cl.learner")
         check_config(config)  # fail on a bad [strategy] before consuming anything
         self.detector = BoundaryDetector(config.boundaries)
@@ -62,6 +69,10 @@ class Learner:
         self._pending: list[tuple[np.ndarray, int, Record]] = []
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
+        self._learned_at_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_attempt = 0.0
+        self._checkpoint_requested = False
         self._lock = threading.Lock()  # guards stats read by other threads
 
     # -- inputs ---------------------------------------------------------------------------------
@@ -81,12 +92,14 @@ class Learner:
                 input_shape=list(self.input_shape),
                 device=str(self.strategy.device),
             )
-            self.publish()
         return self.strategy
 
     def process(self, records: list[Record]) -> None:
         """Handle one polled chunk of records in stream order."""
         for rec in records:
+            if rec.offset < self._accepted.get(rec.partition, 0):
+                continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
+            self._accepted[rec.partition] = rec.offset + 1
             sample = rec.sample
             if self.input_size is not None and sample.x.size != self.input_size:
                 self._reject(
@@ -101,24 +114,28 @@ class Learner:
             if new_label and len(self.labels) >= self.config.model.max_classes:
                 self._reject(rec, "too_many_classes", f"label {sample.y!r} beyond model.max_classes")
                 continue
-            event = self.detector.observe(sample.task, new_label, rec.partition, rec.offset)
+            event = self.detector.observe(
+                sample.task, new_label, rec.partition, rec.offset, label=sample.y, x=sample.x
+            )
             if event is not None:
                 self._learn_pending()
                 self._boundary(event)
-            task = self.detector.current or 0
             if new_label:
                 self._learn_pending()
+                task = self.detector.current or 0  # after learning: a drift boundary may have opened
                 cls = len(self.labels)
                 self.labels.append(sample.y)
                 self.label_index[sample.y] = cls
                 strategy.add_classes([cls], task)
                 self.metrics.classes_seen.set(len(self.labels))
             else:
-                strategy.note_task(task, [self.label_index[sample.y]])
+                strategy.note_task(self.detector.current or 0, [self.label_index[sample.y]])
             self._pending.append((sample.x, self.label_index[sample.y], rec))
             if len(self._pending) >= self.config.model.batch_size:
                 self._learn_pending()
         self._maybe_publish()
+        if self._checkpoint_due():
+            self.checkpoint()
 
     def flush(self) -> None:
         """Learn a partial batch (the stream went quiet) and publish."""
@@ -145,7 +162,11 @@ class Learner:
         self.metrics.samples.labels(outcome="learned").inc(len(pending))
         self.metrics.prequential_accuracy.set(self.prequential_accuracy)
         for _, _, rec in pending:
-            self.on_processed(rec.partition, rec.offset)
+            self._processed(rec)
+        last = pending[-1][2]
+        event = self.detector.observe_outcome(result.sample_losses, result.correct, last.partition, last.offset)
+        if event is not None:
+            self._boundary(event)
 
     def _boundary(self, event: BoundaryEvent) -> None:
         assert self.strategy is not None
@@ -160,6 +181,7 @@ class Learner:
         )
         if event.previous_task is not None:
             self.metrics.task_boundaries.labels(reason=event.reason).inc()
+            self._checkpoint_requested = self.config.checkpoint.at_boundary
         self.metrics.current_task.set(event.task)
         self.metrics.tasks_seen.set(len(self.detector.task_ids))
         self.log.info(
@@ -191,14 +213,19 @@ class Learner:
                         "model_version": snap.version,
                     },
                 )
-        self.on_processed(rec.partition, rec.offset)
+        self._processed(rec)
 
     def _reject(self, rec: Record, reason: str, detail: str) -> None:
         if self.dead_letter is not None:
             self.dead_letter(rec.raw, reason, detail, rec.partition, rec.offset)
         else:
             self.metrics.samples.labels(outcome="invalid").inc()
-            self.on_processed(rec.partition, rec.offset)
+        self._processed(rec)
+
+    def _processed(self, rec: Record) -> None:
+        if rec.offset + 1 > self.offsets.get(rec.partition, 0):
+            self.offsets[rec.partition] = rec.offset + 1
+        self.on_processed(rec.partition, rec.offset)
 
     # -- snapshots ------------------------------------------------------------------------------
     @property
@@ -217,8 +244,12 @@ class Learner:
             self.publish()
 
     def publish(self) -> Snapshot | None:
-        """Publish an immutable snapshot of the current model (learner thread only)."""
-        if self.strategy is None or self.input_shape is None:
+        """Publish an immutable snapshot of the current model (learner thread only).
+
+        Nothing is published before the first class: such a model has nothing to predict, and
+        serving answers `not_ready` until then.
+        """
+        if self.strategy is None or self.input_shape is None or not self.labels:
             return None
         self.version += 1
         task_ids: tuple[TaskId, ...] = tuple(self.detector.task_ids)
@@ -243,6 +274,91 @@ class Learner:
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
         return snap
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _checkpoint_due(self) -> bool:
+        cfg = self.config.checkpoint
+        if self.checkpoints is None or self.strategy is None:
+            return False
+        now = time.monotonic()
+        if (
+            now - self._last_checkpoint_attempt < 5.0
+            and self._last_checkpoint_attempt > self._last_checkpoint
+        ):
+            return False  # the last attempt failed: retry at most every 5 s
+        return (
+            self._checkpoint_requested
+            or (cfg.every_samples > 0 and self.learned - self._learned_at_checkpoint >= cfg.every_samples)
+            or (
+                cfg.every_s > 0
+                and now - self._last_checkpoint >= cfg.every_s
+                and self.learned > self._learned_at_checkpoint
+            )
+        )
+
+    def checkpoint(self) -> bool:
+        """Learn any partial batch, then write model + state + offsets atomically (learner thread).
+
+        Returns False (and keeps serving) when the write fails, e.g. disk full or unwritable dir.
+        """
+        if self.checkpoints is None or self.strategy is None:
+            return False
+        self._learn_pending()  # the offsets saved must cover exactly what the model has learned
+        self._last_checkpoint_attempt = time.monotonic()
+        try:
+            path = self.checkpoints.save(self.state_dict())
+        except OSError as e:
+            self.metrics.checkpoint_failures.inc()
+            self.log.error("checkpoint_failed", error=str(e), dir=str(self.checkpoints.dir))
+            return False
+        self._checkpoint_requested = False
+        self._learned_at_checkpoint = self.learned
+        self._last_checkpoint = time.monotonic()
+        self.metrics.last_checkpoint.set(time.time())
+        self.log.info("checkpoint_written", path=str(path), learned=self.learned, offsets=self.offsets)
+        self.on_checkpoint(dict(self.offsets))
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the learner needs to resume exactly here (plain values and tensors only)."""
+        assert self.strategy is not None and self.input_shape is not None
+        return {
+            "strategy_name": self.strategy.name,
+            "input_shape": list(self.input_shape),
+            "labels": list(self.labels),
+            "version": self.version,
+            "steps": self.steps,
+            "learned": self.learned,
+            "prequential": list(self._prequential),
+            "offsets": dict(self.offsets),
+            "detector": self.detector.state_dict(),
+            "strategy": self.strategy.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()` output and publish the restored model."""
+        if state["strategy_name"] != self.config.strategy.name:
+            raise ValueError(
+                f"checkpoint holds strategy {state['strategy_name']!r}, config asks for {self.config.strategy.name!r}"
+            )
+        self.input_shape = tuple(state["input_shape"])
+        self.strategy = from_config(self.config, self.input_shape)
+        self.strategy.load_state_dict(state["strategy"])
+        self.labels = list(state["labels"])
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+        self.version = state["version"]
+        self.steps = state["steps"]
+        self.learned = self._learned_at_checkpoint = state["learned"]
+        self._prequential.clear()
+        self._prequential.extend(state["prequential"])
+        self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
+        self._accepted = dict(self.offsets)
+        self.detector.load_state_dict(state["detector"])
+        self.metrics.classes_seen.set(len(self.labels))
+        self.metrics.tasks_seen.set(len(self.detector.task_ids))
+        if self.detector.current is not None:
+            self.metrics.current_task.set(self.detector.current)
+        self.publish()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -79,6 +79,14 @@ class Metrics:
         self.last_checkpoint = Gauge(
             "stream_cl_last_checkpoint_timestamp_seconds", "When the last checkpoint was written.", registry=r
         )
+        self.checkpoint_failures = Counter(
+            "stream_cl_checkpoint_failures",
+            "Checkpoint writes that failed (disk full, unwritable dir).",
+            registry=r,
+        )
+        self.source_errors = Counter(
+            "stream_cl_source_errors", "Kafka poll or commit errors (retried), by kind.", ["kind"], registry=r
+        )
         self.dead_letters = Counter(
             "stream_cl_dead_letters",
             "Messages sent to the dead-letter topic, by reason.",

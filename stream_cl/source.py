@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from stream_cl.codec import InvalidSample, Sample, decode_sample
@@ -60,6 +61,8 @@ class KafkaSource:
         self.stop_event = threading.Event()
         self._processed: dict[int, int] = {}  # partition -> next offset to read (learner-owned)
         self._committed: dict[int, int] = {}
+        self._seek_on_assign: dict[int, int] = {}  # offsets from a restored checkpoint
+        self._commit_now = threading.Event()
         self._lock = threading.Lock()
         self.consumer: KafkaConsumer | None = None
         self._dead_letters: KafkaProducer | None = None
@@ -73,11 +76,20 @@ class KafkaSource:
             if offset + 1 > self._processed.get(partition, -1):
                 self._processed[partition] = offset + 1
 
+    def request_commit(self) -> None:
+        """Commit the processed offsets at the next poll (called after each checkpoint)."""
+        self._commit_now.set()
+
+    def resume_from(self, offsets: dict[int, int]) -> None:
+        """Start each partition at a restored checkpoint's offset when it is assigned (before connect)."""
+        self._seek_on_assign = dict(offsets)
+        with self._lock:
+            self._processed.update(offsets)
+
     # -- the source thread ----------------------------------------------------------------------
     def connect(self) -> None:
         c = self.config
         self.consumer = KafkaConsumer(
-            c.topic,
             bootstrap_servers=c.bootstrap_servers.split(","),
             group_id=c.group_id,
             enable_auto_commit=False,
@@ -91,6 +103,7 @@ class KafkaSource:
             fetch_min_bytes=1,
             fetch_max_wait_ms=100,
         )
+        self.consumer.subscribe([c.topic], listener=_SeekOnAssign(self))
         # Created up front: both the source and the learner thread dead-letter (the producer is thread-safe).
         self._dead_letters = KafkaProducer(
             bootstrap_servers=c.bootstrap_servers.split(","), linger_ms=5, acks=1
@@ -101,13 +114,23 @@ class KafkaSource:
             if self.consumer is None:
                 self.connect()
             last_commit = last_lag = time.monotonic()
+            backoff = 0.0
             while not self.stop_event.is_set():
-                polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms)  # type: ignore[union-attr]
+                try:
+                    polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms)  # type: ignore[union-attr]
+                    backoff = 0.0
+                except KafkaError as e:  # broker away, rebalance, ...: kafka-python reconnects; we back off
+                    backoff = min(5.0, max(0.1, backoff * 2))
+                    self.metrics.source_errors.labels(kind="poll").inc()
+                    self.log.warning("kafka_poll_failed", error=str(e), retry_in_s=backoff)
+                    self.stop_event.wait(backoff)
+                    continue
                 records = self._decode(polled)
                 if records:
                     self._put(records)
                 now = time.monotonic()
-                if now - last_commit >= self.config.commit_interval_s:
+                if self._commit_now.is_set() or now - last_commit >= self.config.commit_interval_s:
+                    self._commit_now.clear()
                     self.commit()
                     last_commit = now
                 if now - last_lag >= 1.0:
@@ -168,7 +191,15 @@ class KafkaSource:
         offsets = {
             TopicPartition(self.config.topic, p): OffsetAndMetadata(o, "", -1) for p, o in todo.items()
         }
-        self.consumer.commit(offsets)
+        try:
+            self.consumer.commit(offsets)
+        except KafkaError as e:  # e.g. a rebalance in progress: keep the offsets and retry later
+            self.metrics.source_errors.labels(kind="commit").inc()
+            self.log.warning(
+                "offset_commit_failed", error=str(e), offsets={str(p): o for p, o in todo.items()}
+            )
+            self._commit_now.set()
+            return
         self._committed.update(todo)
         self.log.debug("offsets_committed", offsets={str(p): o for p, o in todo.items()})
 
@@ -196,3 +227,30 @@ class KafkaSource:
                 self._dead_letters.close(timeout=5)
             if self.consumer is not None:
                 self.consumer.close(autocommit=False)
+
+
+class _SeekOnAssign(ConsumerRebalanceListener):
+    """Seeks newly assigned partitions to the restored checkpoint's offsets, once each."""
+
+    def __init__(self, source: KafkaSource) -> None:
+        self.source = source
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.source.log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        consumer = self.source.consumer
+        assert consumer is not None
+        for tp in assigned:
+            # A restored checkpoint's offset first; else our own progress, which may be ahead of the
+            # last commit (the learner skips anything at an offset it already processed anyway).
+            offset = self.source._seek_on_assign.pop(tp.partition, None)
+            if offset is None:
+                with self.source._lock:
+                    offset = self.source._processed.get(tp.partition)
+            if offset is not None:
+                consumer.seek(tp, offset)
+                self.source.log.info(
+                    "partition_resumed_from_checkpoint", partition=tp.partition, offset=offset
+                )
+        self.source.log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))

@@ -44,7 +44,9 @@ def mnist() -> BenchmarkStream:
 
 
 @pytest.fixture(scope="module")
-def running(broker: EmbeddedBroker, mnist: BenchmarkStream) -> Iterator[tuple[Daemon, str]]:
+def running(
+    broker: EmbeddedBroker, mnist: BenchmarkStream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Daemon, str]]:
     """A daemon learning task 0 of permuted-mnist, with three malformed messages in the middle."""
     topic = f"e2e-{os.getpid()}-{time.monotonic_ns()}"
     broker.create_topic(topic)
@@ -59,6 +61,7 @@ def running(broker: EmbeddedBroker, mnist: BenchmarkStream) -> Iterator[tuple[Da
             "metrics.port=0",
             "model.hidden=[128]",
             "learner.snapshot_every_steps=5",
+            f"checkpoint.dir={tmp_path_factory.mktemp('ckpt')}",
         ],
         env={},
     )
@@ -88,13 +91,19 @@ def test_stream_is_learned(running: tuple[Daemon, str]) -> None:
     assert daemon.failed is None
 
 
-def test_malformed_messages_reach_dead_letter_topic(broker: EmbeddedBroker, running: tuple[Daemon, str]) -> None:
+def test_malformed_messages_reach_dead_letter_topic(
+    broker: EmbeddedBroker, running: tuple[Daemon, str]
+) -> None:
     """Each malformed message lands in the dead-letter topic with its original bytes and reason."""
     daemon, topic = running
     _wait(lambda: daemon.source.dead_lettered >= 3, 60, "three dead letters")
-    records: list = []
-    _wait(lambda: len(records := consume_all(broker.bootstrap_servers, f"{topic}.dlq", timeout_s=5)) >= 3, 30, "dlq")
-    records = consume_all(broker.bootstrap_servers, f"{topic}.dlq", timeout_s=5)
+    dlq = f"{topic}.dlq"
+    _wait(
+        lambda: len(consume_all(broker.bootstrap_servers, dlq, timeout_s=5)) >= 3,
+        30,
+        "three dead letters in the topic",
+    )
+    records = consume_all(broker.bootstrap_servers, dlq, timeout_s=5)
     reasons = sorted(dict(r.headers)["stream_cl.reason"].decode() for r in records)
     assert reasons == ["bad_length", "not_finite", "not_msgpack"]
     originals = {r.value for r in records}
@@ -122,7 +131,7 @@ def test_socket_predictions_beat_chance(running: tuple[Daemon, str], mnist: Benc
         assert set(one["proba"]) == set(range(10))
 
 
-def test_model_version_increases_while_learning(broker: EmbeddedBroker) -> None:
+def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Replies made while the daemon learns carry non-decreasing, eventually increasing versions."""
     topic = f"versions-{time.monotonic_ns()}"
     broker.create_topic(topic)
@@ -136,6 +145,7 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker) -> None:
             "metrics.enabled=false",
             "model.hidden=[64]",
             "learner.snapshot_every_steps=2",
+            f"checkpoint.dir={tmp_path}",
         ],
         env={},
     )
@@ -167,7 +177,9 @@ def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) 
     daemon, _ = running
     _wait(lambda: daemon.learner.stats()["learned"] >= N_TRAIN, 120, "learning")
     time.sleep(1.2)  # lag is refreshed every second
-    body = urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
+    )
     for series in (
         'stream_cl_samples_total{outcome="learned"}',
         'stream_cl_samples_total{outcome="invalid"}',
@@ -238,8 +250,12 @@ def test_sigterm_commits_offsets_and_exits_zero(broker: EmbeddedBroker, tmp_path
         threading.Thread(target=proc.stderr.read, daemon=True).start()
 
         def learned() -> float:
-            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-            line = next(x for x in body.splitlines() if x.startswith('stream_cl_samples_total{outcome="learned"}'))
+            body = (
+                urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            )
+            line = next(
+                x for x in body.splitlines() if x.startswith('stream_cl_samples_total{outcome="learned"}')
+            )
             return float(line.split()[-1])
 
         _wait(lambda: learned() >= n, 120, "the subprocess daemon to learn the stream")

@@ -1,0 +1,33 @@
+"""Shared fixtures: one embedded broker per test session, a fresh topic per test, clean structlog."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import structlog
+
+from stream_cl.broker import EmbeddedBroker
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[EmbeddedBroker]:
+    """A running Tansu broker shared by the session (memory-only: isolate tests by topic, not broker)."""
+    with EmbeddedBroker() as running:
+        yield running
+
+
+@pytest.fixture
+def topic(broker: EmbeddedBroker) -> str:
+    """A new, empty, single-partition topic on the session broker."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    broker.create_topic(name)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> Iterator[None]:
+    """Undo any `configure_logging` a test did, so log config never leaks into the next test."""
+    yield
+    structlog.reset_defaults()
