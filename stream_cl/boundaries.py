@@ -1,22 +1,53 @@
-"""Task-boundary detection: decides when the stream has moved on to a new task.
+"""Task-boundary detection: decides when the stream has moved on, and to which task.
 
 Evidence, each switchable in `[boundaries]`:
-- `explicit`: the sample's `task` field changed (trusted when configured);
-- `new_class`: a label never seen before arrived, after the current task's minimum length
-  (labels that appear within the first `min_task_length` samples of a task join that task).
+- `explicit`: the sample's `task` field changed (trusted when configured; while samples carry a
+  trusted field, it is the only evidence);
+- `new_class`: a label never seen before arrived after the current task's minimum length (labels
+  that appear within the first `min_task_length` samples of a task join that task); or, when the
+  recurring rule looks at classes, a known label of an earlier task whose classes are disjoint
+  from the current task's (a class-incremental stream went back: that task recurs);
+- `drift`: a river detector (`drift_detector`, `drift_params`) fed each sample's pre-update loss or
+  error (`drift_signal`) fired on a rise. The learner reports outcomes after each step, so a drift
+  boundary applies from the next sample observed.
 
-The detector sees one labeled sample at a time, before it is learned, and returns a
-`BoundaryEvent` when a new task starts at that sample.
+Guard rails for drift: after any boundary the detector restarts and is not fed the outcomes of
+the first `drift_cooldown` samples learned (the loss right after a change is the same change,
+still settling); a firing counts only once `drift_warmup` values were fed since the restart; no
+boundary opens before the current task has `min_task_length` samples.
+
+Call contract (what `Learner` does): `observe` for every labeled sample in stream order, learned
+or held out; `observe_outcome` for every learning step, samples in the order observed. Outcomes
+reported right after an `observe` that opened a boundary, before the next `observe`, are the old
+task's last batch: they are not fed to the new task's detector.
+
+Recurring tasks: a drift boundary is matched against earlier tasks (`recurring`):
+- `classes`: the recent labels outside the current task's classes all belong to an earlier
+  task's classes (the smallest such set wins). Says nothing when the classes did not change.
+- `inputs`: the recent inputs' per-feature mean is within `recurring_threshold` of an earlier
+  task's signature (the nearest wins); distance = RMS over features of the mean difference in
+  units of that task's per-feature standard deviation.
+- `both`: an earlier task must pass the class test (no foreign label counts as a pass, so
+  domain-incremental streams rely on inputs alone) and then the input test.
+"Recent" is the last `recurring_window` samples. New-class boundaries never recur (the label is
+new); explicit ones recur when the stream sends an id seen before.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from stream_cl.config import BoundariesConfig
-from stream_cl.snapshot import TaskId
+from stream_cl.drift import DriftMonitor, canonical_name, detector_params, resolve_signal
+from stream_cl.snapshot import Label, TaskId
+
+STATE_VERSION = 1
+VARIANCE_FLOOR = 0.01  # × the mean per-feature variance: constant features (MNIST borders) stay finite
 
 
 @dataclass(frozen=True)
@@ -28,54 +59,184 @@ class BoundaryEvent:
     recurring: bool = False
     partition: int | None = None
     offset: int | None = None
-    sample_index: int = 0
+    sample_index: int = 0  # first sample (labeled, in stream order) of the new task
     time: float = field(default_factory=time.time)
     evidence: dict[str, Any] = field(default_factory=dict)
 
 
+class TaskSignature:
+    """Per-feature mean and variance of one task's raw inputs, as running sums (cheap, exact)."""
+
+    def __init__(self, size: int) -> None:
+        self.n = 0
+        self.sum = np.zeros(size)
+        self.sumsq = np.zeros(size)
+
+    def add(self, x: np.ndarray) -> None:
+        self.n += 1
+        self.sum += x
+        self.sumsq += x * x
+
+    def distance(self, mean: np.ndarray) -> float:
+        """How far a window's mean input lies from this task, in per-feature standard deviations."""
+        mu = self.sum / self.n
+        var = np.maximum(self.sumsq / self.n - mu * mu, 0.0)
+        var = var + VARIANCE_FLOOR * float(var.mean()) + 1e-12
+        return float(np.sqrt(np.mean((mean - mu) ** 2 / var)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> TaskSignature:
+        sig = cls(len(state["sum"]))
+        sig.n = state["n"]
+        sig.sum = np.asarray(state["sum"], dtype=np.float64)
+        sig.sumsq = np.asarray(state["sumsq"], dtype=np.float64)
+        return sig
+
+
+def build_monitor(config: BoundariesConfig) -> DriftMonitor | None:
+    """The configured drift monitor (None when drift evidence is off); ConfigError naming the key."""
+    if not config.drift:
+        return None
+    name = canonical_name(config.drift_detector)
+    signal = resolve_signal(name, config.drift_signal)
+    return DriftMonitor(name, detector_params(name, config.drift_params), signal)
+
+
 class BoundaryDetector:
-    """Explicit task ids and new-class evidence; owns the mapping task id ↔ task index."""
+    """Decides boundaries from explicit ids, new labels and drift; owns the task id ↔ index mapping.
+
+    The learner calls `observe` for each labeled sample before it is learned and `observe_outcome`
+    after each learning step with the batch's pre-update per-sample losses and correctness.
+    """
 
     def __init__(self, config: BoundariesConfig) -> None:
         self.config = config
+        self.monitor = build_monitor(config)
+        self.use_inputs = config.recurring in ("inputs", "both")
         self.task_ids: list[TaskId] = []  # task index -> task id
+        self.task_labels: list[set[Label]] = []  # task index -> its classes (see `_remember`)
+        self.signatures: list[TaskSignature | None] = []  # task index -> input signature
         self.current: int | None = None
-        self.samples_in_task = 0
-        self.samples_seen = 0
+        self.samples_in_task = 0  # labeled samples observed since the current task began
+        self.samples_seen = 0  # labeled samples observed
+        self.learned_in_task = 0  # outcomes reported for the current task (cool-down counts these)
+        self.old_task_tail = False  # the next outcomes are the previous task's last batch
+        self.recent_labels: deque[Label] = deque(maxlen=config.recurring_window)
+        self.recent_x: deque[np.ndarray] = deque(maxlen=config.recurring_window)
+        self.explicit_stream = False  # the last sample carried a trusted task field
 
+    # -- evidence ---------------------------------------------------------------------------------
     def observe(
         self,
         task_field: TaskId | None,
         new_label: bool,
         partition: int | None = None,
         offset: int | None = None,
+        *,
+        label: Label | None = None,
+        x: np.ndarray | None = None,
     ) -> BoundaryEvent | None:
-        """Look at one labeled sample before it is learned; return the boundary it opens, if any."""
-        self.samples_seen += 1
+        """Look at one labeled sample before it is learned; return the boundary it opens, if any.
+
+        `label` feeds class-based recurring matching and `x` input signatures; both are optional.
+        """
+        cfg = self.config
+        index = self.samples_seen
+        self.old_task_tail = False
+        self.explicit_stream = cfg.explicit and task_field is not None
         event: BoundaryEvent | None = None
-        if self.config.explicit and task_field is not None:
+        if self.explicit_stream:
             if self.current is None or self.task_ids[self.current] != task_field:
-                event = self._open(task_field, "explicit", partition, offset, {"task_field": task_field})
+                event = self._open(
+                    index, "explicit", partition, offset, {"task_field": task_field}, task_field
+                )
         elif self.current is None:
-            event = self._open(None, "new_class" if new_label else "explicit", partition, offset, {})
-        elif self.config.new_class and new_label and self.samples_in_task >= self.config.min_task_length:
-            event = self._open(
-                None, "new_class", partition, offset, {"samples_in_task": self.samples_in_task}
-            )
+            event = self._open(index, "new_class" if new_label else "explicit", partition, offset, {})
+        elif cfg.new_class and self.samples_in_task >= cfg.min_task_length:
+            evidence = {"label": label, "samples_in_task": self.samples_in_task}
+            if new_label:
+                event = self._open(index, "new_class", partition, offset, evidence)
+            elif (back := self._returning_to(label)) is not None:
+                evidence["returning_to"] = self.task_ids[back]
+                event = self._open(index, "new_class", partition, offset, evidence, matched=back)
+        self.samples_seen += 1
         self.samples_in_task += 1
+        self._remember(label, x)
         return event
 
+    def observe_outcome(
+        self,
+        sample_losses: np.ndarray,
+        correct: np.ndarray,
+        partition: int | None = None,
+        offset: int | None = None,
+    ) -> BoundaryEvent | None:
+        """Feed one learning step's pre-update outcomes (stream order) to the drift detector.
+
+        Returns the drift boundary if the detector fired on a rise past the guard rails. It applies
+        from the next sample observed (`sample_index`); a sample observed but not yet learned (the
+        new label that forced this step) is learned in the new task too. `partition`/`offset` are
+        the batch's last record's, recorded on the event.
+        """
+        monitor = self.monitor
+        if self.old_task_tail:
+            self.old_task_tail = False
+            return None
+        if monitor is None or self.explicit_stream or self.current is None:
+            return None
+        cfg = self.config
+        for loss, ok in zip(sample_losses.tolist(), correct.tolist(), strict=True):
+            self.learned_in_task += 1
+            if self.learned_in_task <= cfg.drift_cooldown:
+                continue  # the change that opened this task, still settling
+            value = monitor.value(loss, ok)
+            if not monitor.update(value):
+                continue
+            if monitor.fed <= cfg.drift_warmup or self.samples_in_task < cfg.min_task_length:
+                continue  # fired too early to tell a new task from noise; river resets itself
+            evidence: dict[str, Any] = {
+                "detector": monitor.name,
+                "signal": monitor.signal,
+                "value": round(value, 4),
+                "learned_in_task": self.learned_in_task,
+                "values_fed": monitor.fed,
+            }
+            matched, match = self._match()
+            if match:
+                evidence["match"] = match
+            return self._open(self.samples_seen, "drift", partition, offset, evidence, matched=matched)
+        return None
+
+    # -- tasks ------------------------------------------------------------------------------------
     def _open(
-        self, task_id: TaskId | None, reason: str, partition: int | None, offset: int | None, evidence: dict
+        self,
+        start: int,
+        reason: str,
+        partition: int | None,
+        offset: int | None,
+        evidence: dict[str, Any],
+        task_id: TaskId | None = None,
+        matched: int | None = None,
     ) -> BoundaryEvent:
-        recurring = task_id is not None and task_id in self.task_ids
-        if task_id is not None and recurring:
-            index = self.task_ids.index(task_id)
+        """Make the task starting at sample `start` current: `task_id` (explicit), `matched` or a new one."""
+        if task_id is not None and task_id in self.task_ids:
+            index, recurring = self.task_ids.index(task_id), True
+        elif matched is not None:
+            index, recurring = matched, True
         else:
-            index = len(self.task_ids)
+            index, recurring = len(self.task_ids), False
             self.task_ids.append(task_id if task_id is not None else index)
+            self.task_labels.append(set())
+            self.signatures.append(None)
         previous, self.current = self.current, index
         self.samples_in_task = 0
+        self.learned_in_task = 0
+        self.old_task_tail = reason != "drift"  # opened in `observe`: the learner flushes the old batch
+        if self.monitor is not None:
+            self.monitor.reset()
         return BoundaryEvent(
             reason=reason,
             previous_task=previous,
@@ -84,20 +245,126 @@ class BoundaryDetector:
             recurring=recurring,
             partition=partition,
             offset=offset,
-            sample_index=self.samples_seen - 1,
+            sample_index=start,
             evidence=evidence,
         )
 
+    def _remember(self, label: Label | None, x: np.ndarray | None) -> None:
+        """Keep the recent window and the current task's classes and input signature.
+
+        A task's classes are the labels seen in the first max(min_task_length, recurring_window)
+        samples of each visit: a label that turns up later is what a change looks like before a
+        detector catches it, so it must not make the old task look like the new one.
+        """
+        assert self.current is not None
+        if label is not None:
+            self.recent_labels.append(label)
+            if self.samples_in_task <= max(self.config.min_task_length, self.config.recurring_window):
+                self.task_labels[self.current].add(label)
+        if x is not None and self.use_inputs:
+            flat = np.asarray(x, dtype=np.float64).ravel()
+            signature = self.signatures[self.current]
+            if signature is None:
+                signature = self.signatures[self.current] = TaskSignature(flat.size)
+            signature.add(flat)
+            self.recent_x.append(flat)
+
+    def _returning_to(self, label: Label | None) -> int | None:
+        """The earlier task a known label outside the current task's classes says the stream is back in.
+
+        Only a task whose classes are disjoint from the current task's counts (class-incremental
+        streams): where tasks share labels (domain-incremental), a label seen late says nothing.
+        Used when the recurring rule looks at classes; else drift evidence covers returns.
+        """
+        assert self.current is not None
+        current = self.task_labels[self.current]
+        if (
+            self.config.recurring not in ("classes", "both")
+            or label is None
+            or not current
+            or label in current
+        ):
+            return None  # (a task with no classes yet is not disjoint from anything: it is still forming)
+        owners = [
+            t
+            for t, labels in enumerate(self.task_labels)
+            if t != self.current and label in labels and not labels & current
+        ]
+        return min(owners, key=lambda t: (len(self.task_labels[t]), -t)) if owners else None
+
+    def _match(self) -> tuple[int | None, dict[str, Any]]:
+        """The earlier task the recent samples belong to, by the configured rule, and why."""
+        rule = self.config.recurring
+        assert self.current is not None
+        if rule == "off":
+            return None, {}
+        candidates = [t for t in range(len(self.task_ids)) if t != self.current]
+        match: dict[str, Any] = {"rule": rule}
+        if rule in ("classes", "both"):
+            foreign = set(self.recent_labels) - self.task_labels[self.current]
+            match["foreign_labels"] = sorted(foreign, key=str)
+            if rule == "classes" and not foreign:
+                return None, match
+            candidates = [t for t in candidates if foreign <= self.task_labels[t]]
+        if rule == "classes":
+            if not candidates:
+                return None, match
+            return min(candidates, key=lambda t: (len(self.task_labels[t]), -t)), match
+        if not self.recent_x:
+            return None, match
+        window = np.mean(np.stack(self.recent_x), axis=0)
+        distances = {
+            t: sig.distance(window)
+            for t in candidates
+            if (sig := self.signatures[t]) is not None and sig.n >= self.config.recurring_window
+        }
+        if not distances:
+            return None, match
+        nearest = min(distances, key=distances.__getitem__)
+        match["nearest_task"] = self.task_ids[nearest]
+        match["distance"] = round(distances[nearest], 4)
+        return (nearest if distances[nearest] <= self.config.recurring_threshold else None), match
+
+    # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """Plain values only: the river detector as name + parameters + values to replay, no pickle."""
         return {
+            "version": STATE_VERSION,
             "task_ids": list(self.task_ids),
+            "task_labels": [sorted(labels, key=str) for labels in self.task_labels],
+            "signatures": [None if s is None else s.state_dict() for s in self.signatures],
             "current": self.current,
             "samples_in_task": self.samples_in_task,
             "samples_seen": self.samples_seen,
+            "learned_in_task": self.learned_in_task,
+            "old_task_tail": self.old_task_tail,
+            "recent_labels": list(self.recent_labels),
+            "recent_x": [x.tolist() for x in self.recent_x],
+            "explicit_stream": self.explicit_stream,
+            "monitor": None if self.monitor is None else self.monitor.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore; a detector saved with other parameters than configured restarts fresh."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"boundary detector state version {state.get('version')!r} is not {STATE_VERSION}"
+            )
         self.task_ids = list(state["task_ids"])
+        self.task_labels = [set(labels) for labels in state["task_labels"]]
+        self.signatures = [None if s is None else TaskSignature.from_state(s) for s in state["signatures"]]
         self.current = state["current"]
         self.samples_in_task = state["samples_in_task"]
         self.samples_seen = state["samples_seen"]
+        self.learned_in_task = state["learned_in_task"]
+        self.old_task_tail = state["old_task_tail"]
+        self.recent_labels.clear()
+        self.recent_labels.extend(state["recent_labels"])
+        self.recent_x.clear()
+        self.recent_x.extend(np.asarray(x, dtype=np.float64) for x in state["recent_x"])
+        self.explicit_stream = state["explicit_stream"]
+        if self.monitor is not None:
+            if state["monitor"] is None:
+                self.monitor.reset()
+            else:
+                self.monitor.load_state_dict(state["monitor"])

@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     from stream_cl.bench.commands import add_bench_parsers
 
     add_bench_parsers(sub, common)
+    sub.choices["bench"].set_defaults(func=cmd_bench)
     return p
 
 

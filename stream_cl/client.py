@@ -57,7 +57,11 @@ class PredictionClient:
         self._next_id = 0
         self._outstanding = 0
         if token:
-            self._call({"op": "auth", "token": token})
+            try:
+                self._call({"op": "auth", "token": token})
+            except BaseException:
+                self.close()
+                raise
 
     def __enter__(self) -> PredictionClient:
         return self
@@ -103,7 +107,10 @@ class PredictionClient:
 
     # -- pipelining --------------------------------------------------------------------------
     def send(self, request: dict[str, Any]) -> Any:
-        """Send one request without waiting; returns its `id` (assigned when the request has none)."""
+        """Send one request without waiting; returns its `id` (assigned when the request has none).
+
+        numpy arrays anywhere in `request` go as flat float32 bytes, so `xs` must be a list of them.
+        """
         if "id" not in request:
             request = {**request, "id": self._next_id}
             self._next_id += 1

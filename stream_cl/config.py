@@ -82,20 +82,68 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
+    """`[strategy]`: checked against the registry by `stream_cl.strategies.check_config`."""
+
     name: str = "finetune"
     head: str = "random"
+    head_options: dict[str, Any] = field(default_factory=dict)
+    loss: str = "ce"
     options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class BoundariesConfig:
+    """Task-boundary evidence, guard rails and recurring-task matching (see `stream_cl.boundaries`).
+
+    Detector names and parameters are checked against river when the detector is built (importing
+    river here would slow every CLI command).
+    """
+
     explicit: bool = True
     new_class: bool = True
+    drift: bool = True
     min_task_length: int = 50
+    drift_detector: str = "PageHinkley"
+    drift_signal: str = "auto"
+    drift_params: dict[str, Any] = field(default_factory=dict)
+    drift_warmup: int = 100
+    drift_cooldown: int = 100
+    recurring: str = "both"
+    recurring_window: int = 32
+    recurring_threshold: float = 0.3
 
     def validate(self) -> None:
-        if self.min_task_length < 0:
-            raise ConfigError("boundaries.min_task_length", f"must be >= 0, got {self.min_task_length}")
+        for key in ("min_task_length", "drift_warmup", "drift_cooldown"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"boundaries.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _choice("boundaries.drift_signal", self.drift_signal, ("auto", "loss", "error"))
+        _choice("boundaries.recurring", self.recurring, ("off", "classes", "inputs", "both"))
+        _positive("boundaries.recurring_window", self.recurring_window)
+        _positive("boundaries.recurring_threshold", self.recurring_threshold)
+
+
+@dataclass
+class EvaluationConfig:
+    holdout_fraction: float = 0.1
+    reservoir_size: int = 200
+    every_samples: int = 1000
+    every_s: float = 30.0
+    stability_window: int = 500
+    task_hint: bool = False
+    history: int = 1000
+
+    def validate(self) -> None:
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ConfigError(
+                "evaluation.holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}"
+            )
+        _positive("evaluation.reservoir_size", self.reservoir_size)
+        _positive("evaluation.history", self.history)
+        if self.every_samples < 0 or self.every_s < 0:
+            raise ConfigError(
+                "evaluation.every_samples" if self.every_samples < 0 else "evaluation.every_s",
+                "must be >= 0 (0 = off)",
+            )
 
 
 @dataclass
@@ -143,13 +191,19 @@ class MetricsConfig:
 
 @dataclass
 class CheckpointConfig:
+    enabled: bool = True
     dir: str = "checkpoints"
-    every_samples: int = 0
-    every_s: float = 0.0
+    every_samples: int = 10_000
+    every_s: float = 60.0
+    at_boundary: bool = True
     keep: int = 3
 
     def validate(self) -> None:
         _positive("checkpoint.keep", self.keep)
+        if self.every_samples < 0:
+            raise ConfigError("checkpoint.every_samples", f"must be >= 0 (0 = off), got {self.every_samples}")
+        if self.every_s < 0:
+            raise ConfigError("checkpoint.every_s", f"must be >= 0 (0 = off), got {self.every_s}")
 
 
 @dataclass
@@ -168,6 +222,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     boundaries: BoundariesConfig = field(default_factory=BoundariesConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)

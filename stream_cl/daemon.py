@@ -116,6 +116,8 @@ class Daemon:
             self._predictions = KafkaProducer(
                 bootstrap_servers=cfg.kafka.bootstrap_servers.split(","), linger_ms=5
             )
+        if self.learner.evaluator is not None:
+            self.learner.evaluator.start()
         self.source.connect()
         self._source_thread.start()
         self._learner_thread.start()
@@ -162,6 +164,8 @@ class Daemon:
             self.source.close()
         except Exception:
             self.log.exception("final_commit_failed")
+        if self.learner.evaluator is not None:
+            self.learner.evaluator.stop()
         if self._predictions is not None:
             self._predictions.close(timeout=max(0.1, t_end - time.monotonic()))
         if self.server is not None:

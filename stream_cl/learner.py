@@ -21,6 +21,7 @@ from stream_cl.boundaries import BoundaryDetector, BoundaryEvent
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.codec import Sample
 from stream_cl.config import Config
+from stream_cl.evaluator import Evaluator
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
@@ -51,10 +52,21 @@ class Learner:
         self.checkpoints = checkpoints
         self.on_checkpoint = on_checkpoint
         self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
-        self._accepted: dict[int, int] = {}  # partition -> next offset not yet taken in (processed or pending)
+        self._accepted: dict[
+            int, int
+        ] = {}  # partition -> next offset not yet taken in (processed or pending)
         self.log = get_logger("stream_cl.learner")
         check_config(config)  # fail on a bad [strategy] before consuming anything
         self.detector = BoundaryDetector(config.boundaries)
+        self.evaluator: Evaluator | None = None
+        if config.evaluation.holdout_fraction > 0:
+            self.evaluator = Evaluator(
+                config.evaluation,
+                holder,
+                metrics,
+                task_id_of=lambda i: self.detector.task_ids[i],
+                seed=config.model.seed,
+            )
         self.strategy: Strategy | None = None
         self.input_shape: tuple[int, ...] | None = None
         if config.model.input_dim:
@@ -67,9 +79,11 @@ class Learner:
         self.boundaries: list[BoundaryEvent] = []
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
         self._pending: list[tuple[np.ndarray, int, Record]] = []
+        self._deferred: list[Record] = []  # processed records waiting for the pending batch's step
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
         self._learned_at_checkpoint = 0
+        self._offsets_at_checkpoint: dict[int, int] = {}
         self._last_checkpoint = time.monotonic()
         self._last_checkpoint_attempt = 0.0
         self._checkpoint_requested = False
@@ -101,6 +115,9 @@ class Learner:
                 continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
             self._accepted[rec.partition] = rec.offset + 1
             sample = rec.sample
+            if sample is None:  # dead-lettered by the source
+                self._done_without_learning(rec)
+                continue
             if self.input_size is not None and sample.x.size != self.input_size:
                 self._reject(
                     rec, "bad_length", f"'x' has {sample.x.size} features, expected {self.input_size}"
@@ -108,7 +125,7 @@ class Learner:
                 continue
             strategy = self._ensure_strategy(sample)
             if sample.y is None:
-                self._unlabeled(rec)
+                self._unlabeled(rec, sample)
                 continue
             new_label = sample.y not in self.label_index
             if new_label and len(self.labels) >= self.config.model.max_classes:
@@ -128,6 +145,11 @@ class Learner:
                 self.label_index[sample.y] = cls
                 strategy.add_classes([cls], task)
                 self.metrics.classes_seen.set(len(self.labels))
+            elif self.evaluator is not None and self.evaluator.hold_out():
+                self.evaluator.add(self.detector.current or 0, sample.x, sample.y)
+                self.metrics.samples.labels(outcome="held_out").inc()
+                self._done_without_learning(rec)
+                continue
             else:
                 strategy.note_task(self.detector.current or 0, [self.label_index[sample.y]])
             self._pending.append((sample.x, self.label_index[sample.y], rec))
@@ -162,9 +184,16 @@ class Learner:
         self.metrics.samples.labels(outcome="learned").inc(len(pending))
         self.metrics.prequential_accuracy.set(self.prequential_accuracy)
         for _, _, rec in pending:
-            self._processed(rec)
+            self._mark(rec)
+        for rec in self._deferred:
+            self._mark(rec)
+        self._deferred.clear()
+        if self.evaluator is not None:
+            self.evaluator.on_learned(self.learned)
         last = pending[-1][2]
-        event = self.detector.observe_outcome(result.sample_losses, result.correct, last.partition, last.offset)
+        event = self.detector.observe_outcome(
+            result.sample_losses, result.correct, last.partition, last.offset
+        )
         if event is not None:
             self._boundary(event)
 
@@ -195,34 +224,46 @@ class Learner:
             offset=event.offset,
             evidence=event.evidence,
         )
-        self.publish()
+        snapshot = self.publish()  # the model at the end of the previous task: row R[previous] of the matrix
+        if self.evaluator is not None:
+            self.evaluator.on_boundary(event.previous_task, event.task, snapshot, event.reason)
 
-    def _unlabeled(self, rec: Record) -> None:
+    def _unlabeled(self, rec: Record, sample: Sample) -> None:
         self.metrics.samples.labels(outcome="unlabeled").inc()
         if self.on_unlabeled is not None:
             snap = self.holder.get()
             if snap is not None and snap.labels:
-                pred = snap.predict(rec.sample.x[None, :])
+                pred = snap.predict(sample.x[None, :])
                 proba = pred.proba[0]
                 best = int(proba.argmax())
                 self.on_unlabeled(
-                    rec.sample,
+                    sample,
                     {
                         "label": snap.labels[best],
                         "proba": {lab: float(p) for lab, p in zip(snap.labels, proba, strict=True)},
                         "model_version": snap.version,
                     },
                 )
-        self._processed(rec)
+        self._done_without_learning(rec)
 
     def _reject(self, rec: Record, reason: str, detail: str) -> None:
         if self.dead_letter is not None:
             self.dead_letter(rec.raw, reason, detail, rec.partition, rec.offset)
         else:
             self.metrics.samples.labels(outcome="invalid").inc()
-        self._processed(rec)
+        self._done_without_learning(rec)
 
-    def _processed(self, rec: Record) -> None:
+    def _done_without_learning(self, rec: Record) -> None:
+        """Unlabeled, held-out or invalid: processed once the pending batch before it is learned.
+
+        Marking it at once would let a commit cover earlier, still unlearned records.
+        """
+        if self._pending:
+            self._deferred.append(rec)
+        else:
+            self._mark(rec)
+
+    def _mark(self, rec: Record) -> None:
         if rec.offset + 1 > self.offsets.get(rec.partition, 0):
             self.offsets[rec.partition] = rec.offset + 1
         self.on_processed(rec.partition, rec.offset)
@@ -304,6 +345,8 @@ class Learner:
         if self.checkpoints is None or self.strategy is None:
             return False
         self._learn_pending()  # the offsets saved must cover exactly what the model has learned
+        if self.learned == self._learned_at_checkpoint and self.offsets == self._offsets_at_checkpoint:
+            return True  # nothing new since the last checkpoint
         self._last_checkpoint_attempt = time.monotonic()
         try:
             path = self.checkpoints.save(self.state_dict())
@@ -313,6 +356,7 @@ class Learner:
             return False
         self._checkpoint_requested = False
         self._learned_at_checkpoint = self.learned
+        self._offsets_at_checkpoint = dict(self.offsets)
         self._last_checkpoint = time.monotonic()
         self.metrics.last_checkpoint.set(time.time())
         self.log.info("checkpoint_written", path=str(path), learned=self.learned, offsets=self.offsets)
@@ -333,6 +377,8 @@ class Learner:
             "offsets": dict(self.offsets),
             "detector": self.detector.state_dict(),
             "strategy": self.strategy.state_dict(),
+            "evaluator": None if self.evaluator is None else self.evaluator.state_dict(),
+            "evaluator_summary": None if self.evaluator is None else self.evaluator.summary(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -353,7 +399,10 @@ class Learner:
         self._prequential.extend(state["prequential"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
         self._accepted = dict(self.offsets)
+        self._offsets_at_checkpoint = dict(self.offsets)
         self.detector.load_state_dict(state["detector"])
+        if self.evaluator is not None and state.get("evaluator") is not None:
+            self.evaluator.load_state_dict(state["evaluator"])
         self.metrics.classes_seen.set(len(self.labels))
         self.metrics.tasks_seen.set(len(self.detector.task_ids))
         if self.detector.current is not None:

@@ -49,6 +49,26 @@ class Metrics:
             ["task"],
             registry=r,
         )
+        self.task_forgetting_first_last = Gauge(
+            "stream_cl_task_forgetting_first_last",
+            "First-vs-last forgetting of the task: R[j][j] - R[T][j].",
+            ["task"],
+            registry=r,
+        )
+        self.stability_gap = Gauge(
+            "stream_cl_stability_gap",
+            "Largest drop of an old task's accuracy just after the latest boundary.",
+            registry=r,
+        )
+        self.accuracy_matrix = Gauge(
+            "stream_cl_accuracy_matrix",
+            "R[i][j]: accuracy on task j after training up to task i (most recent 16 tasks).",
+            ["after_task", "task"],
+            registry=r,
+        )
+        self.evaluations = Counter(
+            "stream_cl_evaluations", "Held-out evaluations of the served model.", registry=r
+        )
         self.average_accuracy = Gauge(
             "stream_cl_average_accuracy", "Mean over tasks of the latest held-out accuracy.", registry=r
         )
@@ -106,7 +126,7 @@ class Metrics:
             self._task_labels[label] = None
             while len(self._task_labels) > self.max_task_labels:
                 old, _ = self._task_labels.popitem(last=False)
-                for gauge in (self.task_accuracy, self.task_forgetting):
+                for gauge in (self.task_accuracy, self.task_forgetting, self.task_forgetting_first_last):
                     with contextlib.suppress(KeyError):
                         gauge.remove(old)
             return label

@@ -6,6 +6,8 @@ boundary detection, batching, snapshots) at in-process speed.
 
 from __future__ import annotations
 
+import dataclasses
+
 from stream_cl.codec import Sample
 from stream_cl.config import Config
 from stream_cl.datasets import BenchmarkStream
@@ -25,7 +27,13 @@ def stream_records(stream: BenchmarkStream, chunk: int = 500) -> list[list[Recor
 
 
 def learn_offline(config: Config, stream: BenchmarkStream, metrics: Metrics | None = None) -> Learner:
-    """Learn the whole stream once, in order; returns the learner (its snapshot is published)."""
+    """Learn the whole stream once, in order; returns the learner (its snapshot is published).
+
+    Held-out sampling is off: built-in streams come with their own test splits.
+    """
+    config = dataclasses.replace(
+        config, evaluation=dataclasses.replace(config.evaluation, holdout_fraction=0.0)
+    )
     learner = Learner(config, SnapshotHolder(), metrics or Metrics())
     for chunk in stream_records(stream):
         learner.process(chunk)

@@ -29,7 +29,7 @@ from stream_cl.metrics import Metrics
 class Record:
     partition: int
     offset: int
-    sample: Sample
+    sample: Sample | None  # None: the message was invalid and is already dead-lettered
     raw: bytes  # the original message value, for dead letters raised later by the learner
 
 
@@ -159,6 +159,8 @@ class KafkaSource:
                     sample = decode_sample(m.value, expected, self.max_features)
                 except InvalidSample as e:
                     self.dead_letter(m.value, e.reason, e.detail, tp.partition, m.offset)
+                    # forwarded in order, so the learner marks it processed only after what precedes it
+                    records.append(Record(tp.partition, m.offset, None, b""))
                     continue
                 records.append(Record(tp.partition, m.offset, sample, m.value))
         return records
@@ -174,9 +176,6 @@ class KafkaSource:
         self.log.warning(
             "sample_dead_lettered", reason=reason, detail=detail[:200], partition=partition, offset=offset
         )
-        with self._lock:  # an invalid message is processed as soon as it is dead-lettered
-            if offset + 1 > self._processed.get(partition, -1):
-                self._processed[partition] = offset + 1
 
     def commit(self) -> None:
         """Commit the offsets the learner has processed (source thread only)."""

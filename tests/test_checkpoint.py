@@ -32,7 +32,7 @@ from stream_cl.snapshot import SnapshotHolder
 
 
 def _config(*overrides: str) -> Config:
-    return load_config(None, ["model.hidden=[32]", *overrides], env={})
+    return load_config(None, ["model.hidden=[32]", "evaluation.holdout_fraction=0", *overrides], env={})
 
 
 def test_store_keeps_the_last_k_and_loads_the_newest(tmp_path: Path) -> None:
@@ -155,7 +155,9 @@ def test_kill_9_then_restart_learns_every_sample_exactly_once(broker: EmbeddedBr
         f"checkpoint.dir={tmp_path / 'ckpt'}",
         "checkpoint.every_samples=200",
         "checkpoint.at_boundary=false",
+        "kafka.max_poll_records=100",  # small chunks: checkpoints land mid-stream
         "model.hidden=[32]",
+        "evaluation.holdout_fraction=0",
         "serve.port=0",
         "metrics.port=0",
         "log.format=json",
@@ -169,8 +171,9 @@ def test_kill_9_then_restart_learns_every_sample_exactly_once(broker: EmbeddedBr
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         port = _metrics_port(proc)
+        store = CheckpointStore(checkpoint_dir(load_config(None, overrides, env={})))
         deadline = time.monotonic() + 120
-        while _learned(port) < first_half and time.monotonic() < deadline:
+        while (_learned(port) < first_half or store.load_latest() is None) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert _learned(port) >= first_half
         os.kill(proc.pid, signal.SIGKILL)
@@ -178,8 +181,6 @@ def test_kill_9_then_restart_learns_every_sample_exactly_once(broker: EmbeddedBr
     finally:
         if proc.poll() is None:
             proc.kill()
-    config = load_config(None, overrides, env={})
-    store = CheckpointStore(checkpoint_dir(config))
     found = store.load_latest()
     assert found is not None, "no checkpoint was written before the kill"
     state, _ = found

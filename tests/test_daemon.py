@@ -61,6 +61,7 @@ def running(
             "metrics.port=0",
             "model.hidden=[128]",
             "learner.snapshot_every_steps=5",
+            "evaluation.holdout_fraction=0",
             f"checkpoint.dir={tmp_path_factory.mktemp('ckpt')}",
         ],
         env={},
@@ -224,6 +225,8 @@ def test_sigterm_commits_offsets_and_exits_zero(broker: EmbeddedBroker, tmp_path
             f"kafka.group_id={group}",
             "--set",
             "kafka.commit_interval_s=3600",  # only the shutdown commit can commit
+            "--set",
+            "evaluation.holdout_fraction=0",
             "--set",
             "serve.port=0",
             "--set",

@@ -15,7 +15,11 @@ from stream_cl.source import Record
 
 
 def _learner(*overrides: str) -> Learner:
-    config = load_config(None, ["model.hidden=[32]", "checkpoint.enabled=false", *overrides], env={})
+    config = load_config(
+        None,
+        ["model.hidden=[32]", "checkpoint.enabled=false", "evaluation.holdout_fraction=0", *overrides],
+        env={},
+    )
     return Learner(config, SnapshotHolder(), Metrics())
 
 

@@ -24,6 +24,18 @@ VERBS: dict[str, tuple[str, str]] = {
         "stream_cl.bench.latency_cmd",
         "socket predict latency/throughput against in-process forward",
     ),
+    "quality": (
+        "stream_cl.bench.quality",
+        "strategies side by side: final accuracy, forgetting, BWT, samples/s (+ joint, iid-online)",
+    ),
+    "heads": (
+        "stream_cl.bench.heads",
+        "head policies for new classes: loss spike, recovery, final accuracy and forgetting",
+    ),
+    "boundaries": (
+        "stream_cl.bench.boundaries",
+        "task-boundary detectors side by side: delay, false alarms, misses, recurring tasks",
+    ),
 }
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from stream_cl.datasets import load_stream
 
 from stream_cl.config import Config
+from stream_cl.datasets import load_stream
 from stream_cl.offline import learn_offline
 from stream_cl.snapshot import Snapshot
 

@@ -1,22 +1,37 @@
-"""Strategy registry: name → class, built-ins plus the `stream_cl.strategies` entry-point group."""
+"""Strategy registry: name → class, built-ins plus the `stream_cl.strategies` entry-point group.
+
+A third-party package registers a strategy in its own pyproject.toml:
+
+    [project.entry-points."stream_cl.strategies"]
+    my_strategy = "my_package.module:MyStrategy"
+
+and it is selected with `[strategy] name = "my_strategy"` like a built-in one; the conformance
+suite (`stream_cl.checks`) then runs over it as well.
+"""
 
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
 from stream_cl.config import ConfigError
-from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy
+from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy
 from stream_cl.strategies.finetune import Finetune
+from stream_cl.strategies.fip import FIP
+from stream_cl.strategies.heads import HEAD_POLICIES, HeadPolicy, parse_options, parse_text
+from stream_cl.strategies.replay import Replay
 
 if TYPE_CHECKING:
     from stream_cl.config import Config
 
 __all__ = [
+    "HEAD_POLICIES",
     "Batch",
     "Boundary",
+    "HeadPolicy",
     "StepResult",
     "Strategy",
     "available",
@@ -66,15 +81,26 @@ def create(name: str, input_shape: Any, **kwargs: Any) -> Strategy:
 
 
 def check_config(config: Config) -> type[Strategy]:
-    """Validate `[strategy]` against the registry and the class's constructor; raise ConfigError."""
+    """Validate `[strategy]` (name, head, head_options, loss, options) without building a model.
+
+    Raises ConfigError naming the key at fault, so the daemon fails before consuming anything.
+    """
     try:
         cls = get(config.strategy.name)
     except KeyError:
         raise ConfigError(
             "strategy.name", f"unknown strategy {config.strategy.name!r}; valid: {', '.join(available())}"
         ) from None
+    if config.strategy.loss not in LOSSES:
+        raise ConfigError(
+            "strategy.loss", f"expected one of {', '.join(LOSSES)}; got {config.strategy.loss!r}"
+        )
+    try:
+        parse_options(config.strategy.head, config.strategy.head_options)
+    except ValueError as e:
+        raise _config_error(e) from e
     params = inspect.signature(cls.__init__).parameters
-    fixed = {"self", "input_shape", "model", "head", "device"}
+    fixed = {"self", "input_shape", "model", "head", "head_options", "loss", "device"}
     valid = sorted(n for n in params if n not in fixed)
     for key in config.strategy.options:
         if key not in params or key in fixed:
@@ -89,18 +115,36 @@ def from_config(config: Config, input_shape: Sequence[int]) -> Strategy:
     """Build the configured strategy; bad options or values raise ConfigError naming the key."""
     cls = check_config(config)
     try:
+        hints = typing.get_type_hints(cls.__init__)
+    except NameError:  # annotations naming types imported only for type checking
+        hints = {}
+    options = {
+        # `--set strategy.options.KEY=4` and the environment deliver text: parse it unless the
+        # option is a string.
+        key: parse_text(value) if isinstance(value, str) and hints.get(key) is not str else value
+        for key, value in config.strategy.options.items()
+    }
+    try:
         return cls(
             input_shape,
             model=config.model,
             head=config.strategy.head,
+            head_options=config.strategy.head_options,
+            loss=config.strategy.loss,
             device=config.model.device,
-            **config.strategy.options,
+            **options,
         )
     except (TypeError, ValueError) as e:
-        message = str(e)
-        key = message.split(":", 1)[0] if message.startswith("strategy.") else "strategy"
-        raise ConfigError(key, message) from e
+        raise _config_error(e) from e
 
 
-for _cls in (Finetune,):
+def _config_error(e: Exception) -> ConfigError:
+    """Turn "strategy.KEY: message" from a constructor into ConfigError("strategy.KEY", message)."""
+    key, sep, message = str(e).partition(": ")
+    if sep and key.startswith("strategy."):
+        return ConfigError(key, message)
+    return ConfigError("strategy", str(e))
+
+
+for _cls in (Finetune, Replay, FIP):
     register(_cls)

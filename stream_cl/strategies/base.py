@@ -9,7 +9,10 @@ daemon owns the mapping from the stream's raw labels and task ids. Every strateg
 - `predict_proba(x, task)`  class probabilities, optionally restricted to a task's classes;
 - `state_dict()` / `load_state_dict()`  everything needed to resume from a checkpoint.
 
-Only `learn` is abstract; the rest has a sensible default here.
+Only `learn` is abstract; the rest has a sensible default here. A strategy is *backbone
+protection × head policy* (design.md): subclasses implement protection in `learn` using
+`_forward` and `_step`, and the head policy (`strategy.head`, see `heads.py`) plugs in here,
+so every protection composes with every head policy without knowing which one it got.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import abc
 import copy
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +31,9 @@ from torch.nn import functional as F
 
 from stream_cl.config import ModelConfig
 from stream_cl.models import Classifier, build_backbone, resolve_device
+from stream_cl.strategies.heads import FrozenRows, HeadRows, make_head_policy
+
+LOSSES = ("ce", "mse")
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class StepResult:
     """What the model did on the batch *before* the update (prequential, test-then-train)."""
 
     loss: float
-    sample_losses: np.ndarray  # [n] float32, cross-entropy per sample before the update
+    sample_losses: np.ndarray  # [n] float32, training loss (`strategy.loss`) per sample before the update
     correct: np.ndarray  # [n] bool, argmax prediction before the update was right
 
 
@@ -57,30 +63,48 @@ class Boundary:
 
 
 class Strategy(abc.ABC):
-    """Base class; subclasses set `name` and implement `learn`."""
+    """Base class; subclasses set `name` and implement `learn`.
+
+    Constructor parameters after `device` are the strategy's own options (`strategy.options`);
+    raise ValueError("strategy.options.KEY: ...") for a bad value so the error names the key.
+    """
 
     name: ClassVar[str] = ""
     #: Reasons a conformance check does not apply, e.g. {"check_seeded_determinism": "why"}.
     check_opt_outs: ClassVar[dict[str, str]] = {}
+    #: Options the conformance suite builds the strategy with, to keep its runs small (river's
+    #: `_unit_test_params`), e.g. {"buffer_size": 16}.
+    unit_test_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
         input_shape: Sequence[int],
         model: ModelConfig | None = None,
         head: str = "random",
+        head_options: Mapping[str, Any] | None = None,
+        loss: str = "ce",
         device: str = "auto",
     ) -> None:
         self.input_shape = tuple(int(d) for d in input_shape)
         self.model_config = model or ModelConfig()
-        if head != "random":
-            raise ValueError(f"strategy.head: unknown head policy {head!r} (valid: random)")
-        self.head_policy = head
+        if loss not in LOSSES:
+            raise ValueError(f"strategy.loss: expected one of {', '.join(LOSSES)}; got {loss!r}")
+        self.loss = loss
         self.device = resolve_device(device if device != "auto" else self.model_config.device)
         seed = self.model_config.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             backbone = build_backbone(self.model_config.backbone, self.input_shape, self.model_config.hidden)
             self.model = Classifier(backbone, backbone.feature_dim).to(self.device)
+        self.head_policy = make_head_policy(
+            head,
+            head_options or {},
+            loss=loss,
+            feature_dim=backbone.feature_dim,
+            seed=seed,
+            device=self.device,
+        )
+        self.frozen = FrozenRows()
         self.generator = torch.Generator().manual_seed(seed + 1)
         self.task_classes: list[list[int]] = []  # task index -> class indices seen in that task
         self.current_task = 0
@@ -104,6 +128,7 @@ class Strategy(abc.ABC):
         self._ensure_task(task)
         carry = self._optimizer_state_by_name()
         self.model.head.grow(len(class_ids), self.generator)
+        self.head_policy.on_new_classes(class_ids)
         self.task_classes[task].extend(class_ids)
         self._rebuild_optimizer(carry)
 
@@ -114,9 +139,14 @@ class Strategy(abc.ABC):
         self.task_classes[task].extend(c for c in class_ids if c not in known)
 
     def on_boundary(self, event: Boundary) -> None:
-        """React to a boundary; the default only tracks the current task."""
+        """Track the current task; with `freeze_old`, every existing head row freezes here.
+
+        Subclasses that extend this call `super().on_boundary(event)`.
+        """
         self._ensure_task(event.task)
         self.current_task = event.task
+        if self.head_policy.freeze_old:
+            self.frozen.freeze(self.model.head, range(self.n_classes))
 
     def _ensure_task(self, task: int) -> None:
         while len(self.task_classes) <= task:
@@ -193,9 +223,48 @@ class Strategy(abc.ABC):
                 moved[key] = value
             self.optimizer.state[p] = moved
 
-    def _logits_and_losses(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model(batch.x)
-        return logits, F.cross_entropy(logits, batch.y, reduction="none")
+    def _forward(
+        self, x: torch.Tensor, y: torch.Tensor, observed: int | None = None
+    ) -> tuple[torch.Tensor, StepResult]:
+        """Per-sample training losses on (x, y) and the pre-update outcome of the stream batch.
+
+        The stream batch is the first `observed` samples (all by default; the rest are e.g.
+        replayed). Features are computed once: the outcome is scored, then the head policy sees
+        the stream part's features and may write rows for new classes; if it does, the returned
+        losses are recomputed with those rows, so the coming gradient step trains from them.
+        """
+        n = y.shape[0] if observed is None else observed
+        features = self.model.features(x)
+        logits = self.model.head(features)
+        losses = self._loss(logits, y)
+        outcome = self._outcome(logits[:n], losses[:n], y[:n])
+        rows = self.head_policy.observe(self.model, x[:n], features[:n].detach(), y[:n])
+        if rows is not None and self._write_rows(rows):
+            losses = self._loss(self.model.head(features), y)
+        return losses, outcome
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss: cross-entropy, or squared error against one-hot targets (`mse`)."""
+        if self.loss == "mse":
+            target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+            return ((logits - target) ** 2).sum(dim=1)
+        return F.cross_entropy(logits, y, reduction="none")
+
+    def _write_rows(self, rows: HeadRows) -> bool:
+        """Write the policy's rows (frozen ones excepted) and zero their optimizer moments."""
+        keep = [i for i, c in enumerate(rows.classes) if c not in set(self.frozen.classes)]
+        if not keep:
+            return False
+        classes = [rows.classes[i] for i in keep]
+        head = self.model.head
+        with torch.no_grad():
+            head.weight[classes] = rows.weight[keep].to(head.weight.device)
+            head.bias[classes] = rows.bias[keep].to(head.bias.device)
+            for p in (head.weight, head.bias):
+                for value in self.optimizer.state.get(p, {}).values():
+                    if torch.is_tensor(value) and value.shape == p.shape:
+                        value[classes] = 0
+        return True
 
     @staticmethod
     def _outcome(logits: torch.Tensor, losses: torch.Tensor, y: torch.Tensor) -> StepResult:
@@ -205,26 +274,35 @@ class Strategy(abc.ABC):
         return StepResult(loss=float(per_sample.mean()), sample_losses=per_sample, correct=correct)
 
     def _step(self, loss: torch.Tensor) -> None:
+        """One optimizer step; frozen head rows are written back afterwards (exact freezing)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self.frozen.restore(self.model.head)
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Everything to resume: weights, head size, optimizer, tasks, RNG. Subclasses extend it."""
         return {
             "name": self.name,
+            "head": self.head_policy.name,
             "n_classes": self.n_classes,
             "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
             "optimizer": _to_cpu(self.optimizer.state_dict()),
             "task_classes": [list(c) for c in self.task_classes],
             "current_task": self.current_task,
             "generator": self.generator.get_state(),
+            "head_policy": self.head_policy.state_dict(),
+            "frozen": self.frozen.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("name") != self.name:
             raise ValueError(f"checkpoint is for strategy {state.get('name')!r}, not {self.name!r}")
+        if state.get("head") != self.head_policy.name:
+            raise ValueError(
+                f"checkpoint is for head policy {state.get('head')!r}, not {self.head_policy.name!r}"
+            )
         grow = state["n_classes"] - self.n_classes
         if grow < 0:
             raise ValueError("cannot load a checkpoint with fewer classes into a grown model")
@@ -234,12 +312,17 @@ class Strategy(abc.ABC):
         self.task_classes = [list(c) for c in state["task_classes"]]
         self.current_task = state["current_task"]
         self.generator.set_state(state["generator"])
+        self.head_policy.load_state_dict(state["head_policy"])
+        self.frozen.load_state_dict(state["frozen"], self.device)
         self._rebuild_optimizer()
         self.optimizer.load_state_dict(state["optimizer"])
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
-        """Bounded buffers as {name: (items held, capacity)}; checked by the conformance suite."""
-        return {}
+        """Bounded buffers as {name: (items held, capacity)}; checked by the conformance suite.
+
+        Subclasses with buffers of their own add them to `super().memory_usage()`.
+        """
+        return {f"head.{k}": v for k, v in self.head_policy.memory_usage().items()}
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()

@@ -10,6 +10,6 @@ class Finetune(Strategy):
 
     def learn(self, batch: Batch) -> StepResult:
         self.model.train()
-        logits, losses = self._logits_and_losses(batch)
+        losses, outcome = self._forward(batch.x, batch.y)
         self._step(losses.mean())
-        return self._outcome(logits, losses, batch.y)
+        return outcome

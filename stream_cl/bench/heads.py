@@ -1,0 +1,250 @@
+"""`stream-cl bench heads`: head policies for new classes, side by side on the same streams.
+
+Every policy (`random`, `class_mean`, `ls`) learns the same seeded class-incremental stream with
+the configured protection strategy, through the daemon's `Learner` (`quality.learn_stream`).
+For each class arrival (the first class of a stream excluded: alone in the head, its loss is 0):
+
+- arrival loss: the class's mean loss in the step where it first appears. Its samples are scored
+  before anything about the class is known, so it is the same random-row loss for every policy;
+  it is reported, not compared;
+- spike: the peak, over the steps that follow, of the class's mean loss per step, until 50 of its
+  samples have been scored. This is the loss spike a policy can change: `class_mean`/`ls` have
+  written the class's row by then (after `min_samples`), `random` has taken gradient steps;
+- recovery: stream samples from its arrival until its test accuracy (checked after every step,
+  no task hint) first reaches 90% of its accuracy at the end of its task.
+
+Plus the final average accuracy and average forgetting of the run (R matrix after each task).
+Everything runs under each training loss (`ce`, `mse`): ridge rows are least-squares rows, so
+the loss decides how well they fit the head they join. Goal, per stream and loss: `ls` cuts the
+spike by >= 50% and recovers in <= half the samples against `random`, final accuracy no lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from stream_cl.bench.quality import Contender, learn_stream, with_overrides
+from stream_cl.config import Config, ConfigError
+
+if TYPE_CHECKING:
+    from stream_cl.datasets import BenchmarkStream
+    from stream_cl.strategies import Batch, StepResult, Strategy
+
+POLICIES = ("random", "class_mean", "ls")
+SPIKE_SAMPLES = 50
+RECOVERY_FRACTION = 0.9
+
+
+@dataclass
+class _ClassTrace:
+    """What happened to one class after it arrived."""
+
+    arrival_sample: int  # stream samples learned before its arrival step
+    arrival_loss: float
+    step_losses: list[float] = field(default_factory=list)  # its mean loss per later step
+    scored: int = 0  # its samples scored after the arrival step
+    accuracy: list[tuple[int, float]] = field(default_factory=list)  # (samples since arrival, acc)
+
+
+class ArrivalTracker:
+    """A `learn_stream` step hook: per-class losses after arrival and test accuracy in its task."""
+
+    def __init__(self, stream: BenchmarkStream) -> None:
+        import numpy as np
+
+        # The learner numbers labels in order of first appearance; the same order, from the stream.
+        order: list[int] = []
+        for _, y, _, _ in stream.iter_samples():
+            if y not in order:
+                order.append(y)
+        self.test = {
+            index: np.concatenate([t.test_x[t.test_y == label] for t in stream.tasks])
+            for index, label in enumerate(order)
+        }
+        self.input_shape = stream.input_shape
+        self.samples = 0
+        self.traces: dict[int, _ClassTrace] = {}
+
+    def __call__(self, strategy: Strategy, batch: Batch, result: StepResult) -> None:
+        y = batch.y.cpu().numpy()
+        for c in sorted(set(y.tolist())):
+            losses = result.sample_losses[y == c]
+            trace = self.traces.get(c)
+            if trace is None:
+                if strategy.n_classes > 1:
+                    self.traces[c] = _ClassTrace(self.samples, float(losses.mean()))
+            elif trace.scored < SPIKE_SAMPLES:
+                take = losses[: SPIKE_SAMPLES - trace.scored]
+                trace.step_losses.append(float(take.mean()))
+                trace.scored += len(take)
+        self.samples += len(y)
+        for c in strategy.task_classes[batch.task]:
+            if c in self.traces:
+                self.traces[c].accuracy.append(
+                    (self.samples - self.traces[c].arrival_sample, self._accuracy(strategy, c))
+                )
+
+    def _accuracy(self, strategy: Strategy, c: int) -> float:
+        import torch
+
+        x = torch.from_numpy(self.test[c]).reshape((-1, *self.input_shape)).to(strategy.device)
+        proba, _ = strategy.predict_proba(x)
+        return float((proba.argmax(1) == c).float().mean())
+
+    def summary(self) -> dict[str, float]:
+        import numpy as np
+
+        spikes, arrivals, recoveries = [], [], []
+        for trace in self.traces.values():
+            arrivals.append(trace.arrival_loss)
+            if trace.step_losses:
+                spikes.append(max(trace.step_losses))
+            if trace.accuracy:
+                final = trace.accuracy[-1][1]
+                recoveries.append(next(n for n, acc in trace.accuracy if acc >= RECOVERY_FRACTION * final))
+        return {
+            "arrivals": len(self.traces),
+            "arrival_loss": float(np.mean(arrivals)),
+            "spike": float(np.mean(spikes)),
+            "recovery_samples": float(np.mean(recoveries)),
+        }
+
+
+def run_heads(
+    config: Config,
+    contenders: list[Contender],
+    streams: tuple[str, ...] = ("split-mnist", "split-digits"),
+    losses: tuple[str, ...] = ("ce", "mse"),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Each head-policy contender on each stream (class-incremental) under each training loss."""
+    from stream_cl.datasets import load_stream
+    from stream_cl.evaluation import average_accuracy, average_forgetting
+
+    rows: list[dict[str, Any]] = []
+    for stream_name in streams:
+        stream = load_stream(stream_name, seed=seed, send_task=True)
+        for loss in losses:
+            for contender in contenders:
+                cfg = with_overrides(config, [f"strategy.loss={loss}", *contender.overrides])
+                tracker = ArrivalTracker(stream)
+                run = learn_stream(cfg, stream, "class", on_step=tracker)
+                rows.append(
+                    {
+                        "stream": stream_name,
+                        "loss": loss,
+                        "head": contender.label,
+                        **tracker.summary(),
+                        "average_accuracy": average_accuracy(run.matrix),
+                        "average_forgetting": average_forgetting(run.matrix),
+                    }
+                )
+    return {"seed": seed, "strategy": config.strategy.name, "rows": rows, "goals": _goals(rows)}
+
+
+def _goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stream and loss: ls against random (spike <= 0.5x, recovery <= 0.5x, accuracy no lower)."""
+    groups: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:
+        groups[f"{r['stream']} {r['loss']}"][r["head"]] = r
+    goals = {}
+    for key, heads in groups.items():
+        if "ls" not in heads or "random" not in heads:
+            continue
+        ls, rnd = heads["ls"], heads["random"]
+        spike = ls["spike"] / rnd["spike"]
+        recovery = ls["recovery_samples"] / rnd["recovery_samples"] if rnd["recovery_samples"] else math.nan
+        goals[key] = {
+            "spike_ratio": spike,
+            "recovery_ratio": recovery,
+            "accuracy_delta": ls["average_accuracy"] - rnd["average_accuracy"],
+            "met": spike <= 0.5 and recovery <= 0.5 and ls["average_accuracy"] >= rnd["average_accuracy"],
+        }
+    return goals
+
+
+def format_heads(result: dict[str, Any]) -> str:
+    from stream_cl.evaluation import format_table
+
+    headers = [
+        "stream",
+        "loss",
+        "head",
+        "arrival loss",
+        "spike",
+        "samples to 90%",
+        "avg acc",
+        "avg forgetting",
+    ]
+    table = format_table(
+        headers,
+        [
+            [
+                r["stream"],
+                r["loss"],
+                r["head"],
+                f"{r['arrival_loss']:.3f}",
+                f"{r['spike']:.3f}",
+                f"{r['recovery_samples']:.1f}",
+                f"{r['average_accuracy']:.4f}",
+                f"{r['average_forgetting']:.4f}",
+            ]
+            for r in result["rows"]
+        ],
+    )
+    lines = [
+        f"heads (class-incremental, strategy {result['strategy']}, seed {result['seed']}; spike = peak "
+        f"per-step loss of the new class over its next {SPIKE_SAMPLES} samples, mean over arrivals)",
+        table,
+    ]
+    for key, g in result["goals"].items():
+        lines.append(
+            f"{key}: ls/random spike {g['spike_ratio']:.2f}x, recovery {g['recovery_ratio']:.2f}x, "
+            f"avg acc {g['accuracy_delta']:+.4f}; goal (<=0.5x, <=0.5x, >=0) {'met' if g['met'] else 'NOT met'}"
+        )
+    return "\n".join(lines)
+
+
+HELP = "head policies for new classes: loss spike, recovery, final accuracy and forgetting"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", default=",".join(POLICIES), help="comma-separated head policies")
+    p.add_argument("--streams", default="split-mnist,split-digits", help="comma-separated built-in streams")
+    p.add_argument("--losses", default="ce,mse", help="training losses to compare under (ce, mse)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="HEAD:KEY=VALUE",
+        help="a config override for one head, e.g. ls:strategy.head_options.min_samples=4",
+    )
+
+
+def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
+    per_head: dict[str, list[str]] = {h: [] for h in heads}
+    for item in args.override:
+        head, sep, override = item.partition(":")
+        if not sep or head not in per_head:
+            raise ConfigError(
+                "--override", f"expected HEAD:section.key=value with HEAD in {heads}, got {item!r}"
+            )
+        per_head[head].append(override)
+    # Options of one policy are not valid for another: each head starts from no options.
+    contenders = [
+        Contender(h, (f"strategy.head={h}", "strategy.head_options={}", *per_head[h])) for h in heads
+    ]
+    result = run_heads(
+        config,
+        contenders,
+        streams=tuple(s.strip() for s in args.streams.split(",")),
+        losses=tuple(s.strip() for s in args.losses.split(",")),
+        seed=args.seed,
+    )
+    return result, format_heads(result)

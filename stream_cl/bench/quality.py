@@ -1,0 +1,314 @@
+"""`stream-cl bench quality`: strategies side by side on the same seeded streams, plus references.
+
+The shared harness every strategy issue uses. For each stream × scenario, every contender learns
+the same seeded stream through the daemon's own path (`Learner`: label mapping, boundaries,
+batching, snapshots), task by task; after each task the published snapshot is scored on every
+task's test split seen so far, filling the accuracy matrix R[i][j]. Scenarios:
+
+- `class` (class-incremental): predict without a task hint;
+- `task`  (task-incremental):  predict with the task hint (probability restricted to its classes).
+
+Two references learn the same data outside the daemon, with the same model:
+- `joint`: offline, shuffled, several epochs over every task (the upper bound);
+- `iid-online`: one shuffled pass (what the stream would give without its task order).
+
+Reported per row: final average accuracy, average (max-based) forgetting, BWT, and learned
+samples/s (learning wall time only, evaluation excluded) and learned samples per CPU-second of
+this process, which stays comparable across rows when other work shares the machine. Later
+issues call `run_quality` with their strategy names (and per-contender config overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from stream_cl.config import Config, ConfigError, load_config
+
+if TYPE_CHECKING:  # heavy imports stay inside functions: the CLI imports this module for --help
+    from stream_cl.datasets import BenchmarkStream
+    from stream_cl.learner import Learner
+    from stream_cl.strategies import Batch, StepResult, Strategy
+
+SCENARIOS = ("class", "task")
+REFERENCES = ("joint", "iid-online")
+_CHUNK = 500  # records per `Learner.process` call, like one Kafka poll
+
+StepHook = Callable[["Strategy", "Batch", "StepResult"], None]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One row of the table: a label and the config overrides (`section.key=value`) that make it."""
+
+    label: str
+    overrides: tuple[str, ...] = ()
+
+    @classmethod
+    def strategy(cls, name: str, *overrides: str, label: str | None = None) -> Contender:
+        return cls(label or name, (f"strategy.name={name}", *overrides))
+
+
+def with_overrides(config: Config, overrides: Sequence[str]) -> Config:
+    """`config` with `section.key=value` overrides applied (typed and validated like `--set`).
+
+    `section.key.sub=value` sets one entry of a table (e.g. `strategy.options.buffer_size=200`);
+    `section.key={...}` replaces the whole table.
+    """
+    parsed = load_config(None, overrides, env={})
+    for item in overrides:
+        section, _, key = item.split("=", 1)[0].strip().partition(".")
+        name, _, sub = key.partition(".")
+        current = getattr(config, section)
+        value = getattr(getattr(parsed, section), name)
+        if sub:
+            value = {**getattr(current, name), sub: value[sub]}
+        config = dataclasses.replace(config, **{section: dataclasses.replace(current, **{name: value})})
+    return config.validate()
+
+
+@dataclass
+class StreamRun:
+    """A contender's pass over one stream: its accuracy matrix and learning time."""
+
+    matrix: list[list[float]]
+    learn_seconds: float  # wall time spent learning (evaluation excluded)
+    learn_cpu_seconds: float  # this process's CPU time over the same spans
+    samples: int
+    learner: Learner
+
+
+def learn_stream(
+    config: Config, stream: BenchmarkStream, scenario: str, on_step: StepHook | None = None
+) -> StreamRun:
+    """Learn `stream` task by task through the daemon's `Learner`, scoring after each task.
+
+    `on_step(strategy, batch, result)` (optional) sees every learn step as the learner makes it;
+    it needs `model.batch_size` > 1, since it is attached after the first sample created the model.
+    The daemon's held-out evaluator is switched off: the harness scores the stream's own test
+    splits, so every training sample is learned, as by the references.
+    """
+    from stream_cl.evaluation import accuracy
+    from stream_cl.learner import Learner
+    from stream_cl.metrics import Metrics
+    from stream_cl.offline import stream_records
+    from stream_cl.snapshot import SnapshotHolder
+
+    learner = Learner(with_overrides(config, ["evaluation.holdout_fraction=0"]), SnapshotHolder(), Metrics())
+    (records,) = stream_records(stream, chunk=stream.n_train)  # offsets run on across tasks
+    matrix: list[list[float]] = []
+    seconds = cpu_seconds = 0.0
+    end = 0
+    for i, task in enumerate(stream.tasks):
+        start_index, end = end, end + len(task.train_y)
+        chunks = [records[j : min(j + _CHUNK, end)] for j in range(start_index, end, _CHUNK)]
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for chunk in chunks:
+            if on_step is not None and learner.strategy is None:
+                learner.process(chunk[:1])
+                _attach(learner, on_step)
+                chunk = chunk[1:]
+            learner.process(chunk)
+        learner.flush()
+        snapshot = learner.publish()
+        seconds += time.perf_counter() - start
+        cpu_seconds += time.process_time() - cpu_start
+        assert snapshot is not None
+        matrix.append(
+            [
+                accuracy(snapshot, t.test_x, t.test_y.tolist(), t.task_id if scenario == "task" else None)
+                for t in stream.tasks[: i + 1]
+            ]
+        )
+    return StreamRun(matrix, seconds, cpu_seconds, stream.n_train, learner)
+
+
+def _attach(learner: Learner, on_step: StepHook) -> None:
+    strategy = learner.strategy
+    assert strategy is not None
+    if learner.steps:
+        raise ValueError("observing learn steps needs model.batch_size > 1")
+    learn = strategy.learn
+
+    def observed(batch: Batch) -> StepResult:
+        result = learn(batch)
+        on_step(strategy, batch, result)
+        return result
+
+    # An instance attribute shadows the method: the learner's own calls go through the observer.
+    strategy.learn = observed  # type: ignore[method-assign]
+
+
+def reference_run(config: Config, stream: BenchmarkStream, scenario: str, epochs: int) -> dict[str, float]:
+    """Plain shuffled training on all tasks at once (`finetune`, random head); final accuracies only."""
+    import numpy as np
+    import torch
+
+    from stream_cl.strategies import Batch, from_config
+
+    cfg = with_overrides(config, ["strategy.name=finetune", "strategy.head=random"])
+    cfg = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, head_options={}, options={}))
+    strategy = from_config(cfg, stream.input_shape)
+    index: dict[int, int] = {}
+    for t, task in enumerate(stream.tasks):
+        new = [c for c in task.classes if c not in index]
+        index.update({c: len(index) + k for k, c in enumerate(new)})
+        if new:
+            strategy.add_classes([index[c] for c in new], t)
+        strategy.note_task(t, [index[c] for c in task.classes])
+    x = torch.from_numpy(np.concatenate([t.train_x for t in stream.tasks]))
+    x = x.reshape((-1, *stream.input_shape)).to(strategy.device)
+    y = torch.tensor([index[int(c)] for t in stream.tasks for c in t.train_y], device=strategy.device)
+    bs = cfg.model.batch_size
+    rng = np.random.default_rng([stream.seed, 3])
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(epochs):
+        order = torch.from_numpy(rng.permutation(len(y))).to(strategy.device)
+        for i in range(0, len(y), bs):
+            idx = order[i : i + bs]
+            strategy.learn(Batch(x=x[idx], y=y[idx], task=0))
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    accs = []
+    for t, task in enumerate(stream.tasks):
+        tx = torch.from_numpy(task.test_x).reshape((-1, *stream.input_shape)).to(strategy.device)
+        ty = torch.tensor([index[int(c)] for c in task.test_y], device=strategy.device)
+        proba, _ = strategy.predict_proba(tx, t if scenario == "task" else None)
+        accs.append(float((proba.argmax(1) == ty).float().mean()))
+    return {
+        "average_accuracy": float(np.mean(accs)),
+        "samples_per_s": epochs * len(y) / seconds,
+        "samples_per_cpu_s": epochs * len(y) / cpu_seconds,
+    }
+
+
+def run_quality(
+    config: Config,
+    contenders: Sequence[Contender],
+    streams: Sequence[str] = ("split-mnist",),
+    scenarios: Sequence[str] = SCENARIOS,
+    seed: int = 0,
+    joint_epochs: int = 5,
+    references: bool = True,
+) -> dict[str, Any]:
+    """Every contender (and the references) on every stream × scenario; rows for the table."""
+    from stream_cl.datasets import load_stream
+    from stream_cl.evaluation import average_accuracy, average_forgetting, backward_transfer
+
+    rows: list[dict[str, Any]] = []
+    for stream_name in streams:
+        stream = load_stream(stream_name, seed=seed, send_task=True)
+        for scenario in scenarios:
+            if scenario not in SCENARIOS:
+                raise ValueError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
+            base = {"stream": stream_name, "scenario": scenario}
+            for contender in contenders:
+                run = learn_stream(with_overrides(config, contender.overrides), stream, scenario)
+                rows.append(
+                    {
+                        **base,
+                        "strategy": contender.label,
+                        "average_accuracy": average_accuracy(run.matrix),
+                        "average_forgetting": average_forgetting(run.matrix),
+                        "backward_transfer": backward_transfer(run.matrix),
+                        "samples_per_s": run.samples / run.learn_seconds,
+                        "samples_per_cpu_s": run.samples / run.learn_cpu_seconds,
+                        "accuracy_matrix": run.matrix,
+                    }
+                )
+            if references:
+                for label, epochs in zip(REFERENCES, (joint_epochs, 1), strict=True):
+                    ref = reference_run(config, stream, scenario, epochs)
+                    rows.append(
+                        {
+                            **base,
+                            "strategy": label,
+                            "average_forgetting": math.nan,
+                            "backward_transfer": math.nan,
+                        }
+                        | ref
+                    )
+    return {"seed": seed, "joint_epochs": joint_epochs, "rows": rows}
+
+
+def format_quality(result: dict[str, Any]) -> str:
+    from stream_cl.evaluation import format_table
+
+    def cell(value: float, digits: int = 4) -> str:
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+
+    headers = [
+        "stream",
+        "scenario",
+        "strategy",
+        "avg acc",
+        "avg forgetting",
+        "BWT",
+        "samples/s",
+        "samples/cpu-s",
+    ]
+    table = format_table(
+        headers,
+        [
+            [
+                r["stream"],
+                r["scenario"],
+                r["strategy"],
+                cell(r["average_accuracy"]),
+                cell(r["average_forgetting"]),
+                cell(r["backward_transfer"]),
+                cell(r["samples_per_s"], 0),
+                cell(r["samples_per_cpu_s"], 0),
+            ]
+            for r in result["rows"]
+        ],
+    )
+    return (
+        f"quality (seed {result['seed']}; joint = {result['joint_epochs']} shuffled epochs, "
+        f"iid-online = 1 shuffled pass; forgetting is max-based)\n{table}"
+    )
+
+
+HELP = "strategies side by side: final accuracy, forgetting, BWT, samples/s (+ joint, iid-online)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategies", default="finetune,replay", help="comma-separated strategy names")
+    p.add_argument("--streams", default="split-mnist", help="comma-separated built-in streams")
+    p.add_argument("--scenarios", default="class,task", help="class and/or task (comma-separated)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--joint-epochs", type=int, default=5)
+    p.add_argument("--no-references", action="store_true", help="skip the joint and iid-online rows")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE",
+        help="a config override for one strategy, e.g. replay:strategy.options.buffer_size=200",
+    )
+
+
+def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    per_name: dict[str, list[str]] = {n: [] for n in names}
+    for item in args.override:
+        name, sep, override = item.partition(":")
+        if not sep or name not in per_name:
+            raise ConfigError(
+                "--override", f"expected NAME:section.key=value with NAME in {names}, got {item!r}"
+            )
+        per_name[name].append(override)
+    result = run_quality(
+        config,
+        [Contender.strategy(n, *per_name[n]) for n in names],
+        streams=[s.strip() for s in args.streams.split(",")],
+        scenarios=[s.strip() for s in args.scenarios.split(",")],
+        seed=args.seed,
+        joint_epochs=args.joint_epochs,
+        references=not args.no_references,
+    )
+    return result, format_quality(result)

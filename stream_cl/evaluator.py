@@ -1,0 +1,323 @@
+"""Live evaluation: held-out reservoirs per task and the accuracy matrix R[i][j].
+
+Production has no test set, so the daemon makes its own: a fraction `evaluation.holdout_fraction`
+of each task's labeled samples (of labels already known) is held out — never learned — and kept
+in a bounded reservoir per task. An evaluator thread re-scores every task's reservoir on the
+current snapshot every `every_samples` learned samples or `every_s` seconds, and at each boundary,
+off the learning path.
+
+R[i][j] is the accuracy on task j after training up to task i: row i is finalized with the
+snapshot published at the boundary that ends task i; the row of the current task is the latest
+evaluation. From it (definitions as exported):
+- forgetting, max-based (Chaudhry):  max_{l<T} R[l][j] − R[T][j]
+- forgetting, first-vs-last:         R[j][j] − R[T][j]
+- BWT (Lopez-Paz):                   mean_{j<T} (R[T][j] − R[j][j])
+- stability gap: the largest drop of an old task's accuracy, measured in the evaluations during
+  the `stability_window` samples after a boundary, relative to its accuracy at the boundary.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_cl.config import EvaluationConfig
+from stream_cl.evaluation import accuracy
+from stream_cl.log import get_logger
+from stream_cl.metrics import Metrics
+from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
+
+MATRIX_TASKS = 16  # tasks exported in stream_cl_accuracy_matrix (bounded label cardinality)
+
+
+@dataclass
+class Reservoir:
+    """Uniform reservoir sample (Vitter's algorithm R) of one task's held-out samples."""
+
+    capacity: int
+    xs: list[np.ndarray] = field(default_factory=list)
+    ys: list[Label] = field(default_factory=list)
+    seen: int = 0
+
+    def add(self, x: np.ndarray, y: Label, rng: random.Random) -> None:
+        self.seen += 1
+        if len(self.xs) < self.capacity:
+            self.xs.append(x)
+            self.ys.append(y)
+            return
+        k = rng.randrange(self.seen)
+        if k < self.capacity:
+            self.xs[k], self.ys[k] = x, y
+
+
+class Evaluator:
+    """Owns the reservoirs and R; the learner feeds it, its own thread scores snapshots."""
+
+    def __init__(
+        self,
+        config: EvaluationConfig,
+        holder: SnapshotHolder,
+        metrics: Metrics,
+        task_id_of: Callable[[int], TaskId],
+        seed: int = 0,
+    ) -> None:
+        self.config = config
+        self.holder = holder
+        self.metrics = metrics
+        self.task_id_of = task_id_of
+        self.log = get_logger("stream_cl.evaluator")
+        self.rng = random.Random(seed)
+        self.reservoirs: dict[int, Reservoir] = {}
+        self.final_rows: dict[int, dict[int, float]] = {}  # task i -> {task j: R[i][j]}
+        self.current: dict[int, float] = {}  # latest accuracies on each task
+        self.current_task: int | None = None
+        self.history: deque[dict[str, Any]] = deque(maxlen=config.history)
+        self.boundaries: deque[dict[str, Any]] = deque(maxlen=config.history)
+        self.stability_gap = 0.0
+        self._gap_window: tuple[int, dict[int, float]] | None = None  # (until sample count, R at boundary)
+        self.learned = 0
+        self._last_eval_samples = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._pending_boundaries: deque[tuple[int, Snapshot | None]] = deque()
+        self._thread: threading.Thread | None = None
+        self.evaluations = 0
+
+    # -- learner side (learner thread) ----------------------------------------------------------
+    def hold_out(self) -> bool:
+        return self.config.holdout_fraction > 0 and self.rng.random() < self.config.holdout_fraction
+
+    def add(self, task: int, x: np.ndarray, y: Label) -> None:
+        with self._lock:
+            reservoir = self.reservoirs.setdefault(task, Reservoir(self.config.reservoir_size))
+            reservoir.add(x, y, self.rng)
+
+    def on_learned(self, learned: int) -> None:
+        self.learned = learned
+        if self.config.every_samples and learned - self._last_eval_samples >= self.config.every_samples:
+            self._last_eval_samples = learned
+            self._wake.set()
+
+    def on_boundary(
+        self, previous_task: int | None, task: int, snapshot: Snapshot | None, reason: str
+    ) -> None:
+        """Task `previous_task` ended with `snapshot`: finalize its row of R (in the evaluator thread)."""
+        with self._lock:
+            self.boundaries.append(
+                {"t": time.time(), "samples": self.learned, "task": self.task_id_of(task), "reason": reason}
+            )
+            if previous_task is not None:
+                self._pending_boundaries.append((previous_task, snapshot))
+            self.current_task = task
+        self._wake.set()
+
+    # -- scoring --------------------------------------------------------------------------------
+    def evaluate(self, snapshot: Snapshot | None = None) -> dict[int, float]:
+        """Score every reservoir on `snapshot` (default: the latest) and refresh the metrics."""
+        snapshot = snapshot or self.holder.get()
+        if snapshot is None:
+            return {}
+        with self._lock:
+            data = {t: (list(r.xs), list(r.ys)) for t, r in self.reservoirs.items() if r.xs}
+        scores: dict[int, float] = {}
+        for task, (xs, ys) in data.items():
+            hint = (
+                self.task_id_of(task)
+                if self.config.task_hint and self.task_id_of(task) in snapshot.tasks
+                else None
+            )
+            scores[task] = accuracy(snapshot, np.stack(xs), ys, task=hint)
+        return scores
+
+    def run_once(self) -> None:
+        """Finalize rows for boundaries that happened, then score the latest snapshot."""
+        while True:
+            with self._lock:
+                if not self._pending_boundaries:
+                    break
+                ended, snap = self._pending_boundaries.popleft()
+            row = self.evaluate(snap)
+            with self._lock:
+                self.final_rows[ended] = row
+                self._gap_window = (self.learned + self.config.stability_window, dict(row))
+        scores = self.evaluate()
+        if not scores:
+            return
+        with self._lock:
+            self.current.update(scores)
+            self.evaluations += 1
+            self.history.append(
+                {
+                    "t": time.time(),
+                    "samples": self.learned,
+                    "accuracy": {str(self.task_id_of(t)): a for t, a in scores.items()},
+                }
+            )
+            if self._gap_window is not None:
+                until, at_boundary = self._gap_window
+                drops = [
+                    at_boundary[j] - scores[j] for j in at_boundary if j in scores and j != self.current_task
+                ]
+                if drops:
+                    self.stability_gap = max(self.stability_gap if self.learned <= until else 0.0, max(drops))
+                if self.learned > until:
+                    self._gap_window = None
+        self._export()
+
+    # -- derived figures ------------------------------------------------------------------------
+    def figures(self) -> dict[str, Any]:
+        """Per-task accuracy and forgetting, averages and BWT from R (see the module docstring)."""
+        with self._lock:
+            current, rows, now = dict(self.current), dict(self.final_rows), self.current_task
+        forgetting: dict[int, float] = {}
+        first_last: dict[int, float] = {}
+        bwt_terms: list[float] = []
+        for j, acc_now in current.items():
+            if j == now:
+                continue
+            earlier = [row[j] for i, row in rows.items() if j in row and i != now]
+            if earlier:
+                forgetting[j] = max(earlier) - acc_now
+            if j in rows and j in rows[j]:
+                first_last[j] = rows[j][j] - acc_now
+                bwt_terms.append(acc_now - rows[j][j])
+        return {
+            "accuracy": current,
+            "forgetting": forgetting,
+            "forgetting_first_last": first_last,
+            "average_accuracy": float(np.mean(list(current.values()))) if current else 0.0,
+            "average_forgetting": float(np.mean(list(forgetting.values()))) if forgetting else 0.0,
+            "backward_transfer": float(np.mean(bwt_terms)) if bwt_terms else 0.0,
+            "stability_gap": self.stability_gap,
+        }
+
+    def _export(self) -> None:
+        f = self.figures()
+        m = self.metrics
+        for task, acc in f["accuracy"].items():
+            label = m.task_label(self.task_id_of(task))
+            m.task_accuracy.labels(task=label).set(acc)
+            if task in f["forgetting"]:
+                m.task_forgetting.labels(task=label).set(f["forgetting"][task])
+            if task in f["forgetting_first_last"]:
+                m.task_forgetting_first_last.labels(task=label).set(f["forgetting_first_last"][task])
+        m.average_accuracy.set(f["average_accuracy"])
+        m.average_forgetting.set(f["average_forgetting"])
+        m.backward_transfer.set(f["backward_transfer"])
+        m.stability_gap.set(f["stability_gap"])
+        m.evaluations.inc()
+        with self._lock:
+            rows = {**self.final_rows}
+            if self.current_task is not None:
+                rows[self.current_task] = dict(self.current)
+        recent = sorted(rows)[-MATRIX_TASKS:]
+        m.accuracy_matrix.clear()
+        for i in recent:
+            for j, acc in rows[i].items():
+                if j in recent:
+                    m.accuracy_matrix.labels(
+                        after_task=str(self.task_id_of(i)), task=str(self.task_id_of(j))
+                    ).set(acc)
+
+    def summary(self) -> dict[str, Any]:
+        """R, the accuracy history and the boundaries, JSON-able (for reports)."""
+        figures = {
+            k: v for k, v in self.figures().items() if not isinstance(v, dict)
+        }  # takes the lock itself
+        with self._lock:
+            tasks = sorted(set(self.reservoirs) | set(self.final_rows) | set(self.current))
+            rows = {**self.final_rows}
+            if self.current_task is not None:
+                rows[self.current_task] = dict(self.current)
+            return {
+                "tasks": [self.task_id_of(t) for t in tasks],
+                "matrix": [[rows.get(i, {}).get(j) for j in tasks] for i in tasks],
+                "history": list(self.history),
+                "boundaries": list(self.boundaries),
+                "figures": figures,
+            }
+
+    # -- thread ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="stream-cl-evaluator", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.config.every_s if self.config.every_s > 0 else None)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.run_once()
+            except Exception:  # evaluation must never take the daemon down
+                self.log.exception("evaluation_failed")
+
+    # -- checkpoint state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "reservoirs": {
+                    t: {
+                        "x": torch.from_numpy(np.stack(r.xs)) if r.xs else torch.empty(0),
+                        "y": list(r.ys),
+                        "seen": r.seen,
+                    }
+                    for t, r in self.reservoirs.items()
+                },
+                "final_rows": {i: dict(row) for i, row in self.final_rows.items()},
+                "current": dict(self.current),
+                "current_task": self.current_task,
+                "history": list(self.history),
+                "boundaries": list(self.boundaries),
+                "stability_gap": self.stability_gap,
+                "rng": _rng_state(self.rng),
+            }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.reservoirs = {}
+            for t, r in state["reservoirs"].items():
+                res = Reservoir(self.config.reservoir_size, seen=int(r["seen"]))
+                res.xs = [row.numpy().copy() for row in r["x"]][: self.config.reservoir_size]
+                res.ys = list(r["y"])[: self.config.reservoir_size]
+                self.reservoirs[int(t)] = res
+            self.final_rows = {
+                int(i): {int(j): float(a) for j, a in row.items()} for i, row in state["final_rows"].items()
+            }
+            self.current = {int(j): float(a) for j, a in state["current"].items()}
+            self.current_task = state["current_task"]
+            self.history.extend(state["history"])
+            self.boundaries.extend(state["boundaries"])
+            self.stability_gap = float(state["stability_gap"])
+            rng = state["rng"]
+            self.rng.setstate((rng["version"], tuple(rng["internal"]), rng["gauss_next"]))
+
+    def memory_usage(self) -> dict[str, tuple[int, int]]:
+        with self._lock:
+            return {f"reservoir[{t}]": (len(r.xs), r.capacity) for t, r in self.reservoirs.items()}
+
+
+def _rng_state(rng: random.Random) -> dict[str, Any]:
+    version, internal, gauss_next = rng.getstate()
+    return {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+
+
+def summary_from_checkpoint_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The evaluator summary stored in a checkpoint (for `stream-cl report --checkpoint`)."""
+    return dict(state["evaluator_summary"])

@@ -1,0 +1,70 @@
+"""Bounded sample memories shared by strategies and head policies."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+
+class ReservoirBuffer:
+    """A uniform sample of every (x, y) offered so far, never more than `capacity` items.
+
+    Vitter's algorithm R: the i-th item offered replaces a random slot with probability
+    capacity / i, so at any time each item seen is held with the same probability. Storage is
+    allocated once at `capacity`, so memory is bounded whatever the stream's length.
+    """
+
+    def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
+        if capacity <= 0:
+            raise ValueError(f"a reservoir needs a positive capacity, got {capacity}")
+        self.capacity = capacity
+        self.x = torch.zeros((capacity, *input_shape), device=device)
+        self.y = torch.zeros(capacity, dtype=torch.long, device=device)
+        self.size = 0  # slots filled
+        self.seen = 0  # items offered
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
+        """Offer a batch; items are copied, the caller's tensors are never kept or changed."""
+        for i in range(x.shape[0]):
+            self.seen += 1
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            else:
+                slot = int(torch.randint(self.seen, (1,), generator=generator))
+                if slot >= self.capacity:
+                    continue
+            self.x[slot] = x[i]
+            self.y[slot] = y[i]
+
+    def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to `k` distinct held items, drawn uniformly."""
+        idx = torch.randperm(self.size, generator=generator)[:k].to(self.x.device)
+        return self.x[idx], self.y[idx]
+
+    def inputs(self) -> torch.Tensor:
+        """Every held input (a view; do not modify)."""
+        return self.x[: self.size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "x": self.x[: self.size].detach().cpu().clone(),
+            "y": self.y[: self.size].detach().cpu().clone(),
+            "seen": self.seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = int(state["x"].shape[0])
+        if n > self.capacity:
+            raise ValueError(f"checkpoint holds {n} items, more than this buffer's capacity {self.capacity}")
+        self.x.zero_()
+        self.y.zero_()
+        self.x[:n] = state["x"].to(self.x.device)
+        self.y[:n] = state["y"].to(self.y.device)
+        self.size = n
+        self.seen = int(state["seen"])

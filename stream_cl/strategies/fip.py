@@ -1,0 +1,210 @@
+"""`fip`: functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334; field guide §3).
+
+The paper moves the weights along a path on which the old tasks' *function* stays put: each step
+minimizes `θᵀ g θ` (g = the output-space metric of the old network) against progress on a
+secondary objective. The metric is never formed; instead a bounded memory keeps inputs from
+earlier tasks (no labels: the old network's own outputs are the target) and, at each task
+boundary, the network's softmax outputs on them. Every step then minimizes
+
+    CE(stream batch) + β · D(memory batch),   D = −log Σ_k sqrt(p_k(x; w) · p_k^old(x) + ε)
+
+(the Bhattacharyya distance between the new and the snapshotted output distributions) and moves
+along the normalized gradient, `w ← w − step_size · g / ||g||`: a fixed step length keeps the
+walk on the path from outrunning the metric when the new task's loss is large.
+
+The same distance drives `stream_cl.compress` (a path towards a sparse network).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from stream_cl.config import ModelConfig
+from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy
+
+EPS = 1e-8
+
+
+def bhattacharyya(p: torch.Tensor, p_old: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """Per-sample −log Σ_k sqrt(p_k · p_old_k + ε); `p_old` is zero-padded to `p`'s classes.
+
+    Classes added after the snapshot had probability 0 under the old network, so the distance
+    pulls old inputs back onto the classes they had: that is what keeps them.
+    """
+    if p_old.shape[1] < p.shape[1]:
+        p_old = torch.cat([p_old, p_old.new_zeros((p_old.shape[0], p.shape[1] - p_old.shape[1]))], dim=1)
+    return -torch.log(torch.sqrt(p * p_old + eps).sum(dim=1))
+
+
+def normalized_step(params: Sequence[nn.Parameter], step_size: float) -> None:
+    """`w ← w − step_size · g/||g||` over all `params` (global norm); gradients must be set."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norm = torch.sqrt(sum((g.detach() ** 2).sum() for g in grads))  # type: ignore[arg-type]
+    if not torch.isfinite(norm) or float(norm) == 0.0:
+        return
+    with torch.no_grad():
+        for p in params:
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-step_size / float(norm))
+
+
+class InputMemory:
+    """A reservoir of stream inputs (no labels) plus the outputs snapshotted on them at boundaries.
+
+    Inputs are sampled uniformly over the whole stream (Vitter's R) into `capacity` slots
+    allocated once. `snapshot(p)` stores the network's probabilities for every held slot; a slot
+    overwritten afterwards by a new input loses its target (`valid` = False) until the next
+    boundary, so only inputs with an old-network output are ever used as anchors.
+    """
+
+    def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
+        self.capacity = capacity
+        self.x = torch.zeros((capacity, *input_shape), device=device)
+        self.p_old = torch.zeros((capacity, 0), device=device)
+        self.valid = torch.zeros(capacity, dtype=torch.bool, device=device)
+        self.size = 0
+        self.seen = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
+        """Offer a batch of inputs; they are copied, never kept by reference."""
+        for i in range(x.shape[0]):
+            self.seen += 1
+            if self.size < self.capacity:
+                slot = self.size
+                self.size += 1
+            else:
+                slot = int(torch.randint(self.seen, (1,), generator=generator))
+                if slot >= self.capacity:
+                    continue
+            self.x[slot] = x[i]
+            self.valid[slot] = False
+
+    def snapshot(self, model: nn.Module, chunk: int = 256) -> None:
+        """Store `model`'s softmax outputs on every held input as their targets."""
+        was_training = model.training
+        model.eval()
+        outs = []
+        with torch.no_grad():
+            for i in range(0, self.size, chunk):
+                outs.append(torch.softmax(model(self.x[i : min(i + chunk, self.size)]), dim=1))
+        model.train(was_training)
+        n_classes = outs[0].shape[1] if outs else 0
+        self.p_old = torch.zeros((self.capacity, n_classes), device=self.x.device)
+        if outs:
+            self.p_old[: self.size] = torch.cat(outs)
+        self.valid[:] = False
+        self.valid[: self.size] = n_classes > 0
+
+    def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Up to `k` distinct anchored inputs and their old outputs, drawn uniformly."""
+        idx = torch.nonzero(self.valid.cpu()).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)[:k]].to(self.x.device)
+        return self.x[idx], self.p_old[idx]
+
+    def anchored(self) -> int:
+        return int(self.valid.sum())
+
+    def state_dict(self) -> dict[str, Any]:
+        n = self.size
+        return {
+            "x": self.x[:n].detach().cpu().clone(),
+            "p_old": self.p_old[:n].detach().cpu().clone(),
+            "valid": self.valid[:n].detach().cpu().clone(),
+            "seen": self.seen,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = int(state["x"].shape[0])
+        if n > self.capacity:
+            raise ValueError(f"checkpoint holds {n} inputs, more than this memory's capacity {self.capacity}")
+        dev = self.x.device
+        self.x.zero_()
+        self.x[:n] = state["x"].to(dev)
+        self.p_old = torch.zeros((self.capacity, state["p_old"].shape[1]), device=dev)
+        self.p_old[:n] = state["p_old"].to(dev)
+        self.valid[:] = False
+        self.valid[:n] = state["valid"].to(dev)
+        self.size = n
+        self.seen = int(state["seen"])
+
+
+class FIP(Strategy):
+    """Options: `memory_size` (inputs kept), `memory_batch` (anchors per step; 0 = the batch's
+    size), `step_size` (length of each normalized step), `beta` (weight of the distance term)."""
+
+    name = "fip"
+    unit_test_options = {"memory_size": 12}
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        model: ModelConfig | None = None,
+        head: str = "random",
+        head_options: Mapping[str, Any] | None = None,
+        loss: str = "ce",
+        device: str = "auto",
+        memory_size: int = 500,
+        memory_batch: int = 0,
+        step_size: float = 0.02,
+        beta: float = 1.0,
+    ) -> None:
+        if not _is_int(memory_size) or memory_size <= 0:
+            raise ValueError(f"strategy.options.memory_size: expected an integer > 0, got {memory_size!r}")
+        if not _is_int(memory_batch) or memory_batch < 0:
+            raise ValueError(f"strategy.options.memory_batch: expected an integer >= 0, got {memory_batch!r}")
+        if not isinstance(step_size, int | float) or isinstance(step_size, bool) or not step_size > 0:
+            raise ValueError(f"strategy.options.step_size: expected a number > 0, got {step_size!r}")
+        if not isinstance(beta, int | float) or isinstance(beta, bool) or not beta >= 0:
+            raise ValueError(f"strategy.options.beta: expected a number >= 0, got {beta!r}")
+        super().__init__(
+            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
+        )
+        self.memory_batch = memory_batch
+        self.step_size = float(step_size)
+        self.beta = float(beta)
+        self.memory = InputMemory(memory_size, self.input_shape, self.device)
+
+    def learn(self, batch: Batch) -> StepResult:
+        self.model.train()
+        losses, outcome = self._forward(batch.x, batch.y)
+        loss = losses.mean()
+        if self.beta > 0 and self.memory.anchored():
+            mem_x, p_old = self.memory.sample(self.memory_batch or len(batch.y), self.generator)
+            p = torch.softmax(self.model(mem_x), dim=1)
+            loss = loss + self.beta * bhattacharyya(p, p_old).mean()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = None
+        loss.backward()
+        normalized_step(params, self.step_size)
+        self.frozen.restore(self.model.head)
+        self.memory.add(batch.x, self.generator)
+        return outcome
+
+    def on_boundary(self, event: Boundary) -> None:
+        super().on_boundary(event)
+        if event.previous_task is not None and len(self.memory):
+            self.memory.snapshot(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "memory": self.memory.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.memory.load_state_dict(state["memory"])
+
+    def memory_usage(self) -> dict[str, tuple[int, int]]:
+        return {**super().memory_usage(), "fip_memory": (len(self.memory), self.memory.capacity)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,112 @@
+"""Live evaluation: held-out reservoirs, the accuracy matrix, forgetting, BWT and the stability gap."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from stream_cl.config import EvaluationConfig, load_config
+from stream_cl.datasets import load_stream
+from stream_cl.evaluator import Evaluator, Reservoir
+from stream_cl.learner import Learner
+from stream_cl.metrics import Metrics
+from stream_cl.offline import stream_records
+from stream_cl.snapshot import SnapshotHolder
+
+
+def test_reservoir_is_bounded_and_uniform() -> None:
+    """A reservoir never exceeds its capacity and keeps early and late items alike."""
+    rng = random.Random(0)
+    counts = np.zeros(1000)
+    for _ in range(300):
+        r = Reservoir(capacity=50)
+        for i in range(1000):
+            r.add(np.array([i], np.float32), i, rng)
+        assert len(r.xs) == 50 and r.seen == 1000
+        counts[[int(y) for y in r.ys]] += 1
+    first, last = counts[:500].sum(), counts[500:].sum()
+    assert abs(first - last) / (first + last) < 0.05
+
+
+def _evaluator() -> Evaluator:
+    return Evaluator(EvaluationConfig(), SnapshotHolder(), Metrics(), task_id_of=lambda i: f"t{i}")
+
+
+def test_forgetting_and_bwt_follow_their_definitions() -> None:
+    """Max-based and first-vs-last forgetting, averages and BWT match hand-computed values on a known R."""
+    ev = _evaluator()
+    ev.final_rows = {0: {0: 0.9}, 1: {0: 0.7, 1: 0.8}}
+    ev.current = {0: 0.5, 1: 0.6, 2: 0.95}
+    ev.current_task = 2
+    f = ev.figures()
+    assert f["forgetting"] == pytest.approx({0: 0.9 - 0.5, 1: 0.8 - 0.6})
+    assert f["forgetting_first_last"] == pytest.approx({0: 0.9 - 0.5, 1: 0.8 - 0.6})
+    assert f["average_accuracy"] == pytest.approx((0.5 + 0.6 + 0.95) / 3)
+    assert f["average_forgetting"] == pytest.approx((0.4 + 0.2) / 2)
+    assert f["backward_transfer"] == pytest.approx(((0.5 - 0.9) + (0.6 - 0.8)) / 2)
+    ev.final_rows = {0: {0: 0.6}, 1: {0: 0.9, 1: 0.8}}  # task 0 improved during task 1, then dropped
+    f = ev.figures()
+    assert f["forgetting"][0] == pytest.approx(0.9 - 0.5)  # max-based sees the best earlier value
+    assert f["forgetting_first_last"][0] == pytest.approx(0.6 - 0.5)
+
+
+@pytest.fixture(scope="module")
+def forced_forgetting() -> Learner:
+    """finetune on class-incremental split-mnist with 20% held out, evaluated as the daemon would."""
+    config = load_config(
+        None,
+        [
+            "model.hidden=[64]",
+            "checkpoint.enabled=false",
+            "evaluation.holdout_fraction=0.2",
+            "evaluation.every_samples=0",
+        ],
+        env={},
+    )
+    learner = Learner(config, SnapshotHolder(), Metrics())
+    assert learner.evaluator is not None
+    for chunk in stream_records(load_stream("split-mnist", seed=0), chunk=200):
+        learner.process(chunk)
+        learner.flush()
+        learner.evaluator.run_once()
+    return learner
+
+
+def test_held_out_samples_are_never_learned(forced_forgetting: Learner) -> None:
+    """learned + held_out equals the stream; held-out ones sit in bounded per-task reservoirs."""
+    m = forced_forgetting.metrics
+    learned = m.sample_value("stream_cl_samples_total", {"outcome": "learned"})
+    held = m.sample_value("stream_cl_samples_total", {"outcome": "held_out"})
+    assert learned == forced_forgetting.learned
+    assert held is not None and 0.12 * 4000 < held < 0.28 * 4000
+    assert learned + held == 4000
+    usage = forced_forgetting.evaluator.memory_usage()  # type: ignore[union-attr]
+    assert len(usage) == 5 and all(n <= cap for n, cap in usage.values())
+
+
+def test_finetune_forgetting_rises_on_split_mnist(forced_forgetting: Learner) -> None:
+    """Class-incremental finetune forgets: old tasks' forgetting gauges are high, the last task's accuracy is high."""
+    m = forced_forgetting.metrics
+    assert m.sample_value("stream_cl_task_accuracy", {"task": "4"}) > 0.8  # type: ignore[operator]
+    assert m.sample_value("stream_cl_task_forgetting", {"task": "0"}) > 0.5  # type: ignore[operator]
+    assert m.sample_value("stream_cl_average_forgetting") > 0.5  # type: ignore[operator]
+    assert m.sample_value("stream_cl_backward_transfer") < -0.5  # type: ignore[operator]
+    assert m.sample_value("stream_cl_stability_gap") > 0.3  # type: ignore[operator]
+    assert m.sample_value("stream_cl_accuracy_matrix", {"after_task": "0", "task": "0"}) > 0.9  # type: ignore[operator]
+    summary = forced_forgetting.evaluator.summary()  # type: ignore[union-attr]
+    assert summary["tasks"] == [0, 1, 2, 3, 4]
+    assert all(summary["matrix"][i][i] is not None for i in range(5))
+    assert [b["task"] for b in summary["boundaries"]] == [0, 1, 2, 3, 4]
+
+
+def test_evaluator_state_round_trips(forced_forgetting: Learner) -> None:
+    """Reservoirs, R and the RNG survive a checkpoint: the restored evaluator scores identically."""
+    ev = forced_forgetting.evaluator
+    assert ev is not None
+    fresh = Evaluator(ev.config, forced_forgetting.holder, Metrics(), task_id_of=ev.task_id_of)
+    fresh.load_state_dict(ev.state_dict())
+    assert fresh.evaluate() == ev.evaluate()
+    assert fresh.figures() == ev.figures()
+    assert [fresh.hold_out() for _ in range(50)] == [ev.hold_out() for _ in range(50)]

@@ -1,0 +1,154 @@
+"""Strategy registry, entry points, replay, and switching the daemon's strategy by config alone."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from stream_cl import checks, strategies
+from stream_cl.config import Config, ConfigError, load_config
+from stream_cl.datasets import load_stream
+from stream_cl.evaluation import accuracy
+from stream_cl.offline import learn_offline
+from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.finetune import Finetune
+from stream_cl.strategies.heads import HeadPolicy, LSHead
+from stream_cl.strategies.replay import Replay
+
+
+class _ThirdParty(Finetune):
+    """Stands in for a strategy shipped by another package."""
+
+    name = "third-party"
+
+
+class _FakeEntryPoint:
+    name = "third-party"
+
+    def load(self) -> type[strategies.Strategy]:
+        return _ThirdParty
+
+
+@pytest.fixture
+def third_party(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Pretend an installed package declares `third-party` in the `stream_cl.strategies` group."""
+    monkeypatch.setattr(
+        strategies,
+        "entry_points",
+        lambda group: [_FakeEntryPoint()] if group == strategies.ENTRY_POINT_GROUP else [],
+    )
+    yield
+    strategies._REGISTRY.pop("third-party", None)
+
+
+def test_builtins_are_registered() -> None:
+    """finetune and replay are available by name."""
+    assert {"finetune", "replay"} <= set(strategies.available())
+    assert strategies.get("replay") is Replay
+
+
+def test_unknown_name_lists_the_valid_ones() -> None:
+    """An unknown strategy name is a ConfigError on strategy.name listing every registered one."""
+    with pytest.raises(ConfigError) as err:
+        strategies.check_config(load_config(None, ["strategy.name=magic"], env={}))
+    assert err.value.key == "strategy.name"
+    for name in strategies.available():
+        assert name in str(err.value)
+
+
+def test_entry_point_strategies_register_and_build(third_party: None) -> None:
+    """A strategy declared through the entry-point group is listed and built from config."""
+    assert "third-party" in strategies.available()
+    s = strategies.from_config(load_config(None, ["strategy.name=third-party"], env={}), (4,))
+    assert isinstance(s, _ThirdParty)
+
+
+def test_register_refuses_a_taken_name() -> None:
+    """Two classes cannot share a registry name."""
+
+    class Impostor(Finetune):
+        name = "finetune"
+
+    with pytest.raises(ValueError, match="taken"):
+        strategies.register(Impostor)
+
+
+def test_default_config_is_finetune_with_random_head() -> None:
+    """The default [strategy] builds today's behaviour: finetune, random rows, cross-entropy."""
+    s = strategies.from_config(Config(), (4,))
+    assert type(s) is Finetune and type(s.head_policy) is HeadPolicy and s.loss == "ce"
+
+
+def test_reservoir_is_bounded_and_uniform() -> None:
+    """The reservoir never exceeds its capacity and keeps a uniform sample of everything offered."""
+    buffer = ReservoirBuffer(50, (1,), torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    for start in range(0, 2000, 10):
+        ids = torch.arange(start, start + 10)
+        buffer.add(ids[:, None].float(), ids, g)
+        assert len(buffer) <= 50
+    held = buffer.y[: len(buffer)]
+    assert len(buffer) == 50 and buffer.seen == 2000
+    assert len(set(held.tolist())) == 50
+    assert 700 < held.float().mean().item() < 1300  # uniform over 0..1999 has mean 999.5
+
+
+def test_replay_mixes_a_buffer_batch_into_each_step() -> None:
+    """After the first step, every forward pass sees the stream batch plus a replayed batch."""
+    s = checks.factory_for(Replay)()
+    seen: list[int] = []
+    s.model.backbone.register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0].shape[0]))
+    checks.Driver(s).feed(checks.TWO_TASKS[:2])
+    assert seen == [checks.BATCH, 2 * checks.BATCH]
+    assert s.memory_usage()["replay_buffer"] == (12, 12)
+
+
+@pytest.mark.parametrize(
+    ("options", "key"),
+    [
+        ("{buffer_size = 0}", "strategy.options.buffer_size"),
+        ('{buffer_size = "big"}', "strategy.options.buffer_size"),
+        ("{replay_batch = -1}", "strategy.options.replay_batch"),
+    ],
+)
+def test_replay_options_are_validated(options: str, key: str) -> None:
+    """Bad replay options are ConfigErrors naming strategy.options.KEY."""
+    config = load_config(None, ["strategy.name=replay", f"strategy.options={options}"], env={})
+    with pytest.raises(ConfigError) as err:
+        strategies.from_config(config, (4,))
+    assert err.value.key == key
+
+
+def test_dotted_options_from_set_are_typed() -> None:
+    """`--set strategy.options.buffer_size=7` (text) reaches the constructor as an integer."""
+    config = load_config(None, ["strategy.name=replay", "strategy.options.buffer_size=7"], env={})
+    s = strategies.from_config(config, (4,))
+    assert isinstance(s, Replay) and s.buffer.capacity == 7
+
+
+def test_daemon_switches_strategy_and_head_by_config_alone() -> None:
+    """The daemon's Learner runs replay with an ls head when config says so, and learns with it."""
+    stream = load_stream("split-digits", seed=0)
+    config = load_config(
+        None,
+        [
+            "strategy.name=replay",
+            "strategy.options={buffer_size = 64}",
+            "strategy.head=ls",
+            "strategy.loss=mse",
+            "model.hidden=[32]",
+            "boundaries.drift=false",  # the stream sends task ids; drift detection only costs time here
+            "log.level=warning",
+        ],
+        env={},
+    )
+    learner = learn_offline(config, stream)
+    s = learner.strategy
+    assert isinstance(s, Replay) and isinstance(s.head_policy, LSHead) and s.loss == "mse"
+    assert s.memory_usage()["replay_buffer"] == (64, 64)
+    snapshot = learner.holder.get()
+    assert snapshot is not None and snapshot.strategy == "replay"
+    last = stream.tasks[-1]
+    assert accuracy(snapshot, last.test_x, last.test_y.tolist()) > 0.5
