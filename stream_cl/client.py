@@ -41,7 +41,9 @@ def _to_wire(obj: Any) -> Any:
 def _rows(xs: Any) -> list[Any]:
     """A batch as one feature vector per sample: rows of a 2-D+ array, or the items of a list."""
     if isinstance(xs, np.ndarray):
-        return list(xs.reshape(len(xs), -1)) if xs.ndim > 1 else [xs]
+        if xs.ndim > 1:
+            return list(xs.reshape(len(xs), -1)) if len(xs) else []  # reshape(0, -1) is ambiguous
+        return [xs]
     return list(xs)
 
 

@@ -63,6 +63,7 @@ class ModelConfig:
     weight_decay: float = 0.0
     batch_size: int = 32
     max_classes: int = 1000
+    torch_threads: int = 1
 
     def validate(self) -> None:
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
@@ -78,6 +79,10 @@ class ModelConfig:
         _positive("model.lr", self.lr)
         _positive("model.batch_size", self.batch_size)
         _positive("model.max_classes", self.max_classes)
+        if self.torch_threads < 0:
+            raise ConfigError(
+                "model.torch_threads", f"must be >= 0 (0 = torch's default), got {self.torch_threads}"
+            )
 
 
 @dataclass

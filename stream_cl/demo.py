@@ -21,6 +21,7 @@ from stream_cl.daemon import Daemon
 from stream_cl.datasets import BenchmarkStream, load_stream
 from stream_cl.evaluation import accuracy, format_table
 from stream_cl.producer import produce_stream
+from stream_cl.report import write_report
 
 
 def _with_bootstrap(config: Config, bootstrap: str) -> Config:
@@ -81,6 +82,14 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
             completed = _watch(daemon, total, stop, producer_error)
             if completed:
                 print(_report(daemon, stream))
+                if daemon.learner.evaluator is not None:
+                    daemon.learner.evaluator.run_once()  # the final model on the held-out reservoirs
+                    paths = write_report(
+                        daemon.learner.evaluator.summary(), "reports", source="stream-cl demo"
+                    )
+                    print("report (held-out accuracy matrix and accuracy over time):")
+                    for name, path in paths.items():
+                        print(f"  {name}: {path}")
             if completed and not args.exit_when_done and not stop.is_set():
                 print(
                     f"serving predictions on {config.serve.host}:{daemon.serve_port} — try "
@@ -105,7 +114,7 @@ def _watch(daemon: Daemon, total: int, stop: threading.Event, producer_error: li
     window: list[tuple[float, int]] = []
     while not stop.wait(0.25):
         stats = daemon.learner.stats()
-        done = stats["learned"] + daemon.source.dead_lettered
+        done = stats["learned"] + stats["held_out"] + daemon.source.dead_lettered
         now = time.monotonic()
         window = [(t, n) for t, n in window if now - t <= 3.0] + [(now, stats["learned"])]
         rate = (window[-1][1] - window[0][1]) / max(1e-9, window[-1][0] - window[0][0])

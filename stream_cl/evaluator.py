@@ -320,4 +320,9 @@ def _rng_state(rng: random.Random) -> dict[str, Any]:
 
 def summary_from_checkpoint_state(state: dict[str, Any]) -> dict[str, Any]:
     """The evaluator summary stored in a checkpoint (for `stream-cl report --checkpoint`)."""
-    return dict(state["evaluator_summary"])
+    summary = state.get("evaluator_summary")
+    if summary is None:
+        raise ValueError(
+            "this checkpoint holds no evaluation (it was written with evaluation.holdout_fraction = 0)"
+        )
+    return dict(summary)

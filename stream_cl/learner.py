@@ -27,6 +27,9 @@ from stream_cl.metrics import Metrics
 from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
 from stream_cl.source import Record
 from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
+from stream_cl.transfer import TrajectoryRecorder
+
+TRAJECTORY_TASKS = 4  # tasks whose start/end weights checkpoints keep: the first + the last 3
 
 
 class Learner:
@@ -68,7 +71,7 @@ class Learner:
                 seed=config.model.seed,
             )
         self.strategy: Strategy | None = None
-        self.input_shape: tuple[int, ...] | None = None
+        self.input_shape = None
         if config.model.input_dim:
             self.input_shape = (config.model.input_dim,)
         self.labels: list[Label] = []
@@ -76,7 +79,9 @@ class Learner:
         self.version = 0
         self.steps = 0
         self.learned = 0
+        self.held_out = 0
         self.boundaries: list[BoundaryEvent] = []
+        self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
         self._pending: list[tuple[np.ndarray, int, Record]] = []
         self._deferred: list[Record] = []  # processed records waiting for the pending batch's step
@@ -91,8 +96,14 @@ class Learner:
 
     # -- inputs ---------------------------------------------------------------------------------
     @property
-    def input_size(self) -> int | None:
-        return int(np.prod(self.input_shape)) if self.input_shape else None
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self._input_shape
+
+    @input_shape.setter
+    def input_shape(self, shape: tuple[int, ...] | None) -> None:
+        # input_size is read for every sample: computed once here, not per read
+        self._input_shape = shape
+        self.input_size: int | None = int(np.prod(shape)) if shape else None
 
     def _ensure_strategy(self, sample: Sample) -> Strategy:
         if self.strategy is None:
@@ -148,6 +159,7 @@ class Learner:
             elif self.evaluator is not None and self.evaluator.hold_out():
                 self.evaluator.add(self.detector.current or 0, sample.x, sample.y)
                 self.metrics.samples.labels(outcome="held_out").inc()
+                self.held_out += 1
                 self._done_without_learning(rec)
                 continue
             else:
@@ -200,6 +212,7 @@ class Learner:
     def _boundary(self, event: BoundaryEvent) -> None:
         assert self.strategy is not None
         self.boundaries.append(event)
+        self.trajectory.on_boundary(event.previous_task, event.task, self.strategy.model)
         self.strategy.on_boundary(
             Boundary(
                 previous_task=event.previous_task,
@@ -208,6 +221,7 @@ class Learner:
                 recurring=event.recurring,
             )
         )
+        self._capacity_gauges()
         if event.previous_task is not None:
             self.metrics.task_boundaries.labels(reason=event.reason).inc()
             self._checkpoint_requested = self.config.checkpoint.at_boundary
@@ -227,6 +241,13 @@ class Learner:
         snapshot = self.publish()  # the model at the end of the previous task: row R[previous] of the matrix
         if self.evaluator is not None:
             self.evaluator.on_boundary(event.previous_task, event.task, snapshot, event.reason)
+
+    def _capacity_gauges(self) -> None:
+        """Strategies with finite capacity (eidetic) expose it; export it after each boundary."""
+        ratio = getattr(self.strategy, "free_capacity_ratio", None)
+        if callable(ratio):
+            self.metrics.free_capacity_ratio.set(ratio())
+            self.metrics.capacity_exhausted.set(float(getattr(self.strategy, "exhausted", False)))
 
     def _unlabeled(self, rec: Record, sample: Sample) -> None:
         self.metrics.samples.labels(outcome="unlabeled").inc()
@@ -373,12 +394,14 @@ class Learner:
             "version": self.version,
             "steps": self.steps,
             "learned": self.learned,
+            "held_out": self.held_out,
             "prequential": list(self._prequential),
             "offsets": dict(self.offsets),
             "detector": self.detector.state_dict(),
             "strategy": self.strategy.state_dict(),
             "evaluator": None if self.evaluator is None else self.evaluator.state_dict(),
             "evaluator_summary": None if self.evaluator is None else self.evaluator.summary(),
+            "trajectory": self.trajectory.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -395,16 +418,19 @@ class Learner:
         self.version = state["version"]
         self.steps = state["steps"]
         self.learned = self._learned_at_checkpoint = state["learned"]
+        self.held_out = int(state.get("held_out", 0))
         self._prequential.clear()
         self._prequential.extend(state["prequential"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
         self._accepted = dict(self.offsets)
         self._offsets_at_checkpoint = dict(self.offsets)
         self.detector.load_state_dict(state["detector"])
+        self.trajectory.load_state_dict(state.get("trajectory") or [])
         if self.evaluator is not None and state.get("evaluator") is not None:
             self.evaluator.load_state_dict(state["evaluator"])
         self.metrics.classes_seen.set(len(self.labels))
         self.metrics.tasks_seen.set(len(self.detector.task_ids))
+        self._capacity_gauges()
         if self.detector.current is not None:
             self.metrics.current_task.set(self.detector.current)
         self.publish()
@@ -413,6 +439,7 @@ class Learner:
         with self._lock:
             return {
                 "learned": self.learned,
+                "held_out": self.held_out,
                 "steps": self.steps,
                 "model_version": self.version,
                 "classes": len(self.labels),

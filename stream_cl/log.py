@@ -31,8 +31,10 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # kafka-python logs through stdlib logging; keep its chatter at warnings.
+    # kafka-python logs through stdlib logging; keep its chatter at warnings. Its selector warns
+    # whenever one poll task runs >100 ms, which a loaded machine does routinely: noise, not news.
     logging.basicConfig(level=logging.WARNING, stream=stream)
+    logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> Any:

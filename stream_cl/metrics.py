@@ -113,6 +113,16 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.free_capacity_ratio = Gauge(
+            "stream_cl_free_capacity_ratio",
+            "Fraction of protected neurons no task owns yet (eidetic; 0 = capacity exhausted).",
+            registry=r,
+        )
+        self.capacity_exhausted = Gauge(
+            "stream_cl_capacity_exhausted",
+            "1 when no free neuron reaches the head (eidetic): new tasks then train only head rows.",
+            registry=r,
+        )
         self._task_labels: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
 

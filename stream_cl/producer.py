@@ -34,6 +34,7 @@ OnInvalid = Callable[[int, str], None]  # (record number from 0, reason)
 # short linger keep the sender thread busy with few requests; acks=1 is enough for a replay tool.
 PRODUCER_SETTINGS: dict[str, Any] = {
     "acks": 1,
+    "enable_idempotence": False,  # idempotence needs acks=all; say so instead of a warning per producer
     "compression_type": None,
     "linger_ms": 5,
     "batch_size": 1 << 20,

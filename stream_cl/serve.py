@@ -49,8 +49,8 @@ OPS = ("predict", "predict_batch", "health", "info", "auth")
 # Replies a connection may owe before the server stops reading from it: a client that writes
 # requests without reading replies must not grow server memory without bound.
 MAX_IN_FLIGHT_PER_CONNECTION = 1024
-# After refusing a connection the server half-closes and discards input for at most this long,
-# so its error reply reaches the peer instead of being destroyed by a TCP reset.
+# When the server closes a connection itself (too_large, read timeout, refusal, idle) it half-closes
+# and discards input for at most this long, so its last reply is not destroyed by a TCP reset.
 LINGER_S = 2.0
 
 
@@ -188,11 +188,7 @@ class _Batcher:
     def _work(self) -> None:
         """Worker thread: run each batch, hand the reply frames back to the loop."""
         while (jobs := self._inbox.get()) is not None:
-            try:
-                frames = self._predict(jobs)
-            except Exception:  # a dead worker would leave every later request unanswered
-                self._server.log.exception("serve_predict_failed", requests=len(jobs))
-                frames = [(error_frame(j.rid, "internal", "prediction failed"), False) for j in jobs]
+            frames = self._predict(jobs)
             assert self._loop is not None  # set by start(), before the first batch can exist
             try:
                 self._loop.call_soon_threadsafe(self._done, jobs, frames)
@@ -232,7 +228,7 @@ class _Batcher:
             group = [jobs[i] for i in idx]
             try:
                 frames = _predict_group(snapshot, task, group)
-            except Exception:
+            except Exception:  # the predictor's fault; this worker must live on to answer others
                 self._server.log.exception("serve_predict_failed", task=task, requests=len(group))
                 frames = [(error_frame(j.rid, "internal", "prediction failed"), False) for j in group]
             for i, frame in zip(idx, frames, strict=True):
@@ -573,8 +569,8 @@ class _Connection(asyncio.Protocol):
 class PredictionServer:
     """Serves `holder`'s latest snapshot on a TCP socket from a background thread.
 
-    `start()` binds and returns the port (config port 0 = any free port); `stop()` stops
-    accepting, answers every request already read (up to `drain_timeout`), then closes.
+    Records `metrics.predict_seconds` (request decoded to reply written) and
+    `metrics.predictions` (samples) for every successful prediction request.
     """
 
     def __init__(
@@ -593,13 +589,14 @@ class PredictionServer:
         self._connections: set[_Connection] = set()
         self._admitted = 0
         self.busy_connections = 0  # admitted, open, and owing replies or closing
-        self.stopping = False
+        self.stopping = False  # set on the loop thread once stop() has been asked for
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop_requested: asyncio.Event | None = None
         self._drain_timeout = 5.0
 
     def start(self) -> int:
+        """Bind (config port 0 = any free port), start serving, return the bound port."""
         if self._thread is not None:
             raise RuntimeError("PredictionServer.start() called twice")
         bound: concurrent.futures.Future[int] = concurrent.futures.Future()
@@ -609,6 +606,8 @@ class PredictionServer:
         return self.port
 
     def stop(self, drain_timeout: float = 5.0) -> None:
+        """Refuse new connections, answer every request already read (for up to `drain_timeout`
+        seconds), close all connections and the listener. Idempotent."""
         loop, stop_requested, thread = self._loop, self._stop_requested, self._thread
         if thread is None:
             return
@@ -677,18 +676,23 @@ class PredictionServer:
         bound.set_result(port)
         self.log.info("serve_started", host=self.config.host, port=port, auth=bool(self.config.token))
         await self._stop_requested.wait()
-        self.stopping = True
 
-        server.close()  # stop accepting; then answer what was read, within the drain timeout
-        # An accept already under way reaches connection_made two loop iterations later: let it,
-        # so that connection is refused and closed rather than left to the garbage collector.
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        # From here a new connection is told the server is stopping and closed; what was already
+        # read is answered within the drain timeout.
+        self.stopping = True
         deadline = loop.time() + self._drain_timeout
         for conn in list(self._connections):
             conn.drain()
         while self._connections and loop.time() < deadline:
             await asyncio.sleep(0.005)
+        # Stop accepting before closing the listener: an accept already under way needs two loop
+        # iterations to reach connection_made, and if the server closes first asyncio (3.11)
+        # leaks its socket to the garbage collector.
+        for sock in server.sockets:
+            loop.remove_reader(sock.fileno())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        server.close()
         for conn in list(self._connections):
             conn.abort()
         await asyncio.sleep(0)  # let the aborted transports run connection_lost and close sockets

@@ -106,7 +106,10 @@ class KafkaSource:
         self.consumer.subscribe([c.topic], listener=_SeekOnAssign(self))
         # Created up front: both the source and the learner thread dead-letter (the producer is thread-safe).
         self._dead_letters = KafkaProducer(
-            bootstrap_servers=c.bootstrap_servers.split(","), linger_ms=5, acks=1
+            bootstrap_servers=c.bootstrap_servers.split(","),
+            linger_ms=5,
+            acks="all",  # a dead letter must be durable before its offset is committed
+            enable_idempotence=False,  # not needed: offsets are committed only after flush()
         )
 
     def run(self) -> None:

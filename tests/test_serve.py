@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from stream_cl.client import PredictionClient, PredictionError
 from stream_cl.config import ServeConfig
 from stream_cl.metrics import Metrics
-from stream_cl.serve import PredictionServer
+from stream_cl.serve import MAX_IN_FLIGHT_PER_CONNECTION, PredictionServer
 from stream_cl.snapshot import Predictor, Snapshot, SnapshotHolder, TaskId
 
 INPUT = 6
@@ -66,12 +66,17 @@ def assert_matches(
     assert result["task"] == expected.tasks[0]
 
 
+def frame(message: Any) -> bytes:
+    payload = msgpack.packb(message, use_bin_type=True)
+    return HEADER.pack(len(payload)) + payload
+
+
 def send_frame(sock: socket.socket, payload: bytes) -> None:
     sock.sendall(HEADER.pack(len(payload)) + payload)
 
 
 def send_msg(sock: socket.socket, message: Any) -> None:
-    send_frame(sock, msgpack.packb(message, use_bin_type=True))
+    sock.sendall(frame(message))
 
 
 def read_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -101,14 +106,6 @@ def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         time.sleep(0.002)
-
-
-def accepting(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1.0).close()
-    except ConnectionRefusedError:
-        return False
-    return True
 
 
 @dataclass
@@ -356,8 +353,7 @@ def test_half_frame_then_disconnect_leaves_the_server_serving(serve: Callable[..
 
 
 def test_trickling_client_is_cut_off_at_read_timeout(serve: Callable[..., Running]) -> None:
-    """A frame still incomplete read_timeout_s after it began is answered `bad_request` and closed,
-    however steadily its bytes trickle in; other clients are served meanwhile."""
+    """A frame unfinished read_timeout_s after it began is cut off, however its bytes trickle in."""
     running = serve(make_snapshot(), read_timeout_s=0.3)
     stop = threading.Event()
     sock = running.raw()
@@ -449,8 +445,7 @@ def gated_snapshot(version: int, calls: list[tuple[int, TaskId | None]], gate: t
 
 
 def test_requests_arriving_together_share_one_forward_per_task(serve: Callable[..., Running]) -> None:
-    """Requests queued while the worker is busy are stacked into one forward per task hint, and
-    every reply of that batch carries the version of the snapshot the batch ran on."""
+    """Requests queued behind a busy worker run as one forward per task hint, on one snapshot."""
     calls: list[tuple[int, TaskId | None]] = []
     gate = threading.Event()
     running = serve(gated_snapshot(1, calls, gate))
@@ -474,6 +469,23 @@ def test_requests_arriving_together_share_one_forward_per_task(serve: Callable[.
     assert {r["model_version"] for r in replies if r is not None} == {2}
 
 
+def test_a_client_that_does_not_read_stops_being_read(serve: Callable[..., Running]) -> None:
+    """Past MAX_IN_FLIGHT_PER_CONNECTION owed replies the server stops reading; nothing is lost."""
+    calls: list[tuple[int, TaskId | None]] = []
+    gate = threading.Event()
+    running = serve(gated_snapshot(1, calls, gate))
+    n = MAX_IN_FLIGHT_PER_CONNECTION + 500
+    x = samples(1)[0].tobytes()
+    with running.raw() as sock:
+        sock.sendall(b"".join(frame({"op": "predict", "id": i, "x": x}) for i in range(n)))
+        wait_until(lambda: running.server.batcher.queued_samples == MAX_IN_FLIGHT_PER_CONNECTION - 1)
+        time.sleep(0.05)  # give an unbounded reader the chance to overshoot
+        assert running.server.batcher.queued_samples == MAX_IN_FLIGHT_PER_CONNECTION - 1
+        gate.set()
+        replies = [recv_msg(sock) for _ in range(n)]
+    assert [r["id"] for r in replies if r is not None and r["ok"]] == list(range(n))
+
+
 def test_predictor_failure_is_internal_and_the_server_keeps_serving(serve: Callable[..., Running]) -> None:
     """An exception in the forward answers `internal`; the server keeps answering afterwards."""
 
@@ -492,7 +504,7 @@ def test_predictor_failure_is_internal_and_the_server_keeps_serving(serve: Calla
 
 
 def test_stop_answers_in_flight_requests_then_closes(serve: Callable[..., Running]) -> None:
-    """stop() stops accepting, still answers requests already read, then closes connections."""
+    """stop() refuses new connections, still answers requests already read, then closes."""
     calls: list[tuple[int, TaskId | None]] = []
     gate = threading.Event()
     running = serve(gated_snapshot(1, calls, gate))
@@ -501,7 +513,10 @@ def test_stop_answers_in_flight_requests_then_closes(serve: Callable[..., Runnin
         wait_until(lambda: len(calls) == 1)
         stopper = threading.Thread(target=running.server.stop)
         stopper.start()
-        wait_until(lambda: not accepting(running.port))
+        wait_until(lambda: running.server.stopping)
+        with running.raw() as late:
+            refused = recv_msg(late)
+            assert refused is not None and refused["error"]["message"] == "server is stopping"
         gate.set()
         reply = recv_msg(sock)
         assert reply is not None and reply["id"] == "in-flight" and reply["ok"] is True
@@ -595,8 +610,7 @@ def fuzz_target() -> Iterator[int]:
 def test_fuzzed_frames_never_break_the_server(
     fuzz_target: int, payloads: list[bytes], garbage: bytes
 ) -> None:
-    """Arbitrary frames each get one reply, none `internal`, and the connection still answers a
-    valid request; an arbitrary byte stream on another connection leaves the server serving."""
+    """Random frames each get one non-internal reply; random bytes leave the server answering."""
     with socket.create_connection(("127.0.0.1", fuzz_target), timeout=5.0) as sock:
         for payload in payloads:
             send_frame(sock, payload)

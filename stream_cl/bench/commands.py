@@ -36,6 +36,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "stream_cl.bench.boundaries",
         "task-boundary detectors side by side: delay, false alarms, misses, recurring tasks",
     ),
+    "transfer": (
+        "stream_cl.bench.transfer",
+        "transferred vs naive vs fresh initialization: accuracy before training, samples to the source's",
+    ),
 }
 
 

@@ -8,6 +8,7 @@ caller sees it; throughput with sockets that each do sequential request/reply.
 
 from __future__ import annotations
 
+import os
 import selectors
 import socket
 import time
@@ -16,6 +17,7 @@ from typing import Any, cast
 
 import msgpack
 import numpy as np
+import torch
 
 from stream_cl.client import PredictionClient
 from stream_cl.config import ServeConfig
@@ -65,70 +67,68 @@ def _request_frames(xs: np.ndarray) -> list[bytes]:
 def _throughput(port: int, frames: list[bytes], clients: int, duration_s: float) -> float:
     """Requests/s answered to `clients` sockets, each sending its next request on each reply.
 
-    One thread drives every socket through a selector. 32 client threads in this process would
-    mostly measure themselves: they share the server's GIL and, on a 2-core machine, left the
-    server idle half the time (2.4-2.8x where this loop measured 4.4-4.8x, same run).
+    One thread drives every socket through a selector. Client threads in this process would
+    mostly measure themselves: they share the server's GIL, and on the 2-core dev machine 32 of
+    them reached about half of this loop's throughput against the same server.
     """
     selector = selectors.DefaultSelector()
-    sockets: list[socket.socket] = []
+    clients_: list[_LoadClient] = []
     try:
         for k in range(clients):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sockets.append(sock)
-            selector.register(sock, selectors.EVENT_READ, _LoadClient(k % len(frames)))
+            clients_.append(_LoadClient(sock, k % len(frames)))
+            selector.register(sock, selectors.EVENT_READ, clients_[-1])
         answered = 0
         start = time.perf_counter()
         stop_at = start + duration_s
-        for sock, key in zip(sockets, selector.get_map().values(), strict=True):
-            sock.sendall(frames[key.data.next_id])
+        for client in clients_:
+            client.sock.sendall(frames[client.request_id])
         while selector.get_map():
             events = selector.select(timeout=10.0)
             if not events:
                 raise TimeoutError("the prediction server stopped answering")
             for key, _ in events:
-                sock, client = cast(socket.socket, key.fileobj), cast(_LoadClient, key.data)
-                chunk = sock.recv(65536)
-                if not chunk:
-                    raise ConnectionError("the prediction server closed a connection")
-                answered += client.take_replies(chunk)
-                if client.owed:
+                client = cast(_LoadClient, key.data)
+                if not client.feed():
                     continue
+                answered += 1
                 if time.perf_counter() < stop_at:
-                    client.next_id = (client.next_id + 1) % len(frames)
-                    sock.sendall(frames[client.next_id])
-                    client.owed = True
+                    client.request_id = (client.request_id + 1) % len(frames)
+                    client.sock.sendall(frames[client.request_id])
                 else:
-                    selector.unregister(sock)
+                    selector.unregister(client.sock)
         return answered / (time.perf_counter() - start)
     finally:
         selector.close()
-        for sock in sockets:
-            sock.close()
+        for client in clients_:
+            client.sock.close()
 
 
 class _LoadClient:
-    """One sequential client of the load generator: at most one request in flight."""
+    """One sequential client of the load generator: one request in flight, its reply checked."""
 
-    def __init__(self, first_id: int) -> None:
-        self.next_id = first_id
-        self.owed = True
+    def __init__(self, sock: socket.socket, request_id: int) -> None:
+        self.sock = sock
+        self.request_id = request_id
         self._buf = bytearray()
 
-    def take_replies(self, chunk: bytes) -> int:
-        """Consume received bytes; returns 1 once the awaited reply is complete (and checked)."""
+    def feed(self) -> bool:
+        """Read what arrived; True once the reply to `request_id` is complete and ok."""
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the prediction server closed a connection")
         self._buf += chunk
         if len(self._buf) < HEADER.size:
-            return 0
+            return False
         (n,) = HEADER.unpack_from(self._buf)
         if len(self._buf) < HEADER.size + n:
-            return 0
+            return False
         reply = msgpack.unpackb(bytes(self._buf[HEADER.size : HEADER.size + n]), strict_map_key=False)
         del self._buf[: HEADER.size + n]
-        if not reply.get("ok") or reply.get("id") != self.next_id:
-            raise RuntimeError(f"unexpected reply to request {self.next_id}: {reply!r}")
-        self.owed = False
-        return 1
+        if not reply.get("ok") or reply.get("id") != self.request_id:
+            raise RuntimeError(f"unexpected reply to request {self.request_id}: {reply!r}")
+        return True
 
 
 def run_latency_bench(
@@ -165,6 +165,11 @@ def run_latency_bench(
         "duration_s": duration_s,
         "input_size": snapshot.input_size,
         "concurrency": [lo, hi],
+        # With OpenMP's default spin-waiting, a batch forward on the server's worker thread can
+        # stall behind spinning threads on a small machine; OMP_WAIT_POLICY=PASSIVE (set before
+        # torch loads) avoids it. The figures depend on it, so the result records it.
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "torch_threads": torch.get_num_threads(),
         "inprocess_p50_ms": inprocess_p50,
         "inprocess_p99_ms": _percentile_ms(inprocess, 99),
         "socket_p50_ms": socket_p50,
@@ -195,6 +200,9 @@ def format_latency_table(result: dict[str, Any]) -> str:
     rows.append((f"throughput {hi} / {lo} client(s)", f"{result[f'throughput_{hi}_vs_{lo}']:.2f}x"))
     for goal, met in result["goals"].items():
         rows.append((f"goal {goal}", "met" if met else "NOT met"))
+    rows.append(
+        ("OMP_WAIT_POLICY / torch threads", f"{result['omp_wait_policy']} / {result['torch_threads']}")
+    )
     width = max(len(name) for name, _ in rows)
     lines = [f"{'figure':<{width}}  value", f"{'-' * width}  {'-' * 16}"]
     lines += [f"{name:<{width}}  {value}" for name, value in rows]

@@ -82,34 +82,42 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
 
 
 def daemon_rate(config: Config, bootstrap: str, topic: str, n: int, timeout_s: float = 300.0) -> float:
+    """Samples/s the daemon takes in (learned + held out), as configured, checkpoints to a temp dir."""
+    import tempfile
+
     from stream_cl.daemon import Daemon
 
-    cfg = dataclasses.replace(
-        config,
-        kafka=dataclasses.replace(
-            config.kafka, bootstrap_servers=bootstrap, topic=topic, group_id=f"bench-{uuid.uuid4()}"
-        ),
-        serve=dataclasses.replace(config.serve, enabled=False),
-        metrics=dataclasses.replace(config.metrics, enabled=False),
-    )
-    daemon = Daemon(cfg)
-    daemon.start()
-    try:
-        deadline = time.monotonic() + timeout_s
-        t0: float | None = None
-        first = 0
-        while time.monotonic() < deadline:
-            learned = daemon.learner.stats()["learned"]
-            if t0 is None and learned > 0:
-                t0, first = time.perf_counter(), learned
-            if learned >= n:
-                return (learned - first) / (time.perf_counter() - t0)  # type: ignore[operator]
-            time.sleep(0.002)
-        raise TimeoutError(
-            f"the daemon learned {daemon.learner.stats()['learned']}/{n} samples in {timeout_s}s"
+    with tempfile.TemporaryDirectory() as ckpt:
+        cfg = dataclasses.replace(
+            config,
+            kafka=dataclasses.replace(
+                config.kafka, bootstrap_servers=bootstrap, topic=topic, group_id=f"bench-{uuid.uuid4()}"
+            ),
+            serve=dataclasses.replace(config.serve, enabled=False),
+            metrics=dataclasses.replace(config.metrics, enabled=False),
+            checkpoint=dataclasses.replace(config.checkpoint, dir=ckpt),
         )
-    finally:
-        daemon.stop()
+        daemon = Daemon(cfg)
+
+        def processed() -> int:
+            held = daemon.metrics.sample_value("stream_cl_samples_total", {"outcome": "held_out"}) or 0
+            return daemon.learner.stats()["learned"] + int(held)
+
+        daemon.start()
+        try:
+            deadline = time.monotonic() + timeout_s
+            t0: float | None = None
+            first = 0
+            while time.monotonic() < deadline:
+                done = processed()
+                if t0 is None and done > 0:
+                    t0, first = time.perf_counter(), done
+                if done >= n:
+                    return (done - first) / (time.perf_counter() - t0)  # type: ignore[operator]
+                time.sleep(0.002)
+            raise TimeoutError(f"the daemon processed {processed()}/{n} samples in {timeout_s}s")
+        finally:
+            daemon.stop()
 
 
 def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: int = 5) -> dict[str, Any]:
@@ -149,7 +157,11 @@ def format_throughput(r: dict[str, Any]) -> str:
     rows = [
         ["raw kafka-python consume + decode", r["raw_consume_decode_samples_per_s"], ""],
         ["raw train step (in-process)", r["raw_train_samples_per_s"], ""],
-        ["daemon end to end", r["daemon_samples_per_s"], f"{r['daemon_vs_slower_limit']:.2f}x slower limit"],
+        [
+            "daemon end to end (learned + held out)",
+            r["daemon_samples_per_s"],
+            f"{r['daemon_vs_slower_limit']:.2f}x slower limit",
+        ],
     ]
     table = format_table(["path", "samples/s", "ratio"], [[a, round(b), c] for a, b, c in rows])
     verdict = "met" if r["goal_met"] else "NOT met"

@@ -17,11 +17,15 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from stream_cl.config import ConfigError
 from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy
+from stream_cl.strategies.eidetic import Eidetic
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.fip import FIP
 from stream_cl.strategies.heads import HEAD_POLICIES, HeadPolicy, parse_options, parse_text
+from stream_cl.strategies.interval import Interval
 from stream_cl.strategies.replay import Replay
 
 if TYPE_CHECKING:
@@ -113,6 +117,8 @@ def check_config(config: Config) -> type[Strategy]:
 
 def from_config(config: Config, input_shape: Sequence[int]) -> Strategy:
     """Build the configured strategy; bad options or values raise ConfigError naming the key."""
+    if config.model.torch_threads:
+        torch.set_num_threads(config.model.torch_threads)  # process-wide; see model.torch_threads
     cls = check_config(config)
     try:
         hints = typing.get_type_hints(cls.__init__)
@@ -146,5 +152,5 @@ def _config_error(e: Exception) -> ConfigError:
     return ConfigError("strategy", str(e))
 
 
-for _cls in (Finetune, Replay, FIP):
+for _cls in (Finetune, Replay, FIP, Interval, Eidetic):
     register(_cls)

@@ -1,0 +1,208 @@
+"""`stream-cl bench transfer`: trajectory transfer onto new initializations, side by side.
+
+Per stream, a source model learns the stream through the daemon's `Learner` (so its trajectory
+endpoints are the ones a checkpoint holds). Then, per new seed, three starting points are scored
+on the stream's test split before any training: the transferred weights (gradient matching), the
+identity permutation ("naive": θ₂⁰ + θ₁ᵀ − θ₁⁰) and the fresh initialization. Each is then trained
+on shuffled stream samples (Adam, the model's lr and batch size) until it reaches the source's
+accuracy; the samples that took are reported (capped at `--max-samples`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+from stream_cl.config import Config
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from stream_cl.datasets import BenchmarkStream
+
+HELP = "transferred vs naive vs fresh initialization: accuracy before training, samples to the source's"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--streams", default="split-mnist,split-mnist1d", help="comma-separated built-in streams")
+    p.add_argument("--strategy", default="replay", help="strategy the source model learns with")
+    p.add_argument("--seeds", default="1,2", help="seeds of the new initializations")
+    p.add_argument("--buffer", type=int, default=1000, help="data buffer for matching (20%% validation)")
+    p.add_argument("--steps", type=int, default=10, help="trajectory steps T")
+    p.add_argument("--source-epochs", type=int, default=1, help="passes over each task for the source")
+    p.add_argument("--max-samples", type=int, default=8000, help="cap on further training samples")
+    p.add_argument("--eval-every", type=int, default=320, help="samples between accuracy checks")
+
+
+def learn_source(config: Config, stream: BenchmarkStream, epochs: int) -> dict[str, Any]:
+    """The source learner's checkpoint state after the stream, each task's samples `epochs` times
+    in a row (as if the stream sent them again): mnist1d needs more than one pass to learn."""
+    import dataclasses
+
+    from stream_cl.codec import Sample
+    from stream_cl.learner import Learner
+    from stream_cl.metrics import Metrics
+    from stream_cl.snapshot import SnapshotHolder
+    from stream_cl.source import Record
+
+    config = dataclasses.replace(
+        config, evaluation=dataclasses.replace(config.evaluation, holdout_fraction=0.0)
+    )
+    learner = Learner(config, SnapshotHolder(), Metrics())
+    offset = 0
+    for task in stream.tasks:
+        records = []
+        for _ in range(epochs):
+            for x, y in zip(task.train_x, task.train_y, strict=True):
+                sample = Sample(x=x, y=int(y), task=task.task_id, id=offset, shape=stream.input_shape)
+                records.append(Record(0, offset, sample, b""))
+                offset += 1
+        for i in range(0, len(records), 500):
+            learner.process(records[i : i + 500])
+    learner.flush()
+    return learner.state_dict()
+
+
+def samples_to_reach(
+    model: nn.Module,
+    params: dict[str, torch.Tensor],
+    data: tuple[torch.Tensor, torch.Tensor],
+    test: tuple[torch.Tensor, torch.Tensor],
+    target: float,
+    config: Config,
+    cap: int,
+    every: int,
+    seed: int,
+) -> int | None:
+    """Training samples until test accuracy ≥ `target` (None: not within `cap`)."""
+    import torch
+    from torch.nn import functional as F
+
+    from stream_cl.transfer import accuracy, batches_of, load
+
+    load(model, params)
+    if accuracy(model, *test) >= target:
+        return 0
+    opt = torch.optim.Adam(model.parameters(), lr=config.model.lr)
+    seen = since = 0
+    for x, y in batches_of(*data, config.model.batch_size, seed):
+        model.train()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        seen += len(y)
+        since += len(y)
+        if since >= every:
+            since = 0
+            if accuracy(model, *test) >= target:
+                return seen
+        if seen >= cap:
+            return None
+    return None  # pragma: no cover (batches_of is endless)
+
+
+def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    import time
+
+    from stream_cl.bench.quality import with_overrides
+    from stream_cl.datasets import load_stream
+    from stream_cl.evaluation import format_table
+    from stream_cl.transfer import (
+        accuracy,
+        endpoints,
+        fresh_init,
+        load,
+        naive,
+        pad_head,
+        stream_buffer,
+        transfer_checkpoint,
+    )
+
+    config = with_overrides(config, [f"strategy.name={args.strategy}"])
+    rows: list[dict[str, Any]] = []
+    for name in [s.strip() for s in args.streams.split(",") if s.strip()]:
+        state = learn_source(config, load_stream(name, seed=0), args.source_epochs)
+        start, end = endpoints(state)
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            buffer, test, _ = stream_buffer(state, name, args.buffer, seed)
+            train, _, _ = stream_buffer(state, name, 10**9, seed + 100)
+            began = time.perf_counter()
+            _, result, _ = transfer_checkpoint(state, config, seed, buffer, steps=args.steps)
+            seconds = time.perf_counter() - began
+            model, fresh = fresh_init(state, config, seed)
+            points = {
+                "source": end,
+                "transferred": result.params,
+                "naive": naive(start, end, fresh),
+                "fresh": pad_head(fresh, end),
+            }
+            acc = {}
+            for label, params in points.items():
+                load(model, params)
+                acc[label] = accuracy(model, *test)
+            reach = {
+                label: samples_to_reach(
+                    model,
+                    points[label],
+                    train,
+                    test,
+                    acc["source"],
+                    config,
+                    args.max_samples,
+                    args.eval_every,
+                    seed,
+                )
+                for label in ("transferred", "naive", "fresh")
+            }
+            rows.append(
+                {
+                    "stream": name,
+                    "seed": seed,
+                    "accuracy": acc,
+                    "samples_to_source": reach,
+                    "best_step": result.best_step,
+                    "transfer_seconds": seconds,
+                }
+            )
+
+    def n(v: int | None) -> str:
+        return f">{args.max_samples}" if v is None else str(v)
+
+    table = format_table(
+        [
+            "stream",
+            "seed",
+            "source",
+            "transferred",
+            "naive",
+            "fresh",
+            "transf-naive",
+            "best step",
+            "samples: transf/naive/fresh",
+            "transfer s",
+        ],
+        [
+            [
+                r["stream"],
+                r["seed"],
+                f"{r['accuracy']['source']:.4f}",
+                f"{r['accuracy']['transferred']:.4f}",
+                f"{r['accuracy']['naive']:.4f}",
+                f"{r['accuracy']['fresh']:.4f}",
+                f"{r['accuracy']['transferred'] - r['accuracy']['naive']:+.4f}",
+                f"{r['best_step']}/{args.steps}",
+                "/".join(n(r["samples_to_source"][k]) for k in ("transferred", "naive", "fresh")),
+                f"{r['transfer_seconds']:.1f}",
+            ]
+            for r in rows
+        ],
+    )
+    header = (
+        f"transfer (source: {args.strategy}, {args.source_epochs} pass(es) per task, "
+        f"{config.model.backbone} {list(config.model.hidden)}; "
+        f"buffer {args.buffer}, T = {args.steps}; test accuracy before any training, class-incremental; "
+        f"samples = further training to reach the source's accuracy)"
+    )
+    figures = {"rows": rows, "steps": args.steps, "buffer": args.buffer, "source_epochs": args.source_epochs}
+    return figures, f"{header}\n{table}"

@@ -1,0 +1,400 @@
+"""`interval`: HyperInterval — a hypernetwork, interval task embeddings, one universal network.
+
+Protection (field guide §2, Krukowski et al. 2024): a hypernetwork `H` (`interval_bounds`)
+generates every weight of the MLP backbone from a task embedding; the head stays an ordinary
+`ExpandingHead` run by the head policy, so `ls` / `class_mean` rows and `freeze_old` compose.
+Task `t` owns the embedding box `c_t ± ε/M` with the nested centre `c_t = (ε/2M)·cos(e_t)`.
+
+- Online, per mini-batch of the current task: `H`, the current embedding and the head learn
+  `κ·CE(z_M) + (1−κ)·CE(z_worst)`, where `z_M` are the logits of the centre network `H(c_t)`,
+  and `z_worst` takes the lower logit bound for the true class and the upper one for the others,
+  from sound interval propagation through `H` and then through the target MLP (inputs and ReLU
+  outputs are non-negative). `ε` ramps from 0 and `κ` from 1 to 0.5 over `ramp_steps` steps of
+  the task (a stream has no "first half of training"). The head takes point weights (the live
+  rows); its interval input still makes the worst case cover it.
+- Regularizer: `β · mean_j ||H(c_j) − θ̂_j||²` over frozen tasks `j`, with targets `θ̂_j`
+  stored at the last boundary (divided by the number of tasks once, not twice as in the
+  reference code).
+- Boundary: a short consolidation pass (`consolidation_steps` batches at the full `ε`, `κ = ½`)
+  on a bounded reservoir of the ending task, then its embedding is frozen (restored bit-exactly
+  after every step, since Adam's moments would otherwise keep moving it) and all targets are
+  recomputed. A recurring task unfreezes its own embedding and goes on training it.
+- Serving without a task id: the universal embedding `e*`, the midpoint of the intersection of
+  all trained tasks' boxes (the current one included, so a snapshot taken mid-task covers it),
+  is materialized as a plain MLP: one ordinary forward pass. A task hint routes to that task's
+  own centre network. `routing = "entropy"` instead tries every task's network per sample and
+  keeps the least uncertain (one pass per task).
+
+Choosing ε (measured online on split-mnist, ~25 steps per task): in the nested variant every box
+has radius `2σ` and every centre lies in `[−σ, σ]^M`, so each task's box contains every other
+task's centre — ε sets both how far apart tasks' networks can be and how wide the worst case is.
+ε = 0.5 (the paper's permuted-MNIST value) made the worst-case term collapse the network to a
+constant output within one online pass; ε = 0.1 learns, at the price of task networks that stay
+close to each other. Hence the default 0.1 and the ramp over `ramp_steps` rather than epochs.
+
+Memory: `max_tasks` embedding slots and stored targets (`max_tasks × |θ|`; a task index beyond the
+last slot shares the last slot), and the `consolidation_buffer` reservoir. `H` stays small through
+chunking (`chunk_size`), see `interval_bounds`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from stream_cl.config import ModelConfig
+from stream_cl.models import MLP, Classifier
+from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy
+from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.interval_bounds import (
+    HyperNetwork,
+    TargetLayout,
+    nested_centres,
+    universal_embedding,
+)
+
+ROUTINGS = ("universal", "entropy")
+
+
+class Interval(Strategy):
+    """Options: `embedding_dim`, `epsilon`, `beta`, `hyper_hidden`, `chunk_size`, `chunk_dim`,
+    `ramp_steps`, `consolidation_steps`, `consolidation_buffer`, `max_tasks`, `routing`."""
+
+    name = "interval"
+    unit_test_options = {
+        "embedding_dim": 4,
+        "hyper_hidden": [8],
+        "chunk_size": 64,
+        "consolidation_steps": 2,
+        "consolidation_buffer": 12,
+        "max_tasks": 4,
+    }
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        model: ModelConfig | None = None,
+        head: str = "random",
+        head_options: Mapping[str, Any] | None = None,
+        loss: str = "ce",
+        device: str = "auto",
+        embedding_dim: int = 24,
+        epsilon: float = 0.1,
+        beta: float = 0.01,
+        hyper_hidden: Sequence[int] = (100, 100),
+        chunk_size: int = 2048,
+        chunk_dim: int = 8,
+        ramp_steps: int = 100,
+        consolidation_steps: int = 50,
+        consolidation_buffer: int = 500,
+        max_tasks: int = 32,
+        routing: str = "universal",
+    ) -> None:
+        for key, value in (
+            ("embedding_dim", embedding_dim),
+            ("chunk_size", chunk_size),
+            ("chunk_dim", chunk_dim),
+            ("consolidation_buffer", consolidation_buffer),
+            ("max_tasks", max_tasks),
+        ):
+            if not _is_int(value) or value <= 0:
+                raise ValueError(f"strategy.options.{key}: expected an integer > 0, got {value!r}")
+        for key, value in (("ramp_steps", ramp_steps), ("consolidation_steps", consolidation_steps)):
+            if not _is_int(value) or value < 0:
+                raise ValueError(f"strategy.options.{key}: expected an integer >= 0, got {value!r}")
+        for key, number in (("epsilon", epsilon), ("beta", beta)):
+            if not isinstance(number, int | float) or isinstance(number, bool) or number < 0:
+                raise ValueError(f"strategy.options.{key}: expected a number >= 0, got {number!r}")
+        if not isinstance(hyper_hidden, Sequence) or not all(_is_int(h) and h > 0 for h in hyper_hidden):
+            raise ValueError(
+                f"strategy.options.hyper_hidden: expected a list of positive widths, got {hyper_hidden!r}"
+            )
+        if routing not in ROUTINGS:
+            raise ValueError(
+                f"strategy.options.routing: expected one of {', '.join(ROUTINGS)}; got {routing!r}"
+            )
+        cfg = model or ModelConfig()
+        if cfg.backbone != "mlp":
+            raise ValueError(
+                f"strategy.options: interval generates an MLP backbone; model.backbone is {cfg.backbone!r}"
+            )
+        super().__init__(
+            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
+        )
+        self.epsilon = float(epsilon)
+        self.beta = float(beta)
+        self.ramp_steps = ramp_steps
+        self.consolidation_steps = consolidation_steps
+        self.max_tasks = max_tasks
+        self.routing = routing
+        self.layout = TargetLayout([math.prod(self.input_shape), *self.model_config.hidden])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.model_config.seed + 2)
+            self.hyper = HyperNetwork(
+                self.layout, embedding_dim, list(hyper_hidden), chunk_size, chunk_dim, max_tasks
+            ).to(self.device)
+        # A submodule of the classifier: optimizer (rebuilt on head growth), checkpoints and
+        # pickling then carry H and the embeddings like any other weight.
+        self.model.hyper = self.hyper
+        for p in self.model.backbone.parameters():
+            p.requires_grad_(False)  # materialized from H; never trained directly
+        self.buffer = ReservoirBuffer(consolidation_buffer, self.input_shape, self.device)
+        self.frozen_embeddings = torch.zeros_like(self.hyper.embeddings.detach())
+        self.targets = torch.zeros(max_tasks, self.layout.n_weights, device=self.device)
+        self.frozen_slots: list[int] = []  # slots with a frozen embedding and a stored target
+        self.trained = [False] * max_tasks
+        self.slot_steps = [0] * max_tasks  # steps learned per slot (drives the ε/κ ramp)
+        self.active = 0
+        self._sync_backbone(self._centre_weights(0))
+        self.optimizer = self._make_optimizer()
+
+    # -- embeddings and generated weights -------------------------------------------------------
+    def _slot(self, task: int) -> int:
+        return min(task, self.max_tasks - 1)
+
+    def _embedding(self, slot: int) -> torch.Tensor:
+        """A frozen slot's stored embedding (no gradient), else the live parameter row."""
+        if slot in self.frozen_slots:
+            return self.frozen_embeddings[slot]
+        return self.hyper.embeddings[slot]
+
+    def _centre_weights(self, slot: int) -> torch.Tensor:
+        with torch.no_grad():
+            centre, _ = nested_centres(self._embedding(slot), self.epsilon)
+            return self.hyper(centre.unsqueeze(0))[0]
+
+    def _route_slots(self) -> list[int]:
+        """Slots a task-free prediction covers: every trained one and the active one."""
+        return sorted({s for s in range(self.max_tasks) if self.trained[s]} | {self.active})
+
+    def universal_weights(self) -> torch.Tensor:
+        """`θ* = H(e*)`, `e*` the midpoint of the intersection of the covered tasks' boxes."""
+        with torch.no_grad():
+            emb = torch.stack([self._embedding(s) for s in self._route_slots()])
+            centres, radius = nested_centres(emb, self.epsilon)
+            return self.hyper(universal_embedding(centres, radius).unsqueeze(0))[0]
+
+    def weight_radius(self) -> float:
+        """Mean half-width of the weight boxes `[θ_L, θ_U]` over the trained tasks (a bench figure)."""
+        radii = []
+        with torch.no_grad():
+            for s in self._route_slots():
+                centre, radius = nested_centres(self._embedding(s), self.epsilon)
+                lo, hi = self.hyper.bounds(centre, radius)
+                radii.append(float(((hi - lo) / 2).mean()))
+        return sum(radii) / len(radii)
+
+    def _sync_backbone(self, theta: torch.Tensor) -> None:
+        """Write `θ` into the classifier's plain MLP (what head policies' `model.features` use)."""
+        _write_mlp(self.model.backbone, self.layout, theta)
+
+    # -- learning -------------------------------------------------------------------------------
+    def _activate(self, slot: int) -> None:
+        """Make `slot` the trained one; a recurring (frozen) task's embedding thaws."""
+        if slot in self.frozen_slots:
+            self.frozen_slots.remove(slot)
+            with torch.no_grad():
+                self.hyper.embeddings[slot] = self.frozen_embeddings[slot]
+        self.active = slot
+
+    def _losses(
+        self, x: torch.Tensor, y: torch.Tensor, progress: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-sample worst-case losses, centre logits, centre features and centre weights."""
+        centre, radius = nested_centres(self.hyper.embeddings[self.active], self.epsilon)
+        theta = self.hyper(centre.unsqueeze(0))[0]
+        features = self.layout.forward(x, theta)
+        logits = self.model.head(features)
+        if progress <= 0:
+            return self._loss(logits, y), logits, features, theta
+        theta_lo, theta_hi = self.hyper.bounds(centre, radius * progress)
+        x_flat = x.flatten(1)
+        h_lo, h_hi = self.layout.bounds(x_flat, x_flat, theta_lo, theta_hi)
+        w, b = self.model.head.weight, self.model.head.bias
+        z_lo = F.linear(h_lo, w.clamp(min=0)) + F.linear(h_hi, w.clamp(max=0)) + b
+        z_hi = F.linear(h_hi, w.clamp(min=0)) + F.linear(h_lo, w.clamp(max=0)) + b
+        worst = torch.where(F.one_hot(y, logits.shape[1]).bool(), z_lo, z_hi)
+        kappa = 1.0 - 0.5 * progress
+        return kappa * self._loss(logits, y) + (1 - kappa) * self._loss(worst, y), logits, features, theta
+
+    def _regularizer(self) -> torch.Tensor | None:
+        """`mean_j ||H(c_j) − θ̂_j||²` over frozen tasks other than the active one."""
+        slots = [s for s in self.frozen_slots if s != self.active]
+        if not slots or self.beta == 0:
+            return None
+        centres, _ = nested_centres(self.frozen_embeddings[slots], self.epsilon)
+        # In weight units, as the paper (whose H outputs the weights themselves).
+        drift = self.hyper(centres) - self.targets[slots]
+        return (drift**2).sum(dim=1).mean()
+
+    def _progress(self) -> float:
+        if self.ramp_steps == 0:
+            return 1.0
+        return min(1.0, self.slot_steps[self.active] / self.ramp_steps)
+
+    def _update(self, losses: torch.Tensor) -> None:
+        loss = losses.mean()
+        reg = self._regularizer()
+        if reg is not None:
+            loss = loss + self.beta * reg
+        self._step(loss)
+        with torch.no_grad():
+            for s in self.frozen_slots:
+                self.hyper.embeddings[s] = self.frozen_embeddings[s]
+
+    def learn(self, batch: Batch) -> StepResult:
+        self.model.train()
+        slot = self._slot(batch.task)
+        if slot != self.active:  # a batch of another task without a boundary first
+            self._activate(slot)
+        x, y = batch.x, batch.y
+        progress = self._progress()
+        losses, logits, features, theta = self._losses(x, y, progress)
+        outcome = self._outcome(logits, losses, y)
+        self._sync_backbone(theta.detach())
+        rows = self.head_policy.observe(self.model, x, features.detach(), y)
+        if rows is not None and self._write_rows(rows):
+            losses = self._losses(x, y, progress)[0]
+        self._update(losses)
+        self.trained[slot] = True
+        self.slot_steps[slot] += 1
+        self.buffer.add(x, y, self.generator)
+        return outcome
+
+    def on_boundary(self, event: Boundary) -> None:
+        """Consolidate and freeze the ending task, store every frozen task's targets, move on."""
+        super().on_boundary(event)
+        slot = self._slot(event.task)
+        if slot == self.active:
+            return
+        ending = self.active
+        if self.trained[ending]:
+            self._consolidate()
+            with torch.no_grad():
+                self.frozen_embeddings[ending] = self.hyper.embeddings[ending].detach()
+            self.frozen_slots = sorted({*self.frozen_slots, ending})
+            with torch.no_grad():
+                for s in self.frozen_slots:
+                    self.targets[s] = self._centre_weights(s)
+        self.buffer = ReservoirBuffer(self.buffer.capacity, self.input_shape, self.device)
+        self._activate(slot)
+        self._sync_backbone(self._centre_weights(slot))
+
+    def _consolidate(self) -> None:
+        """A few batches from the ending task's reservoir at the full ε and κ = ½."""
+        if not len(self.buffer):
+            return
+        self.model.train()
+        for _ in range(self.consolidation_steps):
+            x, y = self.buffer.sample(self.model_config.batch_size, self.generator)
+            self._update(self._losses(x, y, 1.0)[0])
+
+    # -- prediction -----------------------------------------------------------------------------
+    def _serving_models(self) -> tuple[Classifier, dict[int, Classifier]]:
+        """Plain classifiers (frozen copies): the universal one, and one per covered task slot."""
+        head = copy.deepcopy(self.model.head).eval().requires_grad_(False)
+
+        def plain(theta: torch.Tensor) -> Classifier:
+            backbone = copy.deepcopy(self.model.backbone)
+            _write_mlp(backbone, self.layout, theta)
+            model = Classifier(backbone, self.layout.shapes[-1][0] if self.layout.shapes else 0)
+            model.head = head
+            return model.eval().requires_grad_(False)
+
+        per_task = {s: plain(self._centre_weights(s)) for s in self._route_slots()}
+        return plain(self.universal_weights()), per_task
+
+    def predict_proba(
+        self, x: torch.Tensor, task: int | None = None
+    ) -> tuple[torch.Tensor, list[int | None]]:
+        return self.predictor()(x, task)
+
+    def predictor(self) -> Any:
+        """Serving copies: no task → the universal network (or entropy routing); a hint → its task's."""
+        universal, per_task = self._serving_models()
+        task_classes = [list(c) for c in self.task_classes]
+        entropy = self.routing == "entropy" and len(per_task) > 1
+        max_slot = self.max_tasks - 1
+
+        def predict(x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, list[int | None]]:
+            if task is not None:
+                model = per_task.get(min(task, max_slot), universal)
+                return Strategy._predict_with(model, task_classes, x, task)
+            if not entropy:
+                return Strategy._predict_with(universal, task_classes, x, None)
+            return _entropy_route(per_task, task_classes, x)
+
+        return predict
+
+    # -- state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            "interval": {
+                "frozen_embeddings": self.frozen_embeddings.detach().cpu().clone(),
+                "targets": self.targets.detach().cpu().clone(),
+                "frozen_slots": list(self.frozen_slots),
+                "trained": list(self.trained),
+                "slot_steps": list(self.slot_steps),
+                "active": self.active,
+                "buffer": self.buffer.state_dict(),
+            },
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        extra = state["interval"]
+        self.frozen_embeddings = extra["frozen_embeddings"].to(self.device)
+        self.targets = extra["targets"].to(self.device)
+        self.frozen_slots = list(extra["frozen_slots"])
+        self.trained = list(extra["trained"])
+        self.slot_steps = list(extra["slot_steps"])
+        self.active = int(extra["active"])
+        self.buffer.load_state_dict(extra["buffer"])
+
+    def memory_usage(self) -> dict[str, tuple[int, int]]:
+        return {
+            **super().memory_usage(),
+            "consolidation_buffer": (len(self.buffer), self.buffer.capacity),
+            "stored_targets": (len(self.frozen_slots), self.max_tasks),
+        }
+
+
+def _write_mlp(backbone: nn.Module, layout: TargetLayout, theta: torch.Tensor) -> None:
+    """Copy the flat weights `θ` into an `MLP`'s Linear layers, in order."""
+    assert isinstance(backbone, MLP)
+    linears = [m for m in backbone.body if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer, (w, b) in zip(linears, layout.split(theta), strict=True):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+
+
+def _entropy_route(
+    per_task: Mapping[int, Classifier], task_classes: list[list[int]], x: torch.Tensor
+) -> tuple[torch.Tensor, list[int | None]]:
+    """Per sample, the prediction of the task network (restricted to its classes) with least entropy."""
+    best_p: torch.Tensor | None = None
+    best_h = torch.full((x.shape[0],), float("inf"), device=x.device)
+    routes = torch.zeros(x.shape[0], dtype=torch.long)
+    for slot, model in per_task.items():
+        proba, _ = Strategy._predict_with(model, task_classes, x, slot)
+        if proba.shape[1] == 0:
+            return proba, [None] * x.shape[0]
+        h = -(proba * proba.clamp_min(1e-12).log()).sum(dim=1)
+        better = h < best_h
+        best_p = proba if best_p is None else torch.where(better.unsqueeze(1), proba, best_p)
+        best_h = torch.where(better, h, best_h)
+        routes[better.cpu()] = slot
+    assert best_p is not None
+    return best_p, [int(r) for r in routes]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

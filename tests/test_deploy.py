@@ -1,0 +1,599 @@
+"""deploy/: compose, Dockerfile, Kubernetes, Prometheus rules and the Grafana dashboard, against a live daemon.
+
+The static checks parse each file and verify what it points at (files, CLI flags, config keys, ports).
+The live checks run the daemon on the session broker, learning split-mnist with fine-tuning
+(class-incremental: each new pair of classes overwrites the last, so forgetting is forced), and
+point a real Prometheus at it (Debian's `prometheus` package, installed by .ci/setup; a missing
+binary fails these tests, it never skips them). Every dashboard query and every alert expression
+is then asked of Prometheus's HTTP API the way Grafana and the rule evaluator ask it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import yaml
+from kafka import KafkaProducer
+from prometheus_client.parser import text_string_to_metric_families
+
+from stream_cl.broker import EmbeddedBroker
+from stream_cl.cli import build_parser, main
+from stream_cl.client import PredictionClient
+from stream_cl.config import Config, load_config
+from stream_cl.daemon import Daemon, checkpoint_dir
+from stream_cl.datasets import BenchmarkStream, load_stream
+from stream_cl.producer import produce_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS_YML = DEPLOY / "prometheus" / "alerts.yml"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "stream_cl.json"
+DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+K8S = DEPLOY / "k8s" / "stream-cl.yaml"
+
+# What Grafana substitutes before it sends a query, for a 1 s scrape interval.
+GRAFANA_MACROS = {"$__rate_interval": "5s", "$__interval": "2s", "$instance": ".+"}
+# Series Prometheus makes itself for every target; any other name must come from the daemon.
+PROMETHEUS_SERIES = {"up"}
+INVALID_MESSAGES = 3
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    assert path, f"{name} not found: `bash .ci/setup` installs Debian's prometheus package (it must, for CI)"
+    return path
+
+
+def _load_yaml(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _k8s_docs() -> dict[str, dict[str, Any]]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(K8S.read_text())}
+
+
+def _parses_as_cli(argv: list[str]) -> Any:
+    """`argv` (after `stream-cl`) is accepted by the real argument parser: no misspelled flag ships."""
+    return build_parser().parse_args(argv)
+
+
+# -- the queries the dashboard and the rules send -------------------------------------------------
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(where, PromQL after macro substitution, instant?) for every panel target and annotation."""
+    out: list[tuple[str, str, bool]] = []
+
+    def walk(panels: list[dict[str, Any]]) -> None:
+        for panel in panels:
+            walk(panel.get("panels", []))
+            for target in panel.get("targets", []):
+                out.append(
+                    (f"panel {panel['title']!r}", grafana_expr(target["expr"]), bool(target.get("instant")))
+                )
+
+    walk(dashboard["panels"])
+    for annotation in dashboard["annotations"]["list"]:
+        if "expr" in annotation:
+            out.append((f"annotation {annotation['name']!r}", grafana_expr(annotation["expr"]), False))
+    return out
+
+
+def grafana_expr(expr: str) -> str:
+    for macro, value in GRAFANA_MACROS.items():
+        expr = expr.replace(macro, value)
+    assert "$" not in expr, f"unsubstituted Grafana variable in {expr!r}"
+    return expr
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for group in _load_yaml(ALERTS_YML)["groups"] for rule in group["rules"]]
+
+
+_COMPARISON = re.compile(r"(==|!=|>=|<=|>|<)\s*(?=-?\d)")
+
+
+def always_answering(expr: str) -> str:
+    """`expr` with every comparison against a number made `bool`: 0/1 instead of filtering.
+
+    Prometheus then returns a series whenever the expression *could* fire: its selectors match,
+    and the two sides of each `and` share labels (a mismatch would make the alert never fire).
+    """
+    return _COMPARISON.sub(lambda m: f"{m.group(1)} bool ", expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects: `stream_cl_*` anywhere, and any other `name{...}`."""
+    names = set(re.findall(r"\b(stream_cl_[a-z0-9_]+)\b", expr))
+    return names | {n for n in re.findall(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr)}
+
+
+def exported_names(metrics_text: str) -> set[str]:
+    """Every series name an exposition can hold, including families that have no child yet."""
+    suffixes = {
+        "counter": ("_total",),
+        "histogram": ("_bucket", "_count", "_sum"),
+        "summary": ("_count", "_sum"),
+    }
+    names: set[str] = set()
+    for family in text_string_to_metric_families(metrics_text):
+        names.add(family.name)
+        names |= {family.name + s for s in suffixes.get(family.type, ())}
+        names |= {sample.name for sample in family.samples}
+    return names
+
+
+# -- static checks ----------------------------------------------------------------------------------
+def test_compose_parses_and_references_only_files_in_deploy() -> None:
+    """Every bind mount and the Dockerfile the compose file names exist under deploy/; volumes are declared."""
+    compose = _load_yaml(COMPOSE)
+    services = compose["services"]
+    assert {"kafka", "prometheus", "grafana", "stream-cl"} <= set(services)
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert services["grafana"]["image"].startswith("grafana/grafana:")
+    named_volumes = set(compose.get("volumes") or {})
+    bind_mounts = []
+    for name, service in services.items():
+        for dependency in service.get("depends_on", {}):
+            assert dependency in services, f"{name} depends on unknown service {dependency}"
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                path = (DEPLOY / source).resolve()
+                assert path.is_relative_to(DEPLOY), f"{name} mounts {source}, outside deploy/"
+                assert path.exists(), f"{name} mounts {source}, which does not exist"
+                bind_mounts.append(path)
+            else:
+                assert source in named_volumes, f"{name} uses undeclared volume {source}"
+    assert {PROMETHEUS_YML, ALERTS_YML, DATASOURCE, DASHBOARD.parent} <= set(bind_mounts)
+    build = services["stream-cl"]["build"]
+    context = (DEPLOY / build["context"]).resolve()
+    assert (context / "pyproject.toml").exists()
+    assert (context / build["dockerfile"]).resolve() == DEPLOY / "Dockerfile"
+
+
+def test_compose_daemon_settings_are_valid_config() -> None:
+    """The daemon's STREAM_CL_* variables are real config keys; it listens where Prometheus scrapes it."""
+    compose = _load_yaml(COMPOSE)
+    env = {k: str(v) for k, v in compose["services"]["stream-cl"]["environment"].items()}
+    assert env["STREAM_CL_SERVE__TOKEN"].startswith("${STREAM_CL_TOKEN:?")  # required, never a default
+    env["STREAM_CL_SERVE__TOKEN"] = "secret"
+    config = load_config(None, [], env=env)
+    assert config.kafka.bootstrap_servers == "kafka:9092"
+    assert (config.serve.host, config.metrics.host) == ("0.0.0.0", "0.0.0.0")
+    targets = _load_yaml(PROMETHEUS_YML)["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"stream-cl:{config.metrics.port}"]
+    producer = compose["services"]["producer"]
+    assert _parses_as_cli(producer["command"]).command == "produce"
+
+
+def test_dockerfile_copies_files_that_exist_and_runs_real_cli_commands() -> None:
+    """COPY sources exist in the build context and pass the .dockerignore; CMD and HEALTHCHECK parse."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    instructions = [line.split(None, 1) for line in text.splitlines() if line and not line.startswith("#")]
+    kept = {
+        line[1:].rstrip("/")
+        for line in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    }
+    copies = [args.split()[:-1] for op, args in instructions if op == "COPY"]
+    assert copies
+    for sources in copies:
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the build context"
+            assert source.rstrip("/") in kept, f"COPY {source}: excluded by Dockerfile.dockerignore"
+    by_op = {op: args for op, args in instructions}
+    entrypoint = json.loads(by_op["ENTRYPOINT"])
+    assert entrypoint == ["stream-cl"]
+    assert _parses_as_cli(json.loads(by_op["CMD"])).command == "run"
+    healthcheck = json.loads(by_op["HEALTHCHECK"].split("CMD", 1)[1])
+    assert healthcheck[0] == "stream-cl" and _parses_as_cli(healthcheck[1:]).health
+
+
+def test_kubernetes_manifest_is_consistent(tmp_path: Path) -> None:
+    """One recreated replica, probes on real ports and CLI flags, its ConfigMap a valid config, scrape annotations right."""
+    docs = _k8s_docs()
+    assert set(docs) == {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service"}
+    (tmp_path / "config.toml").write_text(docs["ConfigMap"]["data"]["config.toml"])
+    config = load_config(tmp_path / "config.toml", [], env={})
+    deployment = docs["Deployment"]["spec"]
+    assert deployment["replicas"] == 1 and deployment["strategy"]["type"] == "Recreate"
+    pod = deployment["template"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics.port)
+    container = pod["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"predict": config.serve.port, "metrics": config.metrics.port}
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["tcpSocket"]["port"] in ports
+    readiness = container["readinessProbe"]["exec"]["command"]
+    assert readiness[:2] == ["/bin/sh", "-c"]
+    stream_cl_argv = shlex.split(readiness[2].split("|")[0])
+    assert stream_cl_argv[0] == "stream-cl" and _parses_as_cli(stream_cl_argv[1:]).health
+    assert _parses_as_cli(container["args"]).command == "run"
+    assert container["env"][0]["name"] == "STREAM_CL_SERVE__TOKEN"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["checkpoints"] == config.checkpoint.dir
+    claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "checkpoints")["persistentVolumeClaim"]
+    assert claim["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
+    assert {p["targetPort"] for p in docs["Service"]["spec"]["ports"]} <= set(ports)
+
+
+def test_promtool_check_config_passes() -> None:
+    """`promtool check config` accepts prometheus.yml, and with it alerts.yml."""
+    result = subprocess.run(
+        [_tool("promtool"), "check", "config", str(PROMETHEUS_YML)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_promtool_check_rules_passes() -> None:
+    """`promtool check rules` accepts alerts.yml."""
+    result = subprocess.run(
+        [_tool("promtool"), "check", "rules", str(ALERTS_YML)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_alert_rules_fire_on_their_incident_and_not_on_its_look_alike() -> None:
+    """`promtool test rules`: each alert on synthetic series (e.g. an idle topic is not a stuck learner)."""
+    tests = DEPLOY / "prometheus" / "alerts_test.yml"
+    result = subprocess.run([_tool("promtool"), "test", "rules", str(tests)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    tested = set(re.findall(r"alertname: (\w+)", tests.read_text()))
+    assert tested == {rule["alert"] for rule in alert_rules()}
+
+
+def test_dashboard_json_parses_and_uses_the_provisioned_datasource() -> None:
+    """The dashboard is valid JSON whose panels all query the datasource Grafana provisions."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    uid = _load_yaml(DATASOURCE)["datasources"][0]["uid"]
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel.get("targets", []):
+            assert target["datasource"]["uid"] == uid, panel["title"]
+    titles = {p["title"] for p in panels}
+    assert {"Accuracy matrix R[i][j] (heatmap)", "Prediction latency", "Consumer lag", "Forgetting"} <= titles
+    provider = _load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "stream_cl.yml")["providers"][
+        0
+    ]
+    grafana = _load_yaml(COMPOSE)["services"]["grafana"]
+    mounted = {v.split(":")[1] for v in grafana["volumes"] if v.startswith("./grafana/dashboards")}
+    assert mounted == {provider["options"]["path"]}
+
+
+# -- the live stack: daemon on the broker + a real Prometheus --------------------------------------
+@dataclass
+class Live:
+    daemon: Daemon
+    config: Config
+    prometheus: str  # base URL
+    produced: int
+    started: float
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return _api(self.prometheus, "query", {"query": expr})["result"]
+
+    def query_range(self, expr: str) -> list[dict[str, Any]]:
+        params = {"query": expr, "start": f"{self.started:.3f}", "end": f"{time.time():.3f}", "step": "1"}
+        return _api(self.prometheus, "query_range", params)["result"]
+
+
+def _api(base: str, endpoint: str, params: dict[str, str] | None = None) -> Any:
+    url = f"{base}/api/v1/{endpoint}" + ("?" + urllib.parse.urlencode(params) if params else "")
+    with urllib.request.urlopen(url, timeout=10) as response:
+        body = json.loads(response.read())
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def _die_with_parent() -> None:
+    """Runs in the child: the kernel sends it SIGTERM if pytest dies, so no Prometheus outlives a killed run."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def split_mnist() -> BenchmarkStream:
+    return load_stream("split-mnist", seed=0)
+
+
+@pytest.fixture(scope="module")
+def prometheus_binary() -> str:
+    return _tool("prometheus")
+
+
+def _start_prometheus(binary: str, metrics_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """deploy/prometheus/prometheus.yml with only the target and intervals changed for a test."""
+    config = _load_yaml(PROMETHEUS_YML)
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(ALERTS_YML)]
+    (job,) = config["scrape_configs"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={workdir / 'prometheus.yml'}",
+            f"--storage.tsdb.path={workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "prometheus.log").open("wb"),
+        preexec_fn=_die_with_parent,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (workdir / "prometheus.log").read_text()
+        try:
+            with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    _wait(ready, 30, "Prometheus to start")
+    return proc, base
+
+
+@pytest.fixture(scope="module")
+def live(
+    broker: EmbeddedBroker,
+    split_mnist: BenchmarkStream,
+    prometheus_binary: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Live]:
+    """The daemon learns split-mnist (finetune, 10% held out) while a real Prometheus scrapes it every second."""
+    topic = f"deploy-{os.getpid()}-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
+            f"kafka.topic={topic}",
+            f"kafka.dead_letter_topic={topic}.dlq",
+            f"kafka.group_id=g-{topic}",
+            "serve.port=0",
+            "metrics.port=0",
+            "model.hidden=[64]",
+            "strategy.name=finetune",
+            "learner.snapshot_every_steps=5",
+            "evaluation.holdout_fraction=0.1",
+            "evaluation.every_samples=200",
+            "evaluation.every_s=1.0",
+            f"checkpoint.dir={tmp_path_factory.mktemp('ckpt')}",
+        ],
+        env={},
+    )
+    started = time.time()
+    daemon = Daemon(config)
+    daemon.start()
+    assert daemon.metrics_port is not None and daemon.serve_port is not None
+    proc, base = _start_prometheus(
+        prometheus_binary, daemon.metrics_port, tmp_path_factory.mktemp("prometheus")
+    )
+    try:
+        # ~1000 samples/s: Prometheus (1 s scrapes) sees every task come and go
+        produced = produce_stream(broker.bootstrap_servers, topic, split_mnist, rate=1000)
+        # after the stream: the first valid sample fixes the input size, so these are the odd ones out
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        producer.send(topic, b"\xc1 not msgpack")
+        producer.send(topic, msgpack.packb({"x": [0.0] * 10, "y": 1}))  # wrong length
+        producer.send(topic, msgpack.packb({"y": 1}))  # no x
+        producer.flush()
+        producer.close()
+        produced += INVALID_MESSAGES
+        state = Live(daemon, config, base, produced, started)
+
+        def consumed() -> float:
+            return sum(
+                daemon.metrics.sample_value("stream_cl_samples_total", {"outcome": o}) or 0.0
+                for o in ("learned", "held_out", "invalid")
+            )
+
+        _wait(lambda: consumed() >= produced, 60, "every produced message to be consumed")
+        with PredictionClient("127.0.0.1", daemon.serve_port) as client:
+            for start in range(0, 200, 40):
+                client.predict_batch(split_mnist.tasks[0].test_x[start : start + 40])
+        evaluations = daemon.metrics.sample_value("stream_cl_evaluations_total") or 0.0
+        _wait(
+            lambda: (daemon.metrics.sample_value("stream_cl_evaluations_total") or 0.0) > evaluations + 1,
+            30,
+            "an evaluation of the final model",
+        )
+        _wait(
+            lambda: bool(state.query("stream_cl_average_forgetting > 0.2")),
+            30,
+            "Prometheus to scrape forgetting",
+        )
+        _wait(
+            lambda: state.query(
+                f'sum(stream_cl_samples_total{{outcome=~"learned|held_out|invalid"}}) == {produced}'
+            ),
+            30,
+            "Prometheus to scrape the final counts",
+        )
+        time.sleep(3)  # a few more scrapes, so every 5 s rate window after the predictions has two points
+        yield state
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        daemon.stop()
+
+
+@pytest.mark.integration
+def test_prometheus_scrapes_the_daemon(live: Live) -> None:
+    """Prometheus reports the daemon's target up under the job name the alerts use."""
+    (up,) = live.query('up{job="stream_cl"}')
+    assert up["value"][1] == "1"
+
+
+@pytest.mark.integration
+def test_every_dashboard_query_returns_data(live: Live) -> None:
+    """Each panel target and annotation, sent as Grafana sends it, returns series with real numbers."""
+    empty = []
+    for where, expr, instant in dashboard_queries(json.loads(DASHBOARD.read_text())):
+        result = live.query(expr) if instant else live.query_range(expr)
+        values = [float(v[1]) for s in result for v in (s["values"] if "values" in s else [s["value"]])]
+        if not any(math.isfinite(v) for v in values):
+            empty.append(f"{where}: {expr}")
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+
+
+@pytest.mark.integration
+def test_dashboard_variable_lists_the_daemon(live: Live) -> None:
+    """The `instance` variable's label_values() query finds the scraped daemon."""
+    variable = json.loads(DASHBOARD.read_text())["templating"]["list"][0]
+    match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"])
+    assert match, variable["query"]
+    metric, label = match.groups()
+    assert {s["metric"][label] for s in live.query(metric)} == {f"127.0.0.1:{live.daemon.metrics_port}"}
+
+
+@pytest.mark.integration
+def test_accuracy_matrix_panel_gets_the_whole_lower_triangle(live: Live) -> None:
+    """The heatmap's instant query returns R[i][j] for every j <= i of the five tasks."""
+    cells = {
+        (s["metric"]["after_task"], s["metric"]["task"]) for s in live.query("stream_cl_accuracy_matrix")
+    }
+    assert {(str(i), str(j)) for i in range(5) for j in range(i + 1)} <= cells
+
+
+@pytest.mark.integration
+def test_every_alert_expression_evaluates_on_live_series(live: Live) -> None:
+    """Each rule is healthy in Prometheus and, compared with `bool`, returns data (its `and`s can match)."""
+    rules = {r["name"]: r for g in _api(live.prometheus, "rules")["groups"] for r in g["rules"]}
+    silent = []
+    for rule in alert_rules():
+        loaded = rules[rule["alert"]]
+        assert loaded["health"] == "ok", (rule["alert"], loaded.get("lastError"))
+        if not live.query(always_answering(rule["expr"])):
+            silent.append(f"{rule['alert']}: {always_answering(rule['expr'])}")
+    assert not silent, "alert expressions that can never fire on this daemon:\n" + "\n".join(silent)
+
+
+@pytest.mark.integration
+def test_forced_forgetting_makes_the_forgetting_alert_true(live: Live) -> None:
+    """Fine-tuning on class-incremental split-mnist: the forgetting alerts' expressions hold and they go pending."""
+    expressions = {r["alert"]: r["expr"] for r in alert_rules()}
+    for alert in ("StreamClForgetting", "StreamClTaskForgotten"):
+        assert live.query(expressions[alert]), alert
+
+    def pending() -> set[str]:
+        return {a["labels"]["alertname"] for a in _api(live.prometheus, "alerts")["alerts"]}
+
+    _wait(lambda: {"StreamClForgetting", "StreamClTaskForgotten"} <= pending(), 15, "the forgetting alerts")
+
+
+@pytest.mark.integration
+def test_forgetting_gauges_rise_through_the_run(live: Live) -> None:
+    """Average forgetting starts below the alert's 0.2 and ends high; task 0, learned first, ends mostly forgotten."""
+    (series,) = live.query_range("stream_cl_average_forgetting")
+    values = [float(v) for _, v in series["values"]]
+    assert values[0] < 0.2 and values[-1] > 0.5, values
+    (task0,) = live.query('stream_cl_task_forgetting{task="0"}')
+    assert float(task0["value"][1]) > 0.5
+
+
+@pytest.mark.integration
+def test_held_out_samples_are_counted_apart(live: Live) -> None:
+    """Held-out samples are counted as such, never as learned: learned + held_out + invalid = produced."""
+    counts = {s["metric"]["outcome"]: float(s["value"][1]) for s in live.query("stream_cl_samples_total")}
+    assert counts["held_out"] > 0
+    assert counts["invalid"] == INVALID_MESSAGES
+    assert counts["learned"] + counts["held_out"] + counts["invalid"] == live.produced
+    assert counts["held_out"] < 0.2 * live.produced  # about evaluation.holdout_fraction, not more
+
+
+@pytest.mark.integration
+def test_dashboard_and_alerts_name_only_exported_metrics(live: Live) -> None:
+    """Every metric name in the dashboard and alerts.yml is one the daemon exports (or Prometheus's `up`)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{live.daemon.metrics_port}/metrics", timeout=10) as r:
+        exported = exported_names(r.read().decode())
+    used: set[str] = set()
+    for _, expr, _ in dashboard_queries(json.loads(DASHBOARD.read_text())):
+        used |= metric_names(expr)
+    for rule in alert_rules():
+        used |= metric_names(rule["expr"])
+    assert len(used) > 15
+    assert not used - exported - PROMETHEUS_SERIES, sorted(used - exported - PROMETHEUS_SERIES)
+
+
+@pytest.mark.integration
+def test_container_health_commands_pass_on_the_live_daemon(live: Live, tmp_path: Path) -> None:
+    """The Dockerfile HEALTHCHECK and the Kubernetes readiness probe, run as written, succeed on a ready daemon."""
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    match = re.search(r"HEALTHCHECK .*?CMD (\[.*\])", text)
+    assert match, "no HEALTHCHECK"
+    healthcheck = json.loads(match.group(1))
+    readiness = _k8s_docs()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    config_toml = tmp_path / "config.toml"
+    config_toml.write_text("")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "STREAM_CL_SERVE__PORT": str(live.daemon.serve_port),
+    }
+    for command in (shlex.join(healthcheck), readiness["exec"]["command"][2]):
+        command = command.replace("/etc/stream_cl/config.toml", str(config_toml))
+        result = subprocess.run(
+            ["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, (command, result.stdout, result.stderr)
+
+
+@pytest.mark.integration
+def test_report_from_the_running_daemon_and_its_checkpoint(live: Live, tmp_path: Path) -> None:
+    """`stream-cl report` writes PNGs and Markdown from the live /metrics and from the newest checkpoint."""
+    url = f"http://127.0.0.1:{live.daemon.metrics_port}/metrics"
+    assert main(["report", "--metrics-url", url, "--out", str(tmp_path / "live")]) == 0
+    markdown = (tmp_path / "live" / "report.md").read_text()
+    assert "| after task \\ task | 0 | 1 | 2 | 3 | 4 |" in markdown
+    assert (tmp_path / "live" / "accuracy_matrix.png").stat().st_size > 10_000
+    ckpt = checkpoint_dir(live.config)
+    assert main(["report", "--checkpoint", str(ckpt), "--out", str(tmp_path / "ckpt")]) == 0
+    markdown = (tmp_path / "ckpt" / "report.md").read_text()
+    assert "## Task boundaries" in markdown
+    assert (tmp_path / "ckpt" / "accuracy_over_time.png").stat().st_size > 10_000

@@ -1,0 +1,198 @@
+"""Mask freezing (`eidetic`): the no-forgetting guarantee, frozen parameters, norm layers, capacity, routing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from structlog.testing import capture_logs
+from torch import nn
+
+from stream_cl.config import ModelConfig
+from stream_cl.metrics import Metrics
+from stream_cl.strategies import Batch, Boundary
+from stream_cl.strategies.eidetic import Eidetic, protected_layers
+
+SHAPE = (1, 8, 8)
+OPTIMIZERS = {
+    "adam+decay": {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.01},
+    "sgd+momentum": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9},
+}
+
+
+def _strategy(backbone: str, optimizer: str, seed: int = 0, **options: Any) -> Eidetic:
+    model = ModelConfig(
+        backbone=backbone, hidden=[16, 12], seed=seed, device="cpu", batch_size=8, **OPTIMIZERS[optimizer]
+    )
+    opts = {
+        "task_buffer": 32,
+        "recovery_steps": 3,
+        "max_prune_steps": 4,
+        "router_reservoir": 16,
+        "router_hidden": 8,
+        **options,
+    }
+    return Eidetic(SHAPE, model=model, device="cpu", **opts)
+
+
+def _batch(task: int, classes: list[int], rng: np.random.Generator) -> Batch:
+    """Task-specific inputs: a per-class prototype of the task plus noise."""
+    y = rng.choice(classes, size=8)
+    protos = np.stack([np.random.default_rng([task, int(c)]).random(int(np.prod(SHAPE))) for c in y])
+    x = (protos + 0.2 * rng.standard_normal(protos.shape)).astype(np.float32).reshape(8, *SHAPE)
+    return Batch(x=torch.from_numpy(x), y=torch.from_numpy(y.astype(np.int64)), task=task)
+
+
+def _learn_task(s: Eidetic, task: int, rng: np.random.Generator, steps: int = 12) -> None:
+    """What the learner does for one task: a boundary, its two new classes, then online steps."""
+    s.on_boundary(Boundary(previous_task=task - 1 if task else None, task=task, reason="explicit"))
+    classes = [2 * task, 2 * task + 1]
+    s.add_classes(classes, task)
+    for _ in range(steps):
+        s.learn(_batch(task, classes, rng))
+
+
+def _random_inputs(seed: int) -> torch.Tensor:
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((16, *SHAPE)).astype(np.float32))
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+@pytest.mark.parametrize("seed", [0])
+def test_earlier_task_heads_are_bit_identical_after_later_tasks(
+    backbone: str, optimizer: str, seed: int
+) -> None:
+    """Every consolidated task's outputs (eval mode, task hint) on random inputs never change, to the bit."""
+    s = _strategy(backbone, optimizer, seed=seed)
+    rng = np.random.default_rng(seed)
+    x = _random_inputs(seed + 100)
+    recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for task in range(4):
+        _learn_task(s, task, rng)
+        for old, (logits, proba) in recorded.items():
+            assert torch.equal(_head_logits(s, x, old), logits), (
+                f"task {old}'s head moved while learning {task}"
+            )
+            served = s.predictor()(x, old)[0][:, s.task_classes[old]]
+            assert torch.equal(served, proba), f"task {old}'s predictions moved while learning {task}"
+        if task:  # task - 1 was consolidated at this task's boundary
+            old = task - 1
+            recorded[old] = (
+                _head_logits(s, x, old),
+                s.predict_proba(x, old)[0][:, s.task_classes[old]].clone(),
+            )
+    assert len(recorded) == 3
+
+
+def _head_logits(s: Eidetic, x: torch.Tensor, task: int) -> torch.Tensor:
+    """Task `task`'s head output in eval mode: its stored rows over the backbone's features."""
+    classes, weight, bias = s.task_heads[task]
+    s.model.eval()
+    with torch.no_grad():
+        logits = torch.nn.functional.linear(s.model.features(x), weight, bias)
+    s.model.train()
+    return logits
+
+
+@pytest.mark.parametrize("backbone", ["mlp", "cnn"])
+def test_frozen_parameters_unchanged_by_a_later_consolidation(backbone: str) -> None:
+    """Entries fixed at task 0's consolidation, and BatchNorm statistics of its channels, stay equal tensor by tensor."""
+    s = _strategy(backbone, "adam+decay")
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng)
+    _learn_task(s, 1, rng)  # consolidates task 0
+    params = dict(s._protected_params())
+    masks = {n: m.clone() for n, m in s.fixed_mask.items()}
+    before = {n: p.detach()[masks[n]].clone() for n, p in params.items()}
+    assert any(m.any() for m in masks.values()), "task 0 owns nothing"
+    norms = [(layer.norm, layer.norm.frozen.clone()) for layer in s.layers if layer.norm is not None]
+    stats = [(n.running_mean[f].clone(), n.running_var[f].clone()) for n, f in norms]  # type: ignore[index]
+    _learn_task(s, 2, rng)  # trains task 1, then consolidates it (pruning + recovery)
+    for name, p in params.items():
+        assert torch.equal(p.detach()[masks[name]], before[name]), f"{name}: a frozen entry moved"
+    for (norm, frozen), (mean, var) in zip(norms, stats, strict=True):
+        assert torch.equal(norm.running_mean[frozen], mean) and torch.equal(norm.running_var[frozen], var)  # type: ignore[index]
+    assert (backbone == "cnn") == bool(norms)
+
+
+def test_owned_neurons_never_read_newer_ones() -> None:
+    """Synapses from units not owned by the same or an earlier consolidation into owned units are zero."""
+    s = _strategy("mlp", "sgd+momentum")
+    rng = np.random.default_rng(0)
+    for task in range(3):
+        _learn_task(s, task, rng)
+    first, second = s.layers
+    owned, prev_rank = s.rank[1], s.rank[0]
+    for i in (owned >= 0).nonzero().flatten():
+        unreadable = (prev_rank < 0) | (prev_rank > owned[i])
+        assert (second.module.weight[i, unreadable] == 0).all()
+
+
+def test_layernorm_in_a_protected_layer_is_refused() -> None:
+    """LayerNorm mixes neurons, so building eidetic over it fails with a clear error."""
+    with pytest.raises(ValueError, match="LayerNorm .* mixes neurons"):
+        protected_layers(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.ReLU()))
+
+
+def test_capacity_runs_out_loudly_and_serving_goes_on() -> None:
+    """With no free neuron left, a warning is logged, the ratio reads 0, and prediction still works."""
+    model = ModelConfig(hidden=[1], seed=0, device="cpu", batch_size=8)
+    s = Eidetic(SHAPE, model=model, device="cpu", task_buffer=16, recovery_steps=1, router_hidden=4)
+    rng = np.random.default_rng(0)
+    assert s.free_capacity_ratio() == 1.0
+    _learn_task(s, 0, rng)
+    with capture_logs() as logs:
+        _learn_task(s, 1, rng)
+    assert s.free_capacity_ratio() == 0.0 and s.exhausted
+    assert any(e["event"] == "capacity_exhausted" and e["log_level"] == "warning" for e in logs)
+    _learn_task(s, 2, rng)
+    proba, routes = s.predict_proba(_random_inputs(1))
+    assert torch.isfinite(proba).all() and all(r in (0, 1, 2) for r in routes)
+
+
+def test_learner_exports_free_capacity(tmp_path: Any) -> None:
+    """The learner's capacity gauges read the strategy after a boundary."""
+    from stream_cl.learner import Learner
+
+    metrics = Metrics()
+    learner = Learner.__new__(Learner)
+    learner.metrics, learner.strategy = metrics, _strategy("mlp", "adam+decay")
+    learner._capacity_gauges()
+    assert metrics.sample_value("stream_cl_free_capacity_ratio") == 1.0
+    assert metrics.sample_value("stream_cl_capacity_exhausted") == 0.0
+
+
+def test_router_picks_the_task_and_a_hint_bypasses_it() -> None:
+    """Without a hint the route is the router's task choice; with a hint it is the hint."""
+    s = _strategy("mlp", "adam+decay", router_epochs=20)
+    rng = np.random.default_rng(0)
+    for task in range(3):
+        _learn_task(s, task, rng, steps=30)
+    batches = [_batch(t, [2 * t, 2 * t + 1], rng) for t in range(3)]
+    x = torch.cat([b.x for b in batches])
+    truth = [b.task for b in batches for _ in range(8)]
+    proba, routes = s.predict_proba(x)
+    assert np.mean(np.array(routes) == np.array(truth)) >= 0.6  # chance is 1/3
+    for i, r in enumerate(routes):  # all probability lies on the routed task's classes
+        assert proba[i, [2 * r, 2 * r + 1]].sum() == pytest.approx(1.0)
+    assert s.predict_proba(x, 1)[1] == [1] * len(truth)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("task_buffer", 0), ("prune_step", 1.0), ("tol", -0.1), ("score", "l3")]
+)
+def test_bad_options_name_their_key(key: str, value: Any) -> None:
+    """A bad option value raises an error that names strategy.options.KEY."""
+    with pytest.raises(ValueError, match=f"strategy.options.{key}"):
+        Eidetic(SHAPE, model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
+
+
+def test_taylor_scores_consolidate() -> None:
+    """Taylor-score pruning runs and leaves some neurons owned and some free."""
+    s = _strategy("cnn", "adam+decay", score="taylor")
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng)
+    _learn_task(s, 1, rng)
+    assert 0.0 < s.free_capacity_ratio() < 1.0

@@ -1,0 +1,151 @@
+"""The `interval` strategy (HyperInterval): sound bounds, the universal embedding, frozen tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from stream_cl import checks
+from stream_cl.config import ModelConfig
+from stream_cl.strategies import Boundary
+from stream_cl.strategies.interval import Interval
+from stream_cl.strategies.interval_bounds import (
+    HyperNetwork,
+    TargetLayout,
+    nested_centres,
+    universal_embedding,
+)
+
+
+def _trained(beta: float = 1.0, tasks: int = 3, steps: int = 6) -> Interval:
+    """A tiny interval strategy driven through `tasks` two-class tasks like the learner does."""
+    s = checks.factory_for(Interval, beta=beta, ramp_steps=3)()
+    assert isinstance(s, Interval)
+    checks.Driver(s).feed([(t, [2 * t, 2 * t + 1]) for t in range(tasks) for _ in range(steps)])
+    return s
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), radius=st.floats(0.0, 0.5), width=st.floats(0.0, 0.3))
+def test_bounds_are_sound(seed: int, radius: float, width: float) -> None:
+    """Random embeddings in the box and random inputs in the input box give outputs inside the bounds."""
+    torch.manual_seed(seed)
+    layout = TargetLayout([6, 5, 4])
+    hyper = HyperNetwork(layout, embedding_dim=3, hidden=[7, 7], chunk_size=16, chunk_dim=2, n_slots=1)
+    head_w, head_b = torch.randn(3, 4), torch.randn(3)
+    centre = torch.randn(3)
+    x_lo = torch.rand(5, 6) * 0.7
+    x_hi = x_lo + width * torch.rand(5, 6)
+    with torch.no_grad():
+        theta_lo, theta_hi = hyper.bounds(centre, radius)
+        h_lo, h_hi = layout.bounds(x_lo, x_hi, theta_lo, theta_hi)
+        z_lo = h_lo @ head_w.clamp(min=0).T + h_hi @ head_w.clamp(max=0).T + head_b
+        z_hi = h_hi @ head_w.clamp(min=0).T + h_lo @ head_w.clamp(max=0).T + head_b
+        for _ in range(20):
+            e = centre + radius * (2 * torch.rand(3) - 1)
+            theta = hyper(e.unsqueeze(0))[0]
+            assert (theta >= theta_lo - 1e-5).all() and (theta <= theta_hi + 1e-5).all()
+            x = x_lo + (x_hi - x_lo) * torch.rand(5, 6)
+            h = layout.forward(x, theta)
+            z = h @ head_w.T + head_b
+            assert (h >= h_lo - 1e-5).all() and (h <= h_hi + 1e-5).all()
+            assert (z >= z_lo - 1e-5).all() and (z <= z_hi + 1e-5).all()
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 10_000), tasks=st.integers(1, 8), epsilon=st.floats(0.01, 5.0))
+def test_universal_embedding_in_every_box(seed: int, tasks: int, epsilon: float) -> None:
+    """The midpoint of the intersection lies in every nested task box, whatever the embeddings."""
+    torch.manual_seed(seed)
+    centres, radius = nested_centres(10 * torch.randn(tasks, 5), epsilon)
+    e = universal_embedding(centres, radius)
+    assert ((e - centres).abs() <= radius + 1e-7).all()
+
+
+def test_trained_universal_embedding_in_every_task_box() -> None:
+    """After three learned tasks, the served universal embedding lies inside each task's box."""
+    s = _trained()
+    assert s.frozen_slots == [0, 1]
+    emb = torch.stack([s._embedding(t) for t in range(3)])
+    centres, radius = nested_centres(emb, s.epsilon)
+    e = universal_embedding(centres, radius)
+    assert ((e - centres).abs() <= radius).all()
+    for t in range(3):
+        lo, hi = s.hyper.bounds(centres[t], radius)
+        theta = s.universal_weights()
+        assert (theta >= lo - 1e-5).all() and (theta <= hi + 1e-5).all(), f"θ* outside task {t}'s weight box"
+
+
+def test_earlier_tasks_stay_near_their_targets() -> None:
+    """An earlier task's weights stay within tolerance of its stored target, thanks to the regularizer."""
+    drifts = {}
+    # The penalty sums over weights: the suite's 200-weight target needs a far larger β than MNIST's.
+    for beta in (0.0, 100.0):
+        s = _trained(beta=beta, steps=4)
+        target = s.targets[0].clone()
+        checks.Driver(s).feed([(2, [4, 5])] * 20, salt=100)
+        drifts[beta] = float((s._centre_weights(0) - target).norm() / target.norm())
+    assert drifts[100.0] < 0.05, f"task 0's weights drifted by {drifts[100.0]:.3f} (relative)"
+    assert drifts[0.0] > 2 * drifts[100.0], f"the regularizer made no difference: {drifts}"
+
+
+def test_frozen_embeddings_are_bit_exact() -> None:
+    """A frozen task's embedding does not move while later tasks learn (Adam moments included)."""
+    s = _trained(tasks=2)
+    frozen = s.hyper.embeddings[0].detach().clone()
+    checks.Driver(s).feed([(1, [2, 3])] * 5, salt=7)
+    assert torch.equal(s.hyper.embeddings[0], frozen)
+
+
+def test_predictor_is_one_plain_forward_pass() -> None:
+    """Task-free serving is the plain MLP with θ*; a task hint uses that task's own centre weights."""
+    s = _trained()
+    predict = s.predictor()
+    x = checks.probe()
+    head = s.model.head
+    for task, theta in ((None, s.universal_weights()), (1, s._centre_weights(1))):
+        with torch.no_grad():
+            logits = head(s.layout.forward(x, theta))
+        if task is not None:
+            mask = torch.full_like(logits, float("-inf"))
+            mask[:, s.task_classes[task]] = 0
+            logits = logits + mask
+        assert torch.allclose(predict(x, task)[0], torch.softmax(logits, dim=1), atol=1e-6)
+
+
+def test_entropy_routing_picks_a_task_per_sample() -> None:
+    """With `routing = "entropy"`, each sample is routed to one task and gets a distribution."""
+    s = checks.factory_for(Interval, routing="entropy")()
+    checks.Driver(s).feed(checks.TWO_TASKS)
+    proba, routes = s.predict_proba(checks.probe())
+    assert torch.allclose(proba.sum(1), torch.ones(proba.shape[0]))
+    assert set(routes) <= {0, 1}
+
+
+def test_hypernetwork_size_does_not_grow_with_the_target() -> None:
+    """Chunking: H's last layer is hidden × chunk_size, whatever the target network's size."""
+    small, large = TargetLayout([16, 8]), TargetLayout([784, 256, 256])
+    sizes = [
+        HyperNetwork(lay, 8, [10], chunk_size=64, chunk_dim=4, n_slots=2).layers[-1].weight.numel()
+        for lay in (small, large)
+    ]
+    assert sizes == [10 * 64, 10 * 64]
+
+
+def test_recurring_task_thaws_its_embedding() -> None:
+    """Returning to a frozen task unfreezes its embedding and drops it from the regularized set."""
+    s = _trained(tasks=2)
+    s.on_boundary(Boundary(previous_task=1, task=0, reason="explicit", recurring=True))
+    assert s.active == 0 and s.frozen_slots == [1]
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("epsilon", -1.0), ("embedding_dim", 0), ("hyper_hidden", [0]), ("routing", "vote")],
+)
+def test_bad_options_name_the_key(key: str, value: object) -> None:
+    """A bad option raises ValueError naming `strategy.options.KEY`."""
+    with pytest.raises(ValueError, match=f"strategy.options.{key}"):
+        Interval((1, 4, 4), model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
