@@ -153,7 +153,7 @@ class EvaluationConfig:
 
 @dataclass
 class LearnerConfig:
-    snapshot_every_steps: int = 20
+    snapshot_every_steps: int = 5
     snapshot_every_ms: int = 500
     prequential_window: int = 1000
 

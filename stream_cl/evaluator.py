@@ -103,7 +103,11 @@ class Evaluator:
 
     def on_learned(self, learned: int) -> None:
         self.learned = learned
-        if self.config.every_samples and learned - self._last_eval_samples >= self.config.every_samples:
+        every = self.config.every_samples
+        if self._gap_window is not None or self._pending_boundaries:
+            # just after a boundary: evaluate densely, or the stability gap is never observed
+            every = max(1, self.config.stability_window // 5)
+        if every and learned - self._last_eval_samples >= every:
             self._last_eval_samples = learned
             self._wake.set()
 
@@ -149,6 +153,7 @@ class Evaluator:
             with self._lock:
                 self.final_rows[ended] = row
                 self._gap_window = (self.learned + self.config.stability_window, dict(row))
+                self.stability_gap = 0.0  # a new boundary: its own gap is measured from here
         scores = self.evaluate()
         if not scores:
             return
@@ -168,8 +173,8 @@ class Evaluator:
                     at_boundary[j] - scores[j] for j in at_boundary if j in scores and j != self.current_task
                 ]
                 if drops:
-                    self.stability_gap = max(self.stability_gap if self.learned <= until else 0.0, max(drops))
-                if self.learned > until:
+                    self.stability_gap = max(self.stability_gap, max(drops))
+                if self.learned > until:  # the window closed: the gap holds until the next boundary
                     self._gap_window = None
         self._export()
 

@@ -200,6 +200,7 @@ class Learner:
         for rec in self._deferred:
             self._mark(rec)
         self._deferred.clear()
+        self._maybe_publish()  # per step, so a big polled chunk cannot leave serving on a stale model
         if self.evaluator is not None:
             self.evaluator.on_learned(self.learned)
         last = pending[-1][2]

@@ -529,10 +529,13 @@ def test_forced_forgetting_makes_the_forgetting_alert_true(live: Live) -> None:
 
 @pytest.mark.integration
 def test_forgetting_gauges_rise_through_the_run(live: Live) -> None:
-    """Average forgetting starts below the alert's 0.2 and ends high; task 0, learned first, ends mostly forgotten."""
+    """Average forgetting rises through the run and ends high; task 0, learned first, ends mostly forgotten.
+
+    (The first scrape may already fall after the first boundary, so the starting value is not pinned.)
+    """
     (series,) = live.query_range("stream_cl_average_forgetting")
     values = [float(v) for _, v in series["values"]]
-    assert values[0] < 0.2 and values[-1] > 0.5, values
+    assert values[0] < values[-1] and values[-1] > 0.5, values
     (task0,) = live.query('stream_cl_task_forgetting{task="0"}')
     assert float(task0["value"][1]) > 0.5
 

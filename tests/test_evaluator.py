@@ -110,3 +110,27 @@ def test_evaluator_state_round_trips(forced_forgetting: Learner) -> None:
     assert fresh.evaluate() == ev.evaluate()
     assert fresh.figures() == ev.figures()
     assert [fresh.hold_out() for _ in range(50)] == [ev.hold_out() for _ in range(50)]
+
+
+def test_stability_gap_is_seen_with_the_evaluator_thread_and_defaults() -> None:
+    """With default cadences and the evaluator on its own thread, finetune's post-boundary drop is measured.
+
+    Regression: snapshots were republished only every 640 samples, so every evaluation inside the
+    500-sample window scored the boundary model itself and the gap read 0.
+    """
+    import time
+
+    config = load_config(None, ["checkpoint.enabled=false", "log.level=warning"], env={})
+    learner = Learner(config, SnapshotHolder(), Metrics())
+    assert learner.evaluator is not None
+    learner.evaluator.start()
+    try:
+        for chunk in stream_records(load_stream("split-mnist", seed=0), chunk=2000):
+            learner.process(chunk)
+        learner.flush()
+        deadline = time.monotonic() + 30
+        while learner.evaluator.stability_gap == 0.0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        learner.evaluator.stop()
+    assert learner.evaluator.stability_gap > 0.2
