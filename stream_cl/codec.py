@@ -15,6 +15,7 @@ original bytes and that reason to the dead-letter topic.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,7 +98,7 @@ def decode_sample(
         if not isinstance(s, list | tuple) or not all(isinstance(d, int) and d > 0 for d in s):
             raise InvalidSample("bad_shape", "'shape' must be an array of positive ints")
         shape = tuple(s)
-        if int(np.prod(shape)) != x.size:
+        if math.prod(shape) != x.size:  # math.prod: np.prod costs ~5 µs on a small tuple
             raise InvalidSample("bad_shape", f"'shape' {list(shape)} does not match {x.size} features")
     if expected_size is not None and x.size != expected_size:
         raise InvalidSample("bad_length", f"'x' has {x.size} features, the model expects {expected_size}")

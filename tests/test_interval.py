@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from stream_cl import checks
 from stream_cl.config import ModelConfig
-from stream_cl.strategies import Boundary
+from stream_cl.strategies import Batch, Boundary
 from stream_cl.strategies.interval import Interval
 from stream_cl.strategies.interval_bounds import (
     HyperNetwork,
@@ -149,3 +149,13 @@ def test_bad_options_name_the_key(key: str, value: object) -> None:
     """A bad option raises ValueError naming `strategy.options.KEY`."""
     with pytest.raises(ValueError, match=f"strategy.options.{key}"):
         Interval((1, 4, 4), model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
+
+
+def test_ramp_counts_samples_not_steps() -> None:
+    """Single-sample batches (the learner's flushes at new labels) advance the ε ramp by one sample each."""
+    s = checks.factory_for(Interval, ramp_steps=2)()
+    s.add_classes([0, 1], 0)
+    one = checks.make_batch(0, [0, 1])
+    for _ in range(4):
+        s.learn(Batch(x=one.x[:1], y=one.y[:1], task=0))
+    assert s._progress() == pytest.approx(4 / (2 * checks.BATCH))

@@ -9,7 +9,7 @@ Task `t` owns the embedding box `c_t ± ε/M` with the nested centre `c_t = (ε/
   `κ·CE(z_M) + (1−κ)·CE(z_worst)`, where `z_M` are the logits of the centre network `H(c_t)`,
   and `z_worst` takes the lower logit bound for the true class and the upper one for the others,
   from sound interval propagation through `H` and then through the target MLP (inputs and ReLU
-  outputs are non-negative). `ε` ramps from 0 and `κ` from 1 to 0.5 over `ramp_steps` steps of
+  outputs are non-negative). `ε` ramps from 0 and `κ` from 1 to 0.5 over `ramp_steps` batches of
   the task (a stream has no "first half of training"). The head takes point weights (the live
   rows); its interval input still makes the worst case cover it.
 - Regularizer: `β · mean_j ||H(c_j) − θ̂_j||²` over frozen tasks `j`, with targets `θ̂_j`
@@ -149,7 +149,10 @@ class Interval(Strategy):
         self.targets = torch.zeros(max_tasks, self.layout.n_weights, device=self.device)
         self.frozen_slots: list[int] = []  # slots with a frozen embedding and a stored target
         self.trained = [False] * max_tasks
-        self.slot_steps = [0] * max_tasks  # steps learned per slot (drives the ε/κ ramp)
+        # Samples learned per slot: drives the ε/κ ramp. Samples, not steps, since the learner's first
+        # steps of a task can be batches of one or two (a flush at each new label), which as full steps
+        # ramped ε up before anything was learned and let the worst case kill every ReLU.
+        self.slot_samples = [0] * max_tasks
         self.active = 0
         self._sync_backbone(self._centre_weights(0))
         self.optimizer = self._make_optimizer()
@@ -236,7 +239,7 @@ class Interval(Strategy):
     def _progress(self) -> float:
         if self.ramp_steps == 0:
             return 1.0
-        return min(1.0, self.slot_steps[self.active] / self.ramp_steps)
+        return min(1.0, self.slot_samples[self.active] / (self.ramp_steps * self.model_config.batch_size))
 
     def _update(self, losses: torch.Tensor) -> None:
         loss = losses.mean()
@@ -263,7 +266,7 @@ class Interval(Strategy):
             losses = self._losses(x, y, progress)[0]
         self._update(losses)
         self.trained[slot] = True
-        self.slot_steps[slot] += 1
+        self.slot_samples[slot] += len(y)
         self.buffer.add(x, y, self.generator)
         return outcome
 
@@ -341,7 +344,7 @@ class Interval(Strategy):
                 "targets": self.targets.detach().cpu().clone(),
                 "frozen_slots": list(self.frozen_slots),
                 "trained": list(self.trained),
-                "slot_steps": list(self.slot_steps),
+                "slot_samples": list(self.slot_samples),
                 "active": self.active,
                 "buffer": self.buffer.state_dict(),
             },
@@ -354,7 +357,7 @@ class Interval(Strategy):
         self.targets = extra["targets"].to(self.device)
         self.frozen_slots = list(extra["frozen_slots"])
         self.trained = list(extra["trained"])
-        self.slot_steps = list(extra["slot_steps"])
+        self.slot_samples = list(extra["slot_samples"])
         self.active = int(extra["active"])
         self.buffer.load_state_dict(extra["buffer"])
 
