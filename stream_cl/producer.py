@@ -61,12 +61,15 @@ def produce_stream(
     """Send a built-in stream's training samples in stream order; return how many were sent.
 
     Each message carries `x`, `shape`, `y`, `id` (the sample index) and `task` when the stream
-    sends it. `rate` caps samples per second (None = as fast as possible); `key`, when given, goes
-    on every message (one key keeps the whole stream on one partition, in order).
+    sends it. `rate` caps samples per second (None = as fast as possible). `key` goes on every
+    message; it defaults to the stream's name, so the whole stream lands on one partition and keeps
+    its order (Kafka orders only within a partition; unkeyed messages are spread across them).
     """
     total = stream.n_train if limit is None else min(limit, stream.n_train)
     payloads = _stream_payloads(stream, total, binary)
-    return _produce(bootstrap_servers, topic, payloads, total, rate, progress, key)
+    return _produce(
+        bootstrap_servers, topic, payloads, total, rate, progress, stream.name if key is None else key
+    )
 
 
 def produce_file(

@@ -411,8 +411,19 @@ def live(
         prometheus_binary, daemon.metrics_port, tmp_path_factory.mktemp("prometheus")
     )
     try:
-        # ~1000 samples/s: Prometheus (1 s scrapes) sees every task come and go
-        produced = produce_stream(broker.bootstrap_servers, topic, split_mnist, rate=1000)
+        # Learning must happen while Prometheus watches: wait for the daemon's group join and for
+        # Prometheus's first scrape of it, then ~500 samples/s so every task spans several scrapes.
+        _wait(
+            lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
+        )
+
+        def scraped() -> bool:
+            with urllib.request.urlopen(f"{base}/api/v1/query?query=up", timeout=5) as r:
+                result = json.loads(r.read())["data"]["result"]
+            return any(float(series["value"][1]) == 1.0 for series in result)
+
+        _wait(scraped, 30, "Prometheus's first scrape of the daemon")
+        produced = produce_stream(broker.bootstrap_servers, topic, split_mnist, rate=500)
         # after the stream: the first valid sample fixes the input size, so these are the odd ones out
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
         producer.send(topic, b"\xc1 not msgpack")
