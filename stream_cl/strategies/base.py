@@ -330,6 +330,28 @@ class Strategy(abc.ABC):
         return buf.getvalue()
 
 
+def is_int(value: Any) -> bool:
+    """An int that is not a bool (TOML and --set give real ints; True must not pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int_options(minimum: int, **options: Any) -> None:
+    """Each option must be an integer >= `minimum`; the error names `strategy.options.KEY`."""
+    bound = "> 0" if minimum == 1 else f">= {minimum}"
+    for key, value in options.items():
+        if not is_int(value) or value < minimum:
+            raise ValueError(f"strategy.options.{key}: expected an integer {bound}, got {value!r}")
+
+
+def check_number_options(minimum: float, strict: bool = False, **options: Any) -> None:
+    """Each option must be a number >= `minimum` (> with `strict`); the error names the key."""
+    bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+    for key, value in options.items():
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok or value < minimum or (strict and value == minimum):
+            raise ValueError(f"strategy.options.{key}: expected a number {bound}, got {value!r}")
+
+
 def _to_cpu(obj: Any) -> Any:
     if torch.is_tensor(obj):
         return obj.detach().cpu().clone()

@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from stream_cl.config import ModelConfig
 from stream_cl.log import get_logger
 from stream_cl.models import Classifier, ExpandingHead
-from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy
+from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy, check_int_options
 from stream_cl.strategies.buffers import ReservoirBuffer
 
 SCORES = ("l1", "l2", "taylor")
@@ -175,20 +175,12 @@ class Eidetic(Strategy):
         router_epochs: int = 5,
         router_lr: float = 0.001,
     ) -> None:
-        for key, value in (
-            ("task_buffer", task_buffer),
-            ("router_reservoir", router_reservoir),
-            ("router_hidden", router_hidden),
-        ):
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"strategy.options.{key}: expected an integer > 0, got {value!r}")
-        for key, value in (
-            ("recovery_steps", recovery_steps),
-            ("max_prune_steps", max_prune_steps),
-            ("router_epochs", router_epochs),
-        ):
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"strategy.options.{key}: expected an integer >= 0, got {value!r}")
+        check_int_options(
+            1, task_buffer=task_buffer, router_reservoir=router_reservoir, router_hidden=router_hidden
+        )
+        check_int_options(
+            0, recovery_steps=recovery_steps, max_prune_steps=max_prune_steps, router_epochs=router_epochs
+        )
         if not 0 < prune_step < 1:
             raise ValueError(f"strategy.options.prune_step: expected 0 < prune_step < 1, got {prune_step!r}")
         if not 0 <= tol < 1:
@@ -665,7 +657,3 @@ def _cpu(obj: Any) -> Any:
     if isinstance(obj, list):
         return [_cpu(v) for v in obj]
     return obj
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -24,7 +24,14 @@ import torch
 from torch import nn
 
 from stream_cl.config import ModelConfig
-from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy
+from stream_cl.strategies.base import (
+    Batch,
+    Boundary,
+    StepResult,
+    Strategy,
+    check_int_options,
+    check_number_options,
+)
 
 EPS = 1e-8
 
@@ -160,14 +167,10 @@ class FIP(Strategy):
         step_size: float = 0.1,
         beta: float = 5.0,
     ) -> None:
-        if not _is_int(memory_size) or memory_size <= 0:
-            raise ValueError(f"strategy.options.memory_size: expected an integer > 0, got {memory_size!r}")
-        if not _is_int(memory_batch) or memory_batch < 0:
-            raise ValueError(f"strategy.options.memory_batch: expected an integer >= 0, got {memory_batch!r}")
-        if not isinstance(step_size, int | float) or isinstance(step_size, bool) or not step_size > 0:
-            raise ValueError(f"strategy.options.step_size: expected a number > 0, got {step_size!r}")
-        if not isinstance(beta, int | float) or isinstance(beta, bool) or not beta >= 0:
-            raise ValueError(f"strategy.options.beta: expected a number >= 0, got {beta!r}")
+        check_int_options(1, memory_size=memory_size)
+        check_int_options(0, memory_batch=memory_batch)
+        check_number_options(0, strict=True, step_size=step_size)
+        check_number_options(0, beta=beta)
         super().__init__(
             input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
         )
@@ -207,7 +210,3 @@ class FIP(Strategy):
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         return {**super().memory_usage(), "fip_memory": (len(self.memory), self.memory.capacity)}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -50,7 +50,15 @@ from torch.nn import functional as F
 
 from stream_cl.config import ModelConfig
 from stream_cl.models import MLP, Classifier
-from stream_cl.strategies.base import Batch, Boundary, StepResult, Strategy
+from stream_cl.strategies.base import (
+    Batch,
+    Boundary,
+    StepResult,
+    Strategy,
+    check_int_options,
+    check_number_options,
+    is_int,
+)
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.interval_bounds import (
     HyperNetwork,
@@ -96,22 +104,17 @@ class Interval(Strategy):
         max_tasks: int = 32,
         routing: str = "universal",
     ) -> None:
-        for key, value in (
-            ("embedding_dim", embedding_dim),
-            ("chunk_size", chunk_size),
-            ("chunk_dim", chunk_dim),
-            ("consolidation_buffer", consolidation_buffer),
-            ("max_tasks", max_tasks),
-        ):
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"strategy.options.{key}: expected an integer > 0, got {value!r}")
-        for key, value in (("ramp_steps", ramp_steps), ("consolidation_steps", consolidation_steps)):
-            if not _is_int(value) or value < 0:
-                raise ValueError(f"strategy.options.{key}: expected an integer >= 0, got {value!r}")
-        for key, number in (("epsilon", epsilon), ("beta", beta)):
-            if not isinstance(number, int | float) or isinstance(number, bool) or number < 0:
-                raise ValueError(f"strategy.options.{key}: expected a number >= 0, got {number!r}")
-        if not isinstance(hyper_hidden, Sequence) or not all(_is_int(h) and h > 0 for h in hyper_hidden):
+        check_int_options(
+            1,
+            embedding_dim=embedding_dim,
+            chunk_size=chunk_size,
+            chunk_dim=chunk_dim,
+            consolidation_buffer=consolidation_buffer,
+            max_tasks=max_tasks,
+        )
+        check_int_options(0, ramp_steps=ramp_steps, consolidation_steps=consolidation_steps)
+        check_number_options(0, epsilon=epsilon, beta=beta)
+        if not isinstance(hyper_hidden, Sequence) or not all(is_int(h) and h > 0 for h in hyper_hidden):
             raise ValueError(
                 f"strategy.options.hyper_hidden: expected a list of positive widths, got {hyper_hidden!r}"
             )
@@ -397,7 +400,3 @@ def _entropy_route(
         routes[better.cpu()] = slot
     assert best_p is not None
     return best_p, [int(r) for r in routes]
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from stream_cl.config import ModelConfig
-from stream_cl.strategies.base import Batch, StepResult, Strategy
+from stream_cl.strategies.base import Batch, StepResult, Strategy, check_int_options
 from stream_cl.strategies.buffers import ReservoirBuffer
 
 
@@ -34,10 +34,8 @@ class Replay(Strategy):
         buffer_size: int = 500,
         replay_batch: int = 0,
     ) -> None:
-        if not _is_int(buffer_size) or buffer_size <= 0:
-            raise ValueError(f"strategy.options.buffer_size: expected an integer > 0, got {buffer_size!r}")
-        if not _is_int(replay_batch) or replay_batch < 0:
-            raise ValueError(f"strategy.options.replay_batch: expected an integer >= 0, got {replay_batch!r}")
+        check_int_options(1, buffer_size=buffer_size)
+        check_int_options(0, replay_batch=replay_batch)
         super().__init__(
             input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
         )
@@ -64,7 +62,3 @@ class Replay(Strategy):
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         return {**super().memory_usage(), "replay_buffer": (len(self.buffer), self.buffer.capacity)}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
