@@ -116,7 +116,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     port = args.port or config.serve.port
     token = args.token if args.token is not None else (config.serve.token or None)
     try:
-        with PredictionClient(host, port, token=token, timeout=args.timeout) as client:
+        with PredictionClient(
+            host,
+            port,
+            token=token,
+            timeout=args.timeout,
+            tls=args.tls or bool(args.cafile),
+            cafile=args.cafile,
+        ) as client:
             if args.health:
                 reply: Any = client.health()
             elif args.info:
@@ -247,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--port", type=int)
     pd.add_argument("--token")
     pd.add_argument("--timeout", type=float, default=10.0)
+    pd.add_argument("--tls", action="store_true", help="connect with TLS (the server has serve.tls_cert set)")
+    pd.add_argument(
+        "--cafile", help="PEM CA bundle or self-signed certificate to verify the server (implies --tls)"
+    )
     pd.add_argument("--task", help="task hint")
     what = pd.add_mutually_exclusive_group()
     what.add_argument("--x", help="one sample as a JSON array of numbers")

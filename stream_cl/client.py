@@ -2,13 +2,15 @@
 
 Blocking and dependency-light (socket, msgpack, numpy) so it drops into notebooks, scripts and
 load generators alike. One client = one connection; it is not thread-safe (give each thread its
-own). The convenience methods send one request and wait for its reply; `send`/`recv` pipeline
+own). With `tls=True` (or an `ssl.SSLContext`) the connection is TLS and the server's certificate
+is verified against `cafile` (else the system trust store) and `host`. The convenience methods send one request and wait for its reply; `send`/`recv` pipeline
 many requests on the connection (the server answers them in order, each echoing its `id`).
 """
 
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Iterable
 from types import TracebackType
@@ -47,14 +49,41 @@ def _rows(xs: Any) -> list[Any]:
     return list(xs)
 
 
+def client_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
+    """Verifying client context (hostname + chain), TLS >= 1.2; `cafile` trusts a private CA or a
+    self-signed server certificate instead of the system store."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class PredictionClient:
-    """A connection to a `PredictionServer`; authenticates on connect when `token` is given."""
+    """A connection to a `PredictionServer`; authenticates on connect when `token` is given.
+
+    `tls`: False = plain TCP; True = TLS verified with `client_ssl_context(cafile)`; an
+    `ssl.SSLContext` = TLS with exactly that context (e.g. client certificates, pinning).
+    A `cafile` alone implies `tls=True`: asking to verify a certificate never means plain TCP.
+    """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 7070, token: str | None = None, timeout: float = 10.0
+        self,
+        host: str = "127.0.0.1",
+        port: int = 7070,
+        token: str | None = None,
+        timeout: float = 10.0,
+        tls: bool | ssl.SSLContext = False,
+        cafile: str | None = None,
     ) -> None:
-        self._sock = socket.create_connection((host, port), timeout=timeout)
-        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection((host, port), timeout=timeout)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if tls is not False or cafile:
+                context = tls if isinstance(tls, ssl.SSLContext) else client_ssl_context(cafile)
+                sock = context.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        self._sock = sock
         self._buf = bytearray()
         self._next_id = 0
         self._outstanding = 0

@@ -58,7 +58,8 @@ def decode_features(value: Any, max_features: int = MAX_FEATURES_DEFAULT, field:
             raise InvalidSample("too_large", f"'{field}' has {len(value)} features (max {max_features})")
         if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
             raise InvalidSample("bad_type", f"'{field}' must hold only numbers")
-        x = np.asarray(value, dtype=np.float32)
+        with np.errstate(over="ignore"):  # numbers beyond float32 become inf: refused below, no warning
+            x = np.asarray(value, dtype=np.float32)
     else:
         raise InvalidSample("bad_type", f"'{field}' must be bin or an array, got {type(value).__name__}")
     if x.size == 0:
@@ -95,7 +96,9 @@ def decode_sample(
     shape: tuple[int, ...] | None = None
     if obj.get("shape") is not None:
         s = obj["shape"]
-        if not isinstance(s, list | tuple) or not all(isinstance(d, int) and d > 0 for d in s):
+        if not isinstance(s, list | tuple) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in s
+        ):
             raise InvalidSample("bad_shape", "'shape' must be an array of positive ints")
         shape = tuple(s)
         if math.prod(shape) != x.size:  # math.prod: np.prod costs ~5 µs on a small tuple

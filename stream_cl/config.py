@@ -174,12 +174,48 @@ class ServeConfig:
     max_connections: int = 256
     idle_timeout_s: float = 300.0
     read_timeout_s: float = 10.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_requests_per_s: float = 0.0
 
     def validate(self) -> None:
         _port("serve.port", self.port)
         _positive("serve.max_frame_bytes", self.max_frame_bytes)
         _positive("serve.max_batch", self.max_batch)
         _positive("serve.max_connections", self.max_connections)
+        if self.max_requests_per_s < 0:
+            raise ConfigError(
+                "serve.max_requests_per_s", f"must be >= 0 (0 = no limit), got {self.max_requests_per_s}"
+            )
+        self._validate_tls()
+
+    def _validate_tls(self) -> None:
+        """Fail at load time, naming the key, rather than when the server first binds.
+
+        TLS is all-or-nothing: a certificate without its key (or the reverse) is a mistake, never a
+        request for plain TCP, so it is refused instead of silently serving unencrypted.
+        """
+        if not self.tls_cert and not self.tls_key:
+            return
+        for key, other, value in (
+            ("serve.tls_cert", "serve.tls_key", self.tls_cert),
+            ("serve.tls_key", "serve.tls_cert", self.tls_key),
+        ):
+            if not value:
+                raise ConfigError(key, f"is empty but {other} is set: give both (TLS) or neither (plain TCP)")
+            try:
+                with open(value, "rb") as f:
+                    f.read(1)
+            except OSError as e:
+                raise ConfigError(key, f"cannot read {value!r}: {e.strerror or e}") from None
+        import ssl  # only configs that enable TLS pay for the import
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(
+                "serve.tls_cert", f"{self.tls_cert!r} with key {self.tls_key!r} is not a usable pair: {e}"
+            ) from None
 
 
 @dataclass

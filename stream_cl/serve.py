@@ -17,6 +17,13 @@ Why it is built this way:
   from their header, a frame must complete within `serve.read_timeout_s`, idle connections go
   after `serve.idle_timeout_s`, at most `serve.max_connections` are served, and a connection that
   pipelines without reading its replies stops being read.
+- Optional TLS (`serve.tls_cert` + `serve.tls_key`, TLS >= 1.2) wraps the same protocol; the
+  handshake must finish within `serve.read_timeout_s`, and a failed handshake (e.g. a plain-TCP
+  client) never reaches a `_Connection`, so it costs nothing beyond the socket.
+- Optional per-connection rate limit (`serve.max_requests_per_s`, token bucket with one second of
+  burst): a request over it is answered `bad_request` / "rate limit exceeded", without running it,
+  and the connection stays open. Rejecting rather than delaying keeps the server's memory and
+  timers independent of how hard a client pushes; an honest client just backs off.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import contextlib
 import hmac
 import math
 import queue
+import ssl
 import struct
 import threading
 import time
@@ -52,6 +60,22 @@ MAX_IN_FLIGHT_PER_CONNECTION = 1024
 # When the server closes a connection itself (too_large, read timeout, refusal, idle) it half-closes
 # and discards input for at most this long, so its last reply is not destroyed by a TCP reset.
 LINGER_S = 2.0
+RATE_LIMITED = "rate limit exceeded"
+
+
+def server_ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
+    """The TLS context for `serve.tls_cert`/`serve.tls_key`, or None for plain TCP.
+
+    `ssl.create_default_context(CLIENT_AUTH)` brings the library's vetted cipher and option
+    defaults; only the floor is raised to TLS 1.2 so no deployment can negotiate 1.0/1.1.
+    """
+    if not config.tls_cert and not config.tls_key:
+        return None
+    config.validate()  # a programmatic ServeConfig skips load_config: one clear error naming the key
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(config.tls_cert, config.tls_key)
+    return context
 
 
 class RequestError(Exception):
@@ -291,6 +315,10 @@ class _Connection(asyncio.Protocol):
         self._peer_eof = False
         self._lost = False
         self._busy = False  # owes replies or is closing: it will send no request the batcher can await
+        # Token bucket for serve.max_requests_per_s: starts full (one second of burst, at least 1).
+        self._rate = server.config.max_requests_per_s
+        self._tokens = max(1.0, self._rate)
+        self._tokens_at = self._last_active
 
     # -- asyncio.Protocol -------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -324,7 +352,11 @@ class _Connection(asyncio.Protocol):
         self._parse()
 
     def eof_received(self) -> bool:
-        """The peer is done sending: answer every complete frame it sent, then close."""
+        """The peer is done sending: answer every complete frame it sent, then close.
+
+        Over TLS a peer's close_notify ends the session both ways (asyncio cannot keep it half
+        open), so replies still on the batcher then die with it; plain TCP keeps the write side.
+        """
         self._peer_eof = True
         if self._lingering_since is not None:
             return False
@@ -332,7 +364,7 @@ class _Connection(asyncio.Protocol):
             self._parse(limit_in_flight=False)
             self._buf.clear()
             self._close_after(None, linger=False)
-        return True
+        return self._transport is not None and self._transport.can_write_eof()
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -381,6 +413,8 @@ class _Connection(asyncio.Protocol):
             if not isinstance(request, dict):
                 raise RequestError("bad_request", f"frame holds {type(request).__name__}, not a map")
             rid = request.get("id")
+            if self._rate > 0 and not self._take_token():
+                raise RequestError("bad_request", RATE_LIMITED)
             op = request.get("op")
             if not self._authed and op != "auth":
                 raise RequestError("unauthorized", "authenticate first: {'op': 'auth', 'token': ...}")
@@ -393,6 +427,18 @@ class _Connection(asyncio.Protocol):
         except Exception:
             self._server.log.exception("serve_request_failed")
             self._reply(error_frame(rid, "internal", "internal server error"))
+
+    def _take_token(self) -> bool:
+        """Refill the bucket for the time elapsed and spend one token if there is one."""
+        now = self._loop.time()
+        burst = max(1.0, self._rate)
+        self._tokens = min(burst, self._tokens + (now - self._tokens_at) * self._rate)
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            self._server.rate_limited += 1
+            return False
+        self._tokens -= 1.0
+        return True
 
     def _answer(self, op: Any, request: dict[Any, Any]) -> dict[str, Any]:
         """Replies of the ops that need no forward (without `id` and `ok`)."""
@@ -589,6 +635,8 @@ class PredictionServer:
         self._connections: set[_Connection] = set()
         self._admitted = 0
         self.busy_connections = 0  # admitted, open, and owing replies or closing
+        self.rate_limited = 0  # requests refused by serve.max_requests_per_s (loop thread only)
+        self.tls = bool(config.tls_cert or config.tls_key)
         self.stopping = False  # set on the loop thread once stop() has been asked for
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -668,13 +716,21 @@ class PredictionServer:
     async def _serve(self, bound: concurrent.futures.Future[int]) -> None:
         loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
+        context = server_ssl_context(self.config)
         server = await loop.create_server(
-            lambda: _Connection(self), self.config.host, self.config.port, reuse_address=True
+            lambda: _Connection(self),
+            self.config.host,
+            self.config.port,
+            reuse_address=True,
+            ssl=context,
+            ssl_handshake_timeout=self.config.read_timeout_s if context is not None else None,
         )
         port = int(server.sockets[0].getsockname()[1])
         self.batcher.start(loop)
         bound.set_result(port)
-        self.log.info("serve_started", host=self.config.host, port=port, auth=bool(self.config.token))
+        self.log.info(
+            "serve_started", host=self.config.host, port=port, auth=bool(self.config.token), tls=self.tls
+        )
         await self._stop_requested.wait()
 
         # From here a new connection is told the server is stopping and closed; what was already
