@@ -289,3 +289,61 @@ def test_sigterm_commits_offsets_and_exits_zero(broker: EmbeddedBroker, tmp_path
     finally:
         again.close()
     assert reread == 0
+
+
+def test_every_malformed_class_is_dead_lettered_with_its_reason(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """One message per malformed class reaches the dead-letter topic with that reason; valid ones are learned."""
+    topic = f"dlq-classes-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
+            f"kafka.topic={topic}",
+            f"kafka.dead_letter_topic={topic}.dlq",
+            f"kafka.group_id=g-{topic}",
+            "serve.enabled=false",
+            "metrics.enabled=false",
+            "model.input_dim=4",
+            "model.hidden=[8]",
+            "model.max_classes=2",
+            "evaluation.holdout_fraction=0",
+            f"checkpoint.dir={tmp_path}",
+        ],
+        env={},
+    )
+    good = [msgpack.packb({"x": [0.1, 0.2, 0.3, 0.4], "y": i % 2}) for i in range(6)]
+    bad = {
+        "not_msgpack": b"\xc1\xc1",
+        "not_a_map": msgpack.packb([1, 2, 3]),
+        "missing_x": msgpack.packb({"y": 1}),
+        "bad_length": msgpack.packb({"x": [0.1, 0.2], "y": 1}),
+        "bad_type": msgpack.packb({"x": "four floats", "y": 1}),
+        "bad_shape": msgpack.packb({"x": [0.1, 0.2, 0.3, 0.4], "shape": [3], "y": 1}),
+        "not_finite": msgpack.packb({"x": [0.1, float("inf"), 0.3, 0.4], "y": 1}),
+        "too_many_classes": msgpack.packb({"x": [0.1, 0.2, 0.3, 0.4], "y": 7}),
+    }
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+    for value in [*good[:3], *bad.values(), *good[3:]]:
+        producer.send(topic, value)
+    producer.flush()
+    producer.close()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        dlq = f"{topic}.dlq"
+        _wait(
+            lambda: len(consume_all(broker.bootstrap_servers, dlq, timeout_s=5)) >= len(bad),
+            60,
+            "dead letters",
+        )
+        _wait(lambda: daemon.learner.stats()["learned"] >= len(good), 30, "the valid samples")
+        records = consume_all(broker.bootstrap_servers, dlq, timeout_s=5)
+        reasons = {dict(r.headers)["stream_cl.reason"].decode(): r.value for r in records}
+        assert reasons == bad  # every reason, each with its original bytes
+        assert daemon.learner.stats()["learned"] == len(good)
+        assert daemon.failed is None
+    finally:
+        daemon.stop()
