@@ -2,10 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
+
+
+class _Reservoir(Protocol):
+    capacity: int
+    size: int
+    seen: int
+
+
+def reservoir_slots(buffer: _Reservoir, n: int, generator: torch.Generator) -> Iterator[tuple[int, int]]:
+    """Vitter's algorithm R over `n` newly offered items: yields (item index, slot) for each kept.
+
+    Updates `buffer.size` and `buffer.seen`; the caller writes the item into the slot.
+    """
+    for i in range(n):
+        buffer.seen += 1
+        if buffer.size < buffer.capacity:
+            slot = buffer.size
+            buffer.size += 1
+        else:
+            slot = int(torch.randint(buffer.seen, (1,), generator=generator))
+            if slot >= buffer.capacity:
+                continue
+        yield i, slot
 
 
 class ReservoirBuffer:
@@ -30,15 +53,7 @@ class ReservoirBuffer:
 
     def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch; items are copied, the caller's tensors are never kept or changed."""
-        for i in range(x.shape[0]):
-            self.seen += 1
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-            else:
-                slot = int(torch.randint(self.seen, (1,), generator=generator))
-                if slot >= self.capacity:
-                    continue
+        for i, slot in reservoir_slots(self, x.shape[0], generator):
             self.x[slot] = x[i]
             self.y[slot] = y[i]
 

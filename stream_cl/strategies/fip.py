@@ -32,6 +32,7 @@ from stream_cl.strategies.base import (
     check_int_options,
     check_number_options,
 )
+from stream_cl.strategies.buffers import reservoir_slots
 
 EPS = 1e-8
 
@@ -83,15 +84,7 @@ class InputMemory:
 
     def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch of inputs; they are copied, never kept by reference."""
-        for i in range(x.shape[0]):
-            self.seen += 1
-            if self.size < self.capacity:
-                slot = self.size
-                self.size += 1
-            else:
-                slot = int(torch.randint(self.seen, (1,), generator=generator))
-                if slot >= self.capacity:
-                    continue
+        for i, slot in reservoir_slots(self, x.shape[0], generator):
             self.x[slot] = x[i]
             self.valid[slot] = False
 
