@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from kafka import KafkaProducer
+from support import kafka_overrides
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.checkpoint import CheckpointStore, read_checkpoint
@@ -149,9 +150,7 @@ def test_kill_9_then_restart_learns_every_sample_exactly_once(broker: EmbeddedBr
     broker.create_topic(topic)
     stream = load_stream("split-digits", seed=0)
     overrides = [
-        f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-        f"kafka.topic={topic}",
-        f"kafka.group_id=g-{topic}",
+        *kafka_overrides(broker.bootstrap_servers, topic),
         f"checkpoint.dir={tmp_path / 'ckpt'}",
         "checkpoint.every_samples=200",
         "checkpoint.at_boundary=false",

@@ -17,6 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from support import kafka_overrides
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.client import PredictionClient
@@ -53,10 +54,7 @@ def running(
     config = load_config(
         None,
         [
-            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-            f"kafka.topic={topic}",
-            f"kafka.dead_letter_topic={topic}.dlq",
-            f"kafka.group_id=g-{topic}",
+            *kafka_overrides(broker.bootstrap_servers, topic),
             "serve.port=0",
             "metrics.port=0",
             "model.hidden=[128]",
@@ -139,9 +137,7 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path
     config = load_config(
         None,
         [
-            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-            f"kafka.topic={topic}",
-            f"kafka.group_id=g-{topic}",
+            *kafka_overrides(broker.bootstrap_servers, topic),
             "serve.port=0",
             "metrics.enabled=false",
             "model.hidden=[64]",
@@ -300,10 +296,7 @@ def test_every_malformed_class_is_dead_lettered_with_its_reason(
     config = load_config(
         None,
         [
-            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-            f"kafka.topic={topic}",
-            f"kafka.dead_letter_topic={topic}.dlq",
-            f"kafka.group_id=g-{topic}",
+            *kafka_overrides(broker.bootstrap_servers, topic),
             "serve.enabled=false",
             "metrics.enabled=false",
             "model.input_dim=4",

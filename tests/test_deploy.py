@@ -34,6 +34,7 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
+from support import kafka_overrides
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.cli import build_parser, main
@@ -387,10 +388,7 @@ def live(
     config = load_config(
         None,
         [
-            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-            f"kafka.topic={topic}",
-            f"kafka.dead_letter_topic={topic}.dlq",
-            f"kafka.group_id=g-{topic}",
+            *kafka_overrides(broker.bootstrap_servers, topic),
             "serve.port=0",
             "metrics.port=0",
             "model.hidden=[64]",

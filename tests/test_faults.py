@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from kafka import KafkaProducer
+from support import kafka_overrides
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.codec import encode_sample
@@ -58,10 +59,7 @@ def test_broker_stop_and_restart_under_running_daemon(
         config = load_config(
             None,
             [
-                f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-                f"kafka.topic={topic}",
-                f"kafka.dead_letter_topic={topic}.dlq",
-                f"kafka.group_id=g-{topic}",
+                *kafka_overrides(broker.bootstrap_servers, topic),
                 "kafka.commit_interval_s=0.5",
                 "serve.enabled=false",
                 "metrics.enabled=false",

@@ -18,6 +18,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from support import kafka_overrides
 
 from stream_cl import cli
 from stream_cl.broker import EmbeddedBroker
@@ -227,9 +228,7 @@ def test_daemon_token_from_environment(broker: EmbeddedBroker, topic: str, tmp_p
     config = load_config(
         None,
         [
-            f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-            f"kafka.topic={topic}",
-            f"kafka.group_id=g-{topic}",
+            *kafka_overrides(broker.bootstrap_servers, topic),
             "serve.port=0",
             "metrics.enabled=false",
             "evaluation.holdout_fraction=0",
