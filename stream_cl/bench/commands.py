@@ -42,7 +42,7 @@ VERBS: dict[str, tuple[str, str]] = {
     ),
     "soak": (
         "stream_cl.bench.soak",
-        "stream N samples through the daemon; peak RSS at 10% and 100% (goal: growth <= 10%)",
+        "stream N samples through the daemon; peak RSS at 10%% and 100%% (goal: growth <= 10%%)",
     ),
 }
 

@@ -29,7 +29,7 @@ from stream_cl.config import Config
 # Heavy imports (numpy, kafka, torch via the daemon) live inside run(): the CLI parser imports this
 # module for every `stream-cl` command.
 
-HELP = "stream N samples through the daemon; peak RSS at 10% and 100% (goal: growth <= 10%)"
+HELP = "stream N samples through the daemon; peak RSS at 10%% and 100%% (goal: growth <= 10%%)"
 GOAL = 0.10
 
 
