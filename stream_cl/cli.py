@@ -125,11 +125,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             cafile=args.cafile,
         ) as client:
             if args.health:
-                reply: Any = client.health()
+                reply: Any = client.health(key=args.key)
             elif args.info:
-                reply = client.info()
+                reply = client.info(key=args.key)
             elif args.x:
-                reply = client.predict(json.loads(args.x), task=_task_arg(args.task))
+                reply = client.predict(json.loads(args.x), task=_task_arg(args.task), key=args.key)
             else:
                 return _predict_stream(client, args)
     except (OSError, PredictionError) as e:
@@ -158,7 +158,7 @@ def _predict_stream(client: Any, args: argparse.Namespace) -> int:
     pick = rng.choice(len(xs), size=min(args.n, len(xs)), replace=False)
     labels: list[Any] = []
     for start in range(0, len(pick), 200):  # keep each frame well under serve.max_frame_bytes
-        reply = client.predict_batch(xs[pick[start : start + 200]])
+        reply = client.predict_batch(xs[pick[start : start + 200]], key=args.key)
         labels += [r["label"] for r in reply["results"]]
     acc = float(np.mean([lab == int(y) for lab, y in zip(labels, ys[pick], strict=True)]))
     print(json.dumps({"samples": len(pick), "accuracy": acc, "model_version": reply["model_version"]}))
@@ -259,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cafile", help="PEM CA bundle or self-signed certificate to verify the server (implies --tls)"
     )
     pd.add_argument("--task", help="task hint")
+    pd.add_argument("--key", help="model key, on a daemon that learns one model per message key")
     what = pd.add_mutually_exclusive_group()
     what.add_argument("--x", help="one sample as a JSON array of numbers")
     what.add_argument("--health", action="store_true")

@@ -49,6 +49,15 @@ def _rows(xs: Any) -> list[Any]:
     return list(xs)
 
 
+def _request(op: str, task: int | str | None, key: str | None, **fields: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {"op": op, **fields}
+    if task is not None:
+        request["task"] = task
+    if key is not None:
+        request["key"] = key
+    return request
+
+
 def client_ssl_context(cafile: str | None = None) -> ssl.SSLContext:
     """Verifying client context (hostname + chain), TLS >= 1.2; `cafile` trusts a private CA or a
     self-signed server certificate instead of the system store."""
@@ -106,25 +115,24 @@ class PredictionClient:
         self._sock.close()
 
     # -- convenience calls -------------------------------------------------------------------
-    def predict(self, x: Any, task: int | str | None = None) -> dict[str, Any]:
+    # `key` picks the model on a server that learns one model per key (a tenant, a sensor, ...);
+    # leave it out for a single-model server.
+    def predict(self, x: Any, task: int | str | None = None, key: str | None = None) -> dict[str, Any]:
         """Predict one sample; returns `{"id", "ok", "label", "proba", "task", "model_version"}`."""
-        request: dict[str, Any] = {"op": "predict", "x": x}
-        if task is not None:
-            request["task"] = task
-        return self._call(request)
+        return self._call(_request("predict", task, key, x=x))
 
-    def predict_batch(self, xs: Iterable[Any] | np.ndarray, task: int | str | None = None) -> dict[str, Any]:
+    def predict_batch(
+        self, xs: Iterable[Any] | np.ndarray, task: int | str | None = None, key: str | None = None
+    ) -> dict[str, Any]:
         """Predict several samples in one request; `results` holds one entry per sample."""
-        request: dict[str, Any] = {"op": "predict_batch", "xs": _rows(xs)}
-        if task is not None:
-            request["task"] = task
-        return self._call(request)
+        return self._call(_request("predict_batch", task, key, xs=_rows(xs)))
 
-    def health(self) -> dict[str, Any]:
-        return self._call({"op": "health"})
+    def health(self, key: str | None = None) -> dict[str, Any]:
+        return self._call(_request("health", None, key))
 
-    def info(self) -> dict[str, Any]:
-        return self._call({"op": "info"})
+    def info(self, key: str | None = None) -> dict[str, Any]:
+        """The model's info; on a keyed server without `key`: `{"keys": [...], "models": n}`."""
+        return self._call(_request("info", None, key))
 
     def _call(self, request: dict[str, Any]) -> dict[str, Any]:
         if self._outstanding:

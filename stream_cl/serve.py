@@ -32,14 +32,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import hmac
-import math
-import queue
 import ssl
-import struct
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, cast
 
@@ -48,11 +44,15 @@ import numpy as np
 
 from stream_cl.codec import InvalidSample, decode_features
 from stream_cl.config import ServeConfig
+from stream_cl.frames import HEADER, RequestError, error_frame, pack_frame
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
+from stream_cl.registry import SnapshotRegistry, UnroutableKey
+from stream_cl.serve_batch import Batcher, PredictJob, Slot, input_size
 from stream_cl.snapshot import Snapshot, SnapshotHolder, TaskId
 
-HEADER = struct.Struct(">I")
+__all__ = ["HEADER", "MAX_IN_FLIGHT_PER_CONNECTION", "RATE_LIMITED", "PredictionServer", "server_ssl_context"]
+
 OPS = ("predict", "predict_batch", "health", "info", "auth")
 # Replies a connection may owe before the server stops reading from it: a client that writes
 # requests without reading replies must not grow server memory without bound.
@@ -61,6 +61,8 @@ MAX_IN_FLIGHT_PER_CONNECTION = 1024
 # and discards input for at most this long, so its last reply is not destroyed by a TCP reset.
 LINGER_S = 2.0
 RATE_LIMITED = "rate limit exceeded"
+# `info` on a keyed server lists at most this many keys (the reply must stay well under a frame).
+MAX_INFO_KEYS = 1000
 
 
 def server_ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
@@ -78,37 +80,6 @@ def server_ssl_context(config: ServeConfig) -> ssl.SSLContext | None:
     return context
 
 
-class RequestError(Exception):
-    """A request the server answers with an error; `code` is a protocol error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _to_builtin(obj: Any) -> Any:
-    """msgpack `default` hook: numpy scalars (labels, task routes) pack as their Python value."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise TypeError(f"cannot pack {type(obj).__name__}")
-
-
-def pack_frame(message: dict[str, Any]) -> bytes:
-    """One framed msgpack map."""
-    payload = msgpack.packb(message, use_bin_type=True, default=_to_builtin)
-    return HEADER.pack(len(payload)) + payload
-
-
-def error_frame(rid: Any, code: str, message: str) -> bytes:
-    return pack_frame({"id": rid, "ok": False, "error": {"code": code, "message": message}})
-
-
-def _input_size(snapshot: Snapshot) -> int:
-    """`Snapshot.input_size` without its `np.prod` call, which costs ~10 us on the per-request path."""
-    return math.prod(snapshot.input_shape) if snapshot.input_shape else 0
-
-
 def _features(value: Any, size: int, field: str) -> np.ndarray:
     try:
         x = decode_features(value, max_features=size, field=field)
@@ -117,6 +88,14 @@ def _features(value: Any, size: int, field: str) -> np.ndarray:
     if x.size != size:
         raise RequestError("bad_request", f"'{field}' has {x.size} features, the model expects {size}")
     return x
+
+
+def _holder(registry: SnapshotRegistry, key: Any) -> SnapshotHolder:
+    """The model a request's `key` routes to (absent: the one model of an unkeyed server)."""
+    try:
+        return registry.resolve(key)
+    except UnroutableKey as e:
+        raise RequestError(e.code, e.message) from None
 
 
 def _task_hint(value: Any, snapshot: Snapshot) -> TaskId | None:
@@ -129,168 +108,6 @@ def _task_hint(value: Any, snapshot: Snapshot) -> TaskId | None:
     return value
 
 
-class _Slot:
-    """One request's place in its connection's reply order; `frame` is set once answered."""
-
-    __slots__ = ("frame", "started", "samples")
-
-    def __init__(self, started: float = 0.0, samples: int = 0, frame: bytes | None = None) -> None:
-        self.frame = frame
-        self.started = started  # perf_counter() when the request was decoded
-        self.samples = samples  # samples predicted if the reply is ok; 0 = not a prediction
-
-
-@dataclass(slots=True)
-class _PredictJob:
-    conn: _Connection
-    slot: _Slot
-    rid: Any
-    xs: np.ndarray  # [k, input_size] float32
-    task: TaskId | None
-    batch: bool  # reply shaped for predict_batch
-
-
-class _Batcher:
-    """Stacks predict jobs from all connections into forwards on one worker thread.
-
-    Callback-driven on the loop (no task, no executor future): a lone request is handed to the
-    worker within the same loop callback that decoded it, which keeps single-client latency low.
-    """
-
-    def __init__(self, server: PredictionServer) -> None:
-        self._server = server
-        self._queue: deque[_PredictJob] = deque()
-        self._queued_samples = 0
-        self._running = False  # a batch is on the worker
-        self._timer: asyncio.TimerHandle | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._inbox: queue.SimpleQueue[list[_PredictJob] | None] = queue.SimpleQueue()
-        self._worker = threading.Thread(target=self._work, name="stream_cl-predict", daemon=True)
-
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._worker.start()
-
-    def shutdown(self) -> None:
-        if self._worker.is_alive():
-            self._inbox.put(None)
-            self._worker.join()
-
-    @property
-    def queued_samples(self) -> int:
-        """Samples read and waiting for the worker."""
-        return self._queued_samples
-
-    def submit(self, job: _PredictJob) -> None:
-        self._queue.append(job)
-        self._queued_samples += len(job.xs)
-        self.poke()
-
-    def poke(self) -> None:
-        """Dispatch now if the worker is free and waiting cannot grow the batch; else wait a little.
-
-        Waiting pays off only while some client is between requests; it lasts at most
-        `serve.batch_wait_ms` from the first queued request.
-        """
-        if self._running or not self._queue:
-            return
-        config = self._server.config
-        if self._queued_samples >= config.max_batch or not self._server.anyone_could_send():
-            self._dispatch()
-        elif self._timer is None and self._loop is not None:
-            self._timer = self._loop.call_later(config.batch_wait_ms / 1000.0, self._dispatch)
-
-    def _dispatch(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._running or not self._queue:
-            return
-        self._running = True
-        self._inbox.put(self._take(self._server.config.max_batch))
-
-    def _work(self) -> None:
-        """Worker thread: run each batch, hand the reply frames back to the loop."""
-        while (jobs := self._inbox.get()) is not None:
-            frames = self._predict(jobs)
-            assert self._loop is not None  # set by start(), before the first batch can exist
-            try:
-                self._loop.call_soon_threadsafe(self._done, jobs, frames)
-            except RuntimeError:  # the loop has closed: the server stopped mid-batch
-                return
-
-    def _done(self, jobs: list[_PredictJob], frames: list[tuple[bytes, bool]]) -> None:
-        self._running = False
-        answered: dict[_Connection, None] = {}
-        for job, (frame, ok) in zip(jobs, frames, strict=True):
-            job.slot.frame = frame
-            if not ok:
-                job.slot.samples = 0
-            answered[job.conn] = None
-        for conn in answered:
-            conn.flush()
-        self.poke()
-
-    def _take(self, max_batch: int) -> list[_PredictJob]:
-        jobs: list[_PredictJob] = []
-        n = 0
-        while self._queue and (not jobs or n + len(self._queue[0].xs) <= max_batch):
-            job = self._queue.popleft()
-            jobs.append(job)
-            n += len(job.xs)
-        self._queued_samples -= n
-        return jobs
-
-    def _predict(self, jobs: list[_PredictJob]) -> list[tuple[bytes, bool]]:
-        """Worker thread: one `Snapshot.predict` per task hint; returns (reply frame, ok) per job."""
-        snapshot = self._server.holder.get()
-        groups: dict[TaskId | None, list[int]] = {}
-        for i, job in enumerate(jobs):
-            groups.setdefault(job.task, []).append(i)
-        out: list[tuple[bytes, bool]] = [(b"", False)] * len(jobs)
-        for task, idx in groups.items():
-            group = [jobs[i] for i in idx]
-            try:
-                frames = _predict_group(snapshot, task, group)
-            except Exception:  # the predictor's fault; this worker must live on to answer others
-                self._server.log.exception("serve_predict_failed", task=task, requests=len(group))
-                frames = [(error_frame(j.rid, "internal", "prediction failed"), False) for j in group]
-            for i, frame in zip(idx, frames, strict=True):
-                out[i] = frame
-        return out
-
-
-def _predict_group(
-    snapshot: Snapshot | None, task: TaskId | None, jobs: list[_PredictJob]
-) -> list[tuple[bytes, bool]]:
-    """Answer jobs sharing a task hint with one forward of this batch's snapshot."""
-    if snapshot is None:
-        return [(error_frame(j.rid, "not_ready", "no model snapshot published yet"), False) for j in jobs]
-    if (task is not None and task not in snapshot.tasks) or any(
-        j.xs.shape[1] != _input_size(snapshot) for j in jobs
-    ):  # a snapshot published since these requests were read changed the input size or tasks
-        msg = "the model changed (input size or tasks) after this request was read; check info"
-        return [(error_frame(j.rid, "bad_request", msg), False) for j in jobs]
-    prediction = snapshot.predict(np.concatenate([j.xs for j in jobs]), task)
-    labels = snapshot.labels
-    if prediction.proba.shape != (sum(len(j.xs) for j in jobs), len(labels)):
-        raise RuntimeError(f"predictor returned proba of shape {prediction.proba.shape}")
-    top = prediction.proba.argmax(axis=1).tolist()
-    results = [
-        {"label": labels[top[i]], "proba": dict(zip(labels, row, strict=True)), "task": route}
-        for i, (row, route) in enumerate(zip(prediction.proba.tolist(), prediction.tasks, strict=True))
-    ]
-    out = []
-    start = 0
-    for job in jobs:
-        mine = results[start : start + len(job.xs)]
-        start += len(job.xs)
-        reply = {"id": job.rid, "ok": True, **({"results": mine} if job.batch else mine[0])}
-        reply["model_version"] = snapshot.version
-        out.append((pack_frame(reply), True))
-    return out
-
-
 class _Connection(asyncio.Protocol):
     """One client: parses frames, answers them in order, enforces the per-connection limits."""
 
@@ -300,7 +117,7 @@ class _Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._buf = bytearray()
-        self._pending: deque[_Slot] = deque()
+        self._pending: deque[Slot] = deque()
         self._authed = not server.config.token
         self.admitted = False
         self._frame_started: float | None = None  # loop time the current partial frame began
@@ -442,13 +259,20 @@ class _Connection(asyncio.Protocol):
 
     def _answer(self, op: Any, request: dict[Any, Any]) -> dict[str, Any]:
         """Replies of the ops that need no forward (without `id` and `ok`)."""
-        snapshot = self._server.holder.get()
+        registry = self._server.registry
+        key = request.get("key")
         if op == "health":
-            return {"status": "starting" if snapshot is None else "ready"}
+            if key is None:
+                return {"status": "ready" if registry.any_ready() else "starting"}
+            return {"status": "starting" if _holder(registry, key).get() is None else "ready"}
         if op == "info":
+            if key is None and registry.keyed:  # a keyed server: which models it holds
+                keys = registry.keys()
+                return {"keys": keys[:MAX_INFO_KEYS], "models": len(keys)}
+            snapshot = _holder(registry, key).get()
             if snapshot is None:
                 raise RequestError("not_ready", "no model snapshot published yet")
-            return snapshot.info()
+            return snapshot.info() if key is None else {"key": key, **snapshot.info()}
         if op == "auth":
             token = request.get("token")
             if not isinstance(token, str):
@@ -461,11 +285,12 @@ class _Connection(asyncio.Protocol):
         raise RequestError("bad_request", f"unknown op {op!r}; expected one of {', '.join(OPS)}")
 
     def _submit_predict(self, request: dict[Any, Any], rid: Any, started: float, batch: bool) -> None:
-        snapshot = self._server.holder.get()
+        holder = _holder(self._server.registry, request.get("key"))
+        snapshot = holder.get()
         if snapshot is None:
             raise RequestError("not_ready", "no model snapshot published yet")
         task = _task_hint(request.get("task"), snapshot)
-        size = _input_size(snapshot)
+        size = input_size(snapshot)
         if batch:
             raw = request.get("xs")
             max_batch = self._config.max_batch
@@ -478,16 +303,16 @@ class _Connection(asyncio.Protocol):
             if "x" not in request:
                 raise RequestError("bad_request", "'x' is required")
             xs = _features(request["x"], size, "x")[None, :]
-        slot = _Slot(started, len(xs))
+        slot = Slot(started, len(xs))
         self._pending.append(slot)
         self._refresh_busy()
-        self._server.batcher.submit(_PredictJob(self, slot, rid, xs, task, batch))
+        self._server.batcher.submit(PredictJob(self, slot, rid, xs, task, batch, holder))
 
     # -- replies ----------------------------------------------------------------------------
     def _reply(self, frame: bytes) -> None:
         """Answer now, unless earlier requests are still owed a reply (keeps replies in order)."""
         if self._pending:
-            self._pending.append(_Slot(frame=frame))
+            self._pending.append(Slot(frame=frame))
         else:
             self._write(frame)
             self._maybe_finish()
@@ -613,7 +438,10 @@ class _Connection(asyncio.Protocol):
 
 
 class PredictionServer:
-    """Serves `holder`'s latest snapshot on a TCP socket from a background thread.
+    """Serves the latest snapshot of each model in `models` on a TCP socket from a background thread.
+
+    `models`: a `SnapshotHolder` (one model; requests carry no `key`) or a `SnapshotRegistry`
+    (a keyed registry routes each request by its `key` field).
 
     Records `metrics.predict_seconds` (request decoded to reply written) and
     `metrics.predictions` (samples) for every successful prediction request.
@@ -622,15 +450,15 @@ class PredictionServer:
     def __init__(
         self,
         config: ServeConfig,
-        holder: SnapshotHolder,
+        models: SnapshotHolder | SnapshotRegistry,
         metrics: Metrics | None = None,
         logger: Any = None,
     ) -> None:
         self.config = config
-        self.holder = holder
+        self.registry = models if isinstance(models, SnapshotRegistry) else SnapshotRegistry.single(models)
         self.metrics = metrics
         self.log = logger if logger is not None else get_logger("stream_cl.serve")
-        self.batcher = _Batcher(self)
+        self.batcher = Batcher(self)
         self.port: int | None = None
         self._connections: set[_Connection] = set()
         self._admitted = 0
@@ -692,7 +520,7 @@ class PredictionServer:
         """Whether waiting for more predict requests can pay off: some client is between requests."""
         return self._admitted > self.busy_connections
 
-    def record_prediction(self, slot: _Slot) -> None:
+    def record_prediction(self, slot: Slot) -> None:
         """Successful predictions only: an error reply says nothing about serving latency."""
         if self.metrics is not None:
             self.metrics.predict_seconds.observe(time.perf_counter() - slot.started)

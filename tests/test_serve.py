@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from stream_cl.client import PredictionClient, PredictionError
 from stream_cl.config import ServeConfig
 from stream_cl.metrics import Metrics
+from stream_cl.registry import SnapshotRegistry
 from stream_cl.serve import MAX_IN_FLIGHT_PER_CONNECTION, PredictionServer
 from stream_cl.snapshot import Predictor, Snapshot, SnapshotHolder, TaskId
 
@@ -624,3 +625,70 @@ def test_fuzzed_frames_never_break_the_server(
         sock.sendall(garbage)
     with PredictionClient(port=fuzz_target, timeout=5.0) as client:
         assert client.health()["status"] == "ready"
+
+
+# -- one model per key ---------------------------------------------------------------------------
+@pytest.fixture
+def keyed() -> Iterator[tuple[SnapshotRegistry, PredictionClient]]:
+    """A server over a keyed registry holding two models ("site-a" v1, "site-b" v7)."""
+    registry = SnapshotRegistry(keyed=True)
+    registry.publish("site-a", make_snapshot(version=1, seed=0))
+    registry.publish("site-b", make_snapshot(version=7, seed=1))
+    server = PredictionServer(ServeConfig(port=0), registry, Metrics())
+    port = server.start()
+    try:
+        with PredictionClient(port=port, timeout=5.0) as client:
+            yield registry, client
+    finally:
+        server.stop(drain_timeout=1.0)
+
+
+def test_key_routes_each_request_to_its_model(keyed: tuple[SnapshotRegistry, PredictionClient]) -> None:
+    """Requests in one batch window for different keys each get their own model's answer."""
+    registry, client = keyed
+    xs = samples(6)
+    ids = [
+        client.send({"op": "predict", "x": x, "key": ("site-a", "site-b")[i % 2]}) for i, x in enumerate(xs)
+    ]
+    for i, (rid, x) in enumerate(zip(ids, xs, strict=True)):
+        reply = client.recv()
+        key = ("site-a", "site-b")[i % 2]
+        snapshot = registry.get(key)
+        assert snapshot is not None and reply["id"] == rid and reply["ok"] is True
+        assert reply["model_version"] == snapshot.version
+        assert_matches(reply, snapshot, x)
+    batch = client.predict_batch(xs, key="site-b", task="b")
+    snapshot_b = registry.get("site-b")
+    assert snapshot_b is not None
+    for result, x in zip(batch["results"], xs, strict=True):
+        assert_matches(result, snapshot_b, x, task="b")
+
+
+def test_keyed_server_errors_name_the_key(keyed: tuple[SnapshotRegistry, PredictionClient]) -> None:
+    registry, client = keyed
+    with pytest.raises(PredictionError) as missing:
+        client.predict(samples(1)[0])
+    assert missing.value.code == "bad_request" and "'key' is required" in missing.value.message
+    with pytest.raises(PredictionError) as unknown:
+        client.predict(samples(1)[0], key="site-z")
+    assert unknown.value.code == "not_ready" and "site-z" in unknown.value.message
+    client.send({"op": "predict", "x": samples(1)[0], "key": 3})
+    wrong_type = client.recv()
+    assert (
+        wrong_type["error"]["code"] == "bad_request"
+        and "'key' must be a str" in wrong_type["error"]["message"]
+    )
+    assert client.info()["keys"] == ["site-a", "site-b"]
+    assert client.info(key="site-b")["model_version"] == 7
+    assert client.health()["status"] == "ready"
+    registry.remove("site-a")  # the model moved to another daemon
+    with pytest.raises(PredictionError) as moved:
+        client.predict(samples(1)[0], key="site-a")
+    assert moved.value.code == "not_ready"
+
+
+def test_single_model_server_refuses_a_key(serve: Callable[..., Running]) -> None:
+    running = serve(make_snapshot())
+    with running.client() as client, pytest.raises(PredictionError) as refused:
+        client.predict(samples(1)[0], key="site-a")
+    assert refused.value.code == "bad_request" and "drop 'key'" in refused.value.message

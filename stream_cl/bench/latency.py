@@ -21,7 +21,8 @@ import torch
 
 from stream_cl.client import PredictionClient
 from stream_cl.config import ServeConfig
-from stream_cl.serve import HEADER, PredictionServer
+from stream_cl.frames import HEADER
+from stream_cl.serve import PredictionServer
 from stream_cl.snapshot import Snapshot, SnapshotHolder
 
 # Goals the server is held to (see the `goals` entry of the result).
