@@ -45,6 +45,7 @@ class Learner:
         on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
         checkpoints: CheckpointStore | None = None,
         on_checkpoint: Callable[[dict[int, int]], None] = lambda offsets: None,
+        on_publish: Callable[[Learner, Snapshot], None] | None = None,
     ) -> None:
         self.config = config
         self.holder = holder
@@ -54,6 +55,7 @@ class Learner:
         self.on_unlabeled = on_unlabeled
         self.checkpoints = checkpoints
         self.on_checkpoint = on_checkpoint
+        self.on_publish = on_publish  # called on the learner thread after each publish
         self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
         self._accepted: dict[
             int, int
@@ -336,6 +338,8 @@ class Learner:
         self.metrics.model_version.set(self.version)
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
+        if self.on_publish is not None:
+            self.on_publish(self, snap)
         return snap
 
     # -- checkpoints ----------------------------------------------------------------------------
