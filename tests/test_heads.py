@@ -250,8 +250,8 @@ def test_head_options_from_set_and_environment_are_typed() -> None:
 @pytest.mark.slow
 def test_heads_bench_split_digits_mse_meets_the_goal() -> None:
     """`stream-cl bench heads` on split-digits under MSE: ls halves the spike and the recovery
-    of random, with final accuracy no lower (the only stream/loss pair where it does; see the
-    bench's report for split-mnist and cross-entropy)."""
+    of random, with final accuracy no lower (the only stream/loss pair where it does, at seed 0;
+    seeds 1 and 2 miss it narrowly: see the bench's report for the others)."""
     from stream_cl.bench.heads import POLICIES, run_heads
     from stream_cl.bench.quality import Contender
 
@@ -259,3 +259,48 @@ def test_heads_bench_split_digits_mse_meets_the_goal() -> None:
     contenders = [Contender(h, (f"strategy.head={h}",)) for h in POLICIES if h != "class_mean"]
     result = run_heads(config, contenders, streams=("split-digits",), losses=("mse",))
     assert result["goals"]["split-digits mse"]["met"], result["goals"]
+
+
+def test_class_balanced_buffer_keeps_a_late_class_and_stays_bounded() -> None:
+    """A class that arrives when the buffer is full takes slots from the largest class, so it is
+    held about as often as the others; the buffer never exceeds its capacity."""
+    from stream_cl.strategies.class_buffer import ClassBalancedBuffer
+
+    buffer = ClassBalancedBuffer(30, (2,), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    for label in (0, 1):
+        y = torch.full((200,), label)
+        buffer.add(torch.rand(200, 2), y, generator)
+    assert len(buffer) == 30
+    buffer.add(torch.rand(12, 2), torch.full((12,), 2), generator)  # a late class: 12 samples only
+    held = torch.bincount(buffer.labels(), minlength=3).tolist()
+    assert len(buffer) == 30 and held[2] == 10 and held[0] == held[1] == 10, held
+    state = buffer.state_dict()
+    other = ClassBalancedBuffer(30, (2,), torch.device("cpu"))
+    other.load_state_dict(state)
+    assert torch.equal(other.inputs(), buffer.inputs()) and other.seen == {0: 200, 1: 200, 2: 12}
+
+
+def test_heads_bench_folds_head_options_overrides_into_one_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`--override ls:strategy.head_options.lam=0.01` (the help text's own form) reaches the head
+    as its options, not a config error, and other heads keep no options."""
+    import argparse
+    from typing import Any
+
+    from stream_cl.bench import heads as bench
+    from stream_cl.bench.quality import Contender, with_overrides
+
+    seen: dict[str, Any] = {}
+
+    def fake_run_heads(config: Any, contenders: list[Contender], **kwargs: Any) -> dict[str, Any]:
+        for contender in contenders:
+            seen[contender.label] = with_overrides(config, contender.overrides).strategy.head_options
+        return {"seed": 0, "strategy": "finetune", "rows": [], "goals": {}}
+
+    monkeypatch.setattr(bench, "run_heads", fake_run_heads)
+    overrides = ["ls:strategy.head_options.lam=0.01", "ls:strategy.head_options.min_samples=4"]
+    args = argparse.Namespace(
+        heads="random,ls", streams="split-digits", losses="mse", seed=0, override=overrides
+    )
+    bench.run(load_config(None, [], env={}), args)
+    assert seen == {"random": {}, "ls": {"lam": 0.01, "min_samples": 4}}

@@ -5,8 +5,9 @@ the configured protection strategy, through the daemon's `Learner` (`quality.lea
 For each class arrival (the first class of a stream excluded: alone in the head, its loss is 0):
 
 - arrival loss: the class's mean loss in the step where it first appears. Its samples are scored
-  before anything about the class is known, so it is the same random-row loss for every policy;
-  it is reported, not compared;
+  before anything about the class is known, with the same random row under every policy, but on
+  each policy's own model so far: it shows how strongly that model's old rows fire on a class
+  they have never seen (class_mean under ce drives it to 30+), and is reported, not compared;
 - spike: the peak, over the steps that follow, of the class's mean loss per step, until 50 of its
   samples have been scored. This is the loss spike a policy can change: `class_mean`/`ls` have
   written the class's row by then (after `min_samples`), `random` has taken gradient steps;
@@ -236,10 +237,9 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                 "--override", f"expected HEAD:section.key=value with HEAD in {heads}, got {item!r}"
             )
         per_head[head].append(override)
-    # Options of one policy are not valid for another: each head starts from no options.
-    contenders = [
-        Contender(h, (f"strategy.head={h}", "strategy.head_options={}", *per_head[h])) for h in heads
-    ]
+    # Options of one policy are not valid for another: each head starts from no options, plus its
+    # own `strategy.head_options.KEY=VALUE` overrides, folded into one table.
+    contenders = [Contender(h, (f"strategy.head={h}", *_head_options_table(per_head[h]))) for h in heads]
     result = run_heads(
         config,
         contenders,
@@ -248,3 +248,18 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         seed=args.seed,
     )
     return result, format_heads(result)
+
+
+def _head_options_table(overrides: list[str]) -> list[str]:
+    """`strategy.head_options={k = v, ...}` from a head's `strategy.head_options.k=v` overrides,
+    then its other overrides (a `strategy.head_options.k` entry cannot follow a table value)."""
+    prefix = "strategy.head_options."
+    entries = []
+    rest = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip().startswith(prefix):
+            entries.append(f"{key.strip()[len(prefix) :]} = {value.strip()}")
+        else:
+            rest.append(item)
+    return [f"strategy.head_options={{{', '.join(entries)}}}", *rest]

@@ -35,7 +35,7 @@ import torch
 from torch.nn import functional as F
 
 from stream_cl.models import Classifier, ExpandingHead
-from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.class_buffer import ClassBalancedBuffer
 
 
 @dataclass(frozen=True)
@@ -292,8 +292,13 @@ class LSHead(_DeferredHead):
       `G = (C-k)/C · G_old + 1/C · Σ_new S_c/n_c`, `P_c = (s_c/n_c) / C` (C classes seen, k new,
       `G_old` the old classes' second moment);
     - stale statistics (`refresh_buffer`): the backbone moves, so features summed long ago no
-      longer match it; at each solve `S` (and `G_old`) is recomputed from a reservoir of inputs
-      through the current backbone. The new classes' own statistics are fresh: they just arrived;
+      longer match it; at each solve `S` (and `G_old`, the mean of the old classes' own second
+      moments) is recomputed from a class-balanced reservoir of inputs through the current
+      backbone. Class-balanced, because a uniform reservoir barely holds the class that arrived a
+      few samples earlier (the other class of a task just begun), and the solve would ignore it:
+      measured on split-mnist (mse, seed 0), the second class's new row gave a mean logit of 0.51
+      on the first class's test samples with a uniform reservoir, 0.09 with this one. The new
+      classes' own statistics are fresh: they just arrived;
     - cross-entropy (`match_norm`): ridge rows give logits near 1 while CE-trained rows give
       logits of 10 or more, so new rows are scaled to the old rows' mean norm (rows and bias
       together); under `loss = "mse"` ridge rows are on the training loss's scale and are
@@ -315,7 +320,7 @@ class LSHead(_DeferredHead):
         self.pending_moments: dict[int, torch.Tensor] = {}  # S_c of classes waiting for their solve
         self.total = 0
         self.generator = torch.Generator().manual_seed(seed + 2)
-        self.buffer: ReservoirBuffer | None = None  # allocated at the first batch (input shape)
+        self.buffer: ClassBalancedBuffer | None = None  # allocated at the first batch (input shape)
 
     def on_new_classes(self, classes: Sequence[int]) -> None:
         super().on_new_classes(classes)
@@ -336,16 +341,17 @@ class LSHead(_DeferredHead):
             moment += mine.T @ mine
         if self.options.refresh_buffer:
             if self.buffer is None:
-                self.buffer = ReservoirBuffer(self.options.refresh_buffer, x.shape[1:], self.device)
+                self.buffer = ClassBalancedBuffer(self.options.refresh_buffer, x.shape[1:], self.device)
             self.buffer.add(x, y, self.generator)
 
     def _solve(self, model: Classifier, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         old_moment: torch.Tensor | None = None  # mean second moment of the other classes' samples
         if self.buffer is not None and len(self.buffer):
             a, y = self._refresh(model, self.buffer)
-            old = a[~torch.isin(y, torch.tensor(classes, device=y.device))]
-            if old.shape[0]:
-                old_moment = old.T @ old / old.shape[0]
+            # The buffer holds every class about equally often; weigh each old class the same.
+            per_class = [a[y == c] for c in torch.unique(y).tolist() if c not in classes]
+            if per_class:
+                old_moment = torch.stack([m.T @ m / m.shape[0] for m in per_class]).mean(0)
         new_moments = [self.pending_moments.pop(c) for c in classes]
         counts = self.counts[classes].double()
         if self.options.balance:
@@ -368,7 +374,7 @@ class LSHead(_DeferredHead):
             rows = rows * (norm / rows[:, :-1].norm(dim=1).clamp_min(1e-12))[:, None]
         return rows[:, :-1], rows[:, -1]
 
-    def _refresh(self, model: Classifier, buffer: ReservoirBuffer) -> tuple[torch.Tensor, torch.Tensor]:
+    def _refresh(self, model: Classifier, buffer: ClassBalancedBuffer) -> tuple[torch.Tensor, torch.Tensor]:
         """`S` from the buffered inputs under the current backbone, rescaled to `total` samples.
 
         Returns the buffer's augmented features and labels.
@@ -379,7 +385,7 @@ class LSHead(_DeferredHead):
             a = _augment(model.features(buffer.inputs()))
         model.train(was_training)
         self.second_moment = (a.T @ a) * (self.total / a.shape[0])
-        return a, buffer.y[: len(buffer)]
+        return a, buffer.labels()
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -402,7 +408,7 @@ class LSHead(_DeferredHead):
         self.buffer = None
         if state["buffer"] is not None:
             held = state["buffer"]["x"]
-            self.buffer = ReservoirBuffer(self.options.refresh_buffer, held.shape[1:], self.device)
+            self.buffer = ClassBalancedBuffer(self.options.refresh_buffer, held.shape[1:], self.device)
             self.buffer.load_state_dict(state["buffer"])
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
