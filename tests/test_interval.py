@@ -78,17 +78,57 @@ def test_trained_universal_embedding_in_every_task_box() -> None:
         assert (theta >= lo - 1e-5).all() and (theta <= hi + 1e-5).all(), f"θ* outside task {t}'s weight box"
 
 
-def test_earlier_tasks_stay_near_their_targets() -> None:
-    """An earlier task's weights stay within tolerance of its stored target, thanks to the regularizer."""
+def _weighted_drift(s: Interval, slot: int, target: torch.Tensor) -> float:
+    """Relative drift of a slot's centre weights from `target`, in the regularizer's own metric."""
+    weight = torch.ones_like(target) if s.weight_importance is None else s.weight_importance
+    drift = (weight * (s._centre_weights(slot) - target) ** 2).sum()
+    return float((drift / (weight * target**2).sum()).sqrt())
+
+
+@pytest.mark.parametrize("importance", ["none", "fisher"])
+def test_earlier_tasks_stay_near_their_targets(importance: str) -> None:
+    """An earlier task's weights stay within tolerance of its stored target, thanks to the regularizer
+    (plain L2, or weighted by the frozen tasks' Fisher information)."""
     drifts = {}
     # The penalty sums over weights: the suite's 200-weight target needs a far larger β than MNIST's.
     for beta in (0.0, 100.0):
-        s = _trained(beta=beta, steps=4)
+        s = checks.factory_for(Interval, beta=beta, ramp_steps=3, importance=importance)()
+        assert isinstance(s, Interval)
+        checks.Driver(s).feed([(t, [2 * t, 2 * t + 1]) for t in range(3) for _ in range(4)])
         target = s.targets[0].clone()
         checks.Driver(s).feed([(2, [4, 5])] * 20, salt=100)
-        drifts[beta] = float((s._centre_weights(0) - target).norm() / target.norm())
+        drifts[beta] = _weighted_drift(s, 0, target)
     assert drifts[100.0] < 0.05, f"task 0's weights drifted by {drifts[100.0]:.3f} (relative)"
     assert drifts[0.0] > 2 * drifts[100.0], f"the regularizer made no difference: {drifts}"
+
+
+def test_old_head_rows_stay_near_their_targets() -> None:
+    """The shared head's rows of earlier classes are regularized towards their boundary values."""
+    moved = {}
+    for beta in (0.0, 100.0):
+        s = _trained(beta=beta, tasks=2)
+        assert s.head_target is not None
+        w = s.head_target[0].clone()
+        checks.Driver(s).feed([(1, [2, 3])] * 20, salt=5)
+        assert s.head_importance is not None
+        omega = s.head_importance[0][: w.shape[0]]  # the regularizer's metric
+        with torch.no_grad():
+            drift = (omega * (s.model.head.weight[: w.shape[0]] - w) ** 2).sum()
+            moved[beta] = float((drift / (omega * w**2).sum()).sqrt())
+    assert moved[100.0] < 0.5 * moved[0.0], f"old head rows were not held: {moved}"
+
+
+def test_fisher_importance_sums_normalized_tasks() -> None:
+    """Each frozen task adds its diagonal Fisher scaled to mean 1; the sum is non-negative and not flat."""
+    s = _trained(tasks=3)
+    assert s.weight_importance is not None and s.head_importance is not None
+    assert (s.weight_importance >= 0).all()
+    assert float(s.weight_importance.mean()) == pytest.approx(len(s.frozen_slots), rel=1e-4)
+    assert float(s.weight_importance.std()) > 0
+    assert s.head_target is not None and s.head_importance[0].shape == s.head_target[0].shape
+    plain = checks.factory_for(Interval, importance="none")()
+    checks.Driver(plain).feed(checks.TWO_TASKS)
+    assert plain.weight_importance is None
 
 
 def test_frozen_embeddings_are_bit_exact() -> None:
@@ -143,7 +183,13 @@ def test_recurring_task_thaws_its_embedding() -> None:
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("epsilon", -1.0), ("embedding_dim", 0), ("hyper_hidden", [0]), ("routing", "vote")],
+    [
+        ("epsilon", -1.0),
+        ("embedding_dim", 0),
+        ("hyper_hidden", [0]),
+        ("routing", "vote"),
+        ("importance", "ewc"),
+    ],
 )
 def test_bad_options_name_the_key(key: str, value: object) -> None:
     """A bad option raises ValueError naming `strategy.options.KEY`."""

@@ -14,7 +14,10 @@ its own. Two kinds of interval propagation:
 Size: the last layer of a plain hypernetwork is `hidden × |θ|`, which for a 784-256-256 target
 (≈270k weights) would be 27M parameters. `H` is therefore *chunked* (HNET, von Oswald et al.):
 it maps `[e, c_k]` — the task embedding and a learned chunk embedding `c_k` — to chunk `k` of
-`θ`, so its last layer is `hidden × chunk_size` whatever the target's size.
+`θ`, so its last layer is `hidden × chunk_size` whatever the target's size. Its output bias is
+kept per weight (`|θ|` parameters, the size of the target itself), as in an unchunked
+hypernetwork: `θ = b + s ⊙ chunks(e)` (`s` the fan-in scale). The bias is a point, so the
+interval propagation adds it to both bounds.
 """
 
 from __future__ import annotations
@@ -91,6 +94,11 @@ class TargetLayout:
         parts = [torch.full((o * i + o,), 1.0 / math.sqrt(i)) for o, i in self.shapes]
         return torch.cat(parts)
 
+    def default_init(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """A flat `θ` drawn like PyTorch's `nn.Linear` initialization: `U(−1/√fan_in, 1/√fan_in)`."""
+        parts = [(2 * torch.rand(o * i + o, generator=generator) - 1) / math.sqrt(i) for o, i in self.shapes]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
     def split(self, theta: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """`θ` [n_weights] as [(W [out, in], b [out])] per layer (views)."""
         layers, start = [], 0
@@ -147,6 +155,11 @@ class HyperNetwork(nn.Module):
         )
         self.scale: torch.Tensor
         self.register_buffer("scale", layout.fan_in_scale(), persistent=False)
+        # The output layer's bias, one per target weight, as in an unchunked hypernetwork (whose
+        # last layer has a row and a bias per weight): chunking shares the last layer's rows across
+        # chunks, and without a per-weight bias every Adam step moves whole chunks coherently (measured:
+        # new tasks stuck at chance in a one-pass stream). Starts at PyTorch's Linear initialization.
+        self.bias = nn.Parameter(layout.default_init())
 
     def _inputs(self, e: torch.Tensor) -> torch.Tensor:
         """[n, M] embeddings → [n, n_chunks, M + chunk_dim] hypernetwork inputs."""
@@ -154,7 +167,7 @@ class HyperNetwork(nn.Module):
         chunks = self.chunk_embeddings.unsqueeze(0).expand(n, -1, -1)
         return torch.cat([e.unsqueeze(1).expand(-1, self.n_chunks, -1), chunks], dim=2)
 
-    def _to_theta(self, out: torch.Tensor) -> torch.Tensor:
+    def _to_delta(self, out: torch.Tensor) -> torch.Tensor:
         return out.flatten(1)[:, : self.layout.n_weights] * self.scale
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
@@ -164,7 +177,7 @@ class HyperNetwork(nn.Module):
             h = layer(h)
             if k < len(self.layers) - 1:
                 h = F.relu(h)
-        return self._to_theta(h)
+        return self.bias + self._to_delta(h)
 
     def bounds(self, centre: torch.Tensor, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight box `[θ_L, θ_U]` for the embedding box `centre ± radius` (centre [M])."""
@@ -175,5 +188,5 @@ class HyperNetwork(nn.Module):
             mu, r = ibp_linear(mu, r, layer.weight, layer.bias)
             if k < len(self.layers) - 1:
                 mu, r = ibp_relu(mu, r)
-        mu, r = self._to_theta(mu)[0], self._to_theta(r)[0]  # the scale is positive
+        mu, r = self.bias + self._to_delta(mu)[0], self._to_delta(r)[0]  # the scale is positive
         return mu - r, mu + r
