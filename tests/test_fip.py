@@ -57,18 +57,22 @@ def model_config() -> ModelConfig:
     return ModelConfig(hidden=[32], device="cpu", lr=0.01)
 
 
-def test_fip_keeps_old_outputs_closer_than_finetune() -> None:
-    """On the same two-task stream, task 0's outputs drift much less under fip than under finetune."""
+@pytest.mark.parametrize("step", ["optimizer", "normalized"])
+def test_fip_keeps_old_outputs_closer_than_finetune(step: str) -> None:
+    """On the same two-task stream, task 0's outputs drift much less under fip than under finetune,
+    with either step rule."""
     tasks = two_tasks()
-    d_fip = run(create("fip", (DIM,), model=model_config(), memory_size=100, step_size=0.05), tasks)
+    fip = create("fip", (DIM,), model=model_config(), memory_size=100, step=step, step_size=0.05)
+    d_fip = run(fip, tasks)
     d_finetune = run(create("finetune", (DIM,), model=model_config()), tasks)
     assert float(d_fip) < 0.5 * float(d_finetune)
 
 
-def test_fip_learns_the_new_task() -> None:
+@pytest.mark.parametrize("step", ["optimizer", "normalized"])
+def test_fip_learns_the_new_task(step: str) -> None:
     """Protection does not freeze the network: the second task is still learned."""
     tasks = two_tasks()
-    fip = create("fip", (DIM,), model=model_config(), memory_size=100, step_size=0.05)
+    fip = create("fip", (DIM,), model=model_config(), memory_size=100, step=step, step_size=0.05)
     run(fip, tasks)
     x1, y1 = tasks[1]
     assert float((fip.predict_proba(x1, 1)[0].argmax(1) == y1).float().mean()) > 0.9
@@ -87,10 +91,45 @@ def test_memory_is_bounded_and_snapshotted_at_boundaries() -> None:
     assert fip.memory.anchored() == 20 and fip.memory.p_old.shape[1] == 2
 
 
+@pytest.mark.parametrize("targets", ["first", "latest"])
+def test_targets_first_keeps_each_input_anchored_to_its_own_task(targets: str) -> None:
+    """`first`: an anchored input keeps the outputs snapshotted at its own task's end through later
+    boundaries (new classes' columns are zero); `latest`: every input is re-snapshotted."""
+    fip = FIP((DIM,), model=model_config(), memory_size=50, targets=targets)
+    (x0, y0), (x1, y1) = two_tasks()
+    fip.on_boundary(Boundary(previous_task=None, task=0, reason="explicit"))
+    fip.add_classes([0, 1], 0)
+    for i in range(0, 64, 16):
+        fip.learn(Batch(x=x0[i : i + 16], y=y0[i : i + 16], task=0))
+    fip.on_boundary(Boundary(previous_task=0, task=1, reason="explicit"))
+    first = fip.memory.p_old[:50].clone()
+    fip.add_classes([2, 3], 1)
+    for i in range(0, 160, 16):  # 160 more inputs offered: some slots stay task 0's, some are replaced
+        fip.learn(Batch(x=x1[i : i + 16], y=y1[i : i + 16], task=1))
+    kept = fip.memory.valid[:50].clone()
+    assert 0 < int(kept.sum()) < 50
+    fip.on_boundary(Boundary(previous_task=1, task=2, reason="explicit"))
+    after = fip.memory.p_old[:50]
+    assert after.shape[1] == 4 and bool(fip.memory.valid[:50].all())
+    if targets == "first":
+        assert torch.equal(after[kept, :2], first[kept]) and float(after[kept, 2:].abs().max()) == 0.0
+    else:
+        assert not torch.allclose(after[kept, :2], first[kept], atol=1e-3)
+    assert float(after[~kept, 2:].sum()) > 0  # task 1's inputs: outputs of the grown head
+
+
 @pytest.mark.parametrize(
-    ("option", "value"), [("memory_size", 0), ("step_size", 0.0), ("beta", -1.0), ("memory_batch", -1)]
+    ("option", "value"),
+    [
+        ("memory_size", 0),
+        ("step_size", 0.0),
+        ("beta", -1.0),
+        ("memory_batch", -1),
+        ("step", "sgd"),
+        ("targets", "oldest"),
+    ],
 )
-def test_bad_option_names_its_key(option: str, value: float) -> None:
+def test_bad_option_names_its_key(option: str, value: object) -> None:
     """A bad option raises ValueError naming `strategy.options.KEY`."""
     with pytest.raises(ValueError, match=f"strategy.options.{option}"):
         create("fip", (DIM,), model=model_config(), **{option: value})

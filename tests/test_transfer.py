@@ -19,7 +19,7 @@ from stream_cl.models import MLP, Classifier
 from stream_cl.offline import stream_records
 from stream_cl.serve import PredictionServer
 from stream_cl.snapshot import SnapshotHolder
-from stream_cl.transfer import TrajectoryRecorder, _grads, match, mlp_layers, permute
+from stream_cl.transfer import Layer, TrajectoryRecorder, _grads, match, mlp_layers, permute
 
 STREAM = "split-mnist1d"
 
@@ -60,6 +60,53 @@ def test_gradient_matching_recovers_a_known_permutation_exactly() -> None:
     g_permuted = _grads(scratch, permute(source, layers, known), x, y)
     found = match([(g_permuted, g_source)], layers)
     assert all(torch.equal(f, k) for f, k in zip(found, known, strict=True))
+
+
+def reference_match(
+    pairs: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]], layers: list[Layer]
+) -> list[torch.Tensor]:
+    """`match` written straight from its definition: per layer, with the other layers' π applied
+    to b through `permute`, A[i, j] = Σ ⟨a's unit i, b's unit j⟩ over the layer's outgoing and
+    consuming tensors; Hungarian; sweep until stable."""
+    from scipy.optimize import linear_sum_assignment
+
+    perms = [torch.arange(pairs[0][1][layer.out[0]].shape[0]) for layer in layers]
+    for _ in range(20):
+        changed = False
+        for li, layer in enumerate(layers):
+            cost = torch.zeros(len(perms[li]), len(perms[li]))
+            for a, b in pairs:
+                others = [p if k != li else torch.arange(len(p)) for k, p in enumerate(perms)]
+                pb = permute(b, layers, others)
+                for name in layer.out:
+                    cost += a[name].reshape(len(cost), -1) @ pb[name].reshape(len(cost), -1).T
+                for name in layer.consumers:
+                    cost += a[name].T @ pb[name].T.T
+            new = torch.as_tensor(linear_sum_assignment(cost.double().numpy(), maximize=True)[1])
+            changed |= not torch.equal(new, perms[li])
+            perms[li] = new
+        if not changed:
+            return perms
+    return perms
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matching_equals_its_definition(seed: int) -> None:
+    """On unrelated random pairs (no exact answer), `match`'s stacked per-layer costs give the same
+    permutations as the definition computed pair by pair."""
+    torch.manual_seed(seed)
+    model = Classifier(MLP(20, [16, 12, 10]), 10)
+    model.head.grow(5)
+    layers = mlp_layers(model)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+
+    def draw() -> dict[str, torch.Tensor]:
+        return {k: torch.randn(shape, generator=gen) for k, shape in shapes.items()}
+
+    pairs = [(draw(), draw()) for _ in range(3)]
+    found, expected = match(pairs, layers), reference_match(pairs, layers)
+    assert all(torch.equal(f, e) for f, e in zip(found, expected, strict=True))
 
 
 def test_recorder_keeps_the_first_start_and_the_last_tasks() -> None:

@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
     from stream_cl.datasets import BenchmarkStream
 
+# One pass over split-mnist1d leaves the source at chance (test accuracy 0.099, measured): there is
+# no trajectory to transfer. 20 passes per task reach 0.39 (60 reach 0.40, class-incremental replay).
+SOURCE_EPOCHS = {"split-mnist1d": 20}
+
 HELP = "transferred vs naive vs fresh initialization: accuracy before training, samples to the source's"
 
 
@@ -30,7 +34,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="1,2", help="seeds of the new initializations")
     p.add_argument("--buffer", type=int, default=1000, help="data buffer for matching (20%% validation)")
     p.add_argument("--steps", type=int, default=10, help="trajectory steps T")
-    p.add_argument("--source-epochs", type=int, default=1, help="passes over each task for the source")
+    p.add_argument(
+        "--source-epochs",
+        type=int,
+        default=None,
+        help="passes over each task for the source (default: 1; split-mnist1d: 20, see SOURCE_EPOCHS)",
+    )
     p.add_argument("--max-samples", type=int, default=8000, help="cap on further training samples")
     p.add_argument("--eval-every", type=int, default=320, help="samples between accuracy checks")
 
@@ -122,7 +131,8 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     config = with_overrides(config, [f"strategy.name={args.strategy}"])
     rows: list[dict[str, Any]] = []
     for name in [s.strip() for s in args.streams.split(",") if s.strip()]:
-        state = learn_source(config, load_stream(name, seed=0), args.source_epochs)
+        epochs = args.source_epochs or SOURCE_EPOCHS.get(name, 1)
+        state = learn_source(config, load_stream(name, seed=0), epochs)
         start, end = endpoints(state)
         for seed in [int(s) for s in args.seeds.split(",")]:
             buffer, test, _ = stream_buffer(state, name, args.buffer, seed)
@@ -159,6 +169,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                 {
                     "stream": name,
                     "seed": seed,
+                    "source_epochs": epochs,
                     "accuracy": acc,
                     "samples_to_source": reach,
                     "best_step": result.best_step,
@@ -173,6 +184,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         [
             "stream",
             "seed",
+            "passes",
             "source",
             "transferred",
             "naive",
@@ -186,6 +198,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             [
                 r["stream"],
                 r["seed"],
+                r["source_epochs"],
                 f"{r['accuracy']['source']:.4f}",
                 f"{r['accuracy']['transferred']:.4f}",
                 f"{r['accuracy']['naive']:.4f}",
@@ -199,10 +212,10 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         ],
     )
     header = (
-        f"transfer (source: {args.strategy}, {args.source_epochs} pass(es) per task, "
+        f"transfer (source: {args.strategy}, passes = passes over each task, "
         f"{config.model.backbone} {list(config.model.hidden)}; "
         f"buffer {args.buffer}, T = {args.steps}; test accuracy before any training, class-incremental; "
         f"samples = further training to reach the source's accuracy)"
     )
-    figures = {"rows": rows, "steps": args.steps, "buffer": args.buffer, "source_epochs": args.source_epochs}
+    figures = {"rows": rows, "steps": args.steps, "buffer": args.buffer}
     return figures, f"{header}\n{table}"
