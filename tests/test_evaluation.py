@@ -71,7 +71,11 @@ def test_quality_harness_scores_contenders_and_references() -> None:
     from stream_cl.bench.quality import Contender, format_quality, run_quality
     from stream_cl.config import load_config
 
-    config = load_config(None, ["model.hidden=[32]", "boundaries.drift=false", "log.level=warning"], env={})
+    config = load_config(
+        None,
+        ["strategy.head=random", "model.hidden=[32]", "boundaries.drift=false", "log.level=warning"],
+        env={},
+    )
     result = run_quality(config, [Contender.strategy("finetune")], streams=("split-digits",), joint_epochs=1)
     rows = {(r["scenario"], r["strategy"]): r for r in result["rows"]}
     assert set(rows) == {(s, n) for s in ("class", "task") for n in ("finetune", "joint", "iid-online")}

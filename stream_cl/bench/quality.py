@@ -2,8 +2,10 @@
 
 The shared harness every strategy issue uses. For each stream × scenario, every contender learns
 the same seeded stream through the daemon's own path (`Learner`: label mapping, boundaries,
-batching, snapshots), task by task; after each task the published snapshot is scored on every
-task's test split seen so far, filling the accuracy matrix R[i][j]. Scenarios:
+batching, snapshots), task by task; row R[i] of the accuracy matrix scores, on every task's test
+split seen so far, the snapshot that ends task i: the one published at the boundary the next task
+opens (after the strategy's boundary work, such as a consolidation, as the daemon's evaluator
+finalizes it), or at the end of the stream for the last task. Scenarios:
 
 - `class` (class-incremental): predict without a task hint;
 - `task`  (task-incremental):  predict with the task hint (probability restricted to its classes).
@@ -12,16 +14,19 @@ Two references learn the same data outside the daemon, with the same model:
 - `joint`: offline, shuffled, several epochs over every task (the upper bound);
 - `iid-online`: one shuffled pass (what the stream would give without its task order).
 
-Reported per row: final average accuracy, average (max-based) forgetting, BWT, and learned
-samples/s (learning wall time only, evaluation excluded) and learned samples per CPU-second of
-this process, which stays comparable across rows when other work shares the machine. Later
-issues call `run_quality` with their strategy names (and per-contender config overrides).
+Reported per row: final average accuracy, average (max-based) forgetting, BWT, route accuracy
+(class scenario: test samples the final model routes to their own task; only strategies that pick
+a task report one), learned samples/s (learning wall time only, evaluation excluded) and learned
+samples per CPU-second of this process, which stays comparable across rows when other work shares
+the machine. Later issues call `run_quality` with their strategy names (and per-contender config
+overrides).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +38,7 @@ from stream_cl.config import Config, ConfigError, load_config
 if TYPE_CHECKING:  # heavy imports stay inside functions: the CLI imports this module for --help
     from stream_cl.datasets import BenchmarkStream
     from stream_cl.learner import Learner
+    from stream_cl.snapshot import Snapshot, SnapshotHolder
     from stream_cl.strategies import Batch, StepResult, Strategy
 
 SCENARIOS = ("class", "task")
@@ -81,6 +87,9 @@ class StreamRun:
     learn_cpu_seconds: float  # this process's CPU time over the same spans
     samples: int
     learner: Learner
+    # Class scenario: fraction of test samples the final model routed to their own task (mean over
+    # tasks); NaN when the strategy reports no route (it does not pick a task by itself).
+    route_accuracy: float = math.nan
 
 
 def learn_stream(
@@ -99,19 +108,29 @@ def learn_stream(
     from stream_cl.offline import stream_records
     from stream_cl.snapshot import SnapshotHolder
 
-    learner = Learner(with_overrides(config, ["evaluation.holdout_fraction=0"]), SnapshotHolder(), Metrics())
+    holder = SnapshotHolder()
+    learner = Learner(with_overrides(config, ["evaluation.holdout_fraction=0"]), holder, Metrics())
     (records,) = stream_records(stream, chunk=stream.n_train)  # offsets run on across tasks
-    matrix: list[list[float]] = []
+    ends: list[Snapshot] = []  # per task, the model its row R[i] is scored on
     seconds = cpu_seconds = 0.0
     end = 0
-    for i, task in enumerate(stream.tasks):
+    for task in stream.tasks:
         start_index, end = end, end + len(task.train_y)
         chunks = [records[j : min(j + _CHUNK, end)] for j in range(start_index, end, _CHUNK)]
         start, cpu_start = time.perf_counter(), time.process_time()
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             if on_step is not None and learner.strategy is None:
                 learner.process(chunk[:1])
                 _attach(learner, on_step)
+                chunk = chunk[1:]
+            if k == 0 and ends:
+                # This task's first record opens the boundary that ends the previous task. Like the
+                # daemon's evaluator, row R[i - 1] is finalized with the model published there: after
+                # the strategy's boundary work (a consolidation, say), before any sample of task i.
+                before = len(learner.boundaries)
+                ended = _published_during(holder, functools.partial(learner.process, chunk[:1]))
+                if ended and len(learner.boundaries) > before:
+                    ends[-1] = ended[0]
                 chunk = chunk[1:]
             learner.process(chunk)
         learner.flush()
@@ -119,13 +138,47 @@ def learn_stream(
         seconds += time.perf_counter() - start
         cpu_seconds += time.process_time() - cpu_start
         assert snapshot is not None
-        matrix.append(
-            [
-                accuracy(snapshot, t.test_x, t.test_y.tolist(), t.task_id if scenario == "task" else None)
-                for t in stream.tasks[: i + 1]
-            ]
-        )
-    return StreamRun(matrix, seconds, cpu_seconds, stream.n_train, learner)
+        ends.append(snapshot)
+    hint = scenario == "task"
+    matrix = [
+        [accuracy(s, t.test_x, t.test_y.tolist(), t.task_id if hint else None) for t in stream.tasks[: i + 1]]
+        for i, s in enumerate(ends)
+    ]
+    routed = math.nan if hint else route_accuracy(ends[-1], stream)
+    return StreamRun(matrix, seconds, cpu_seconds, stream.n_train, learner, routed)
+
+
+def _published_during(holder: SnapshotHolder, call: Callable[[], object]) -> list[Snapshot]:
+    """The snapshots `call` published into `holder`, in order."""
+    published: list[Snapshot] = []
+    publish = holder.publish
+
+    def recording(snapshot: Snapshot) -> None:
+        publish(snapshot)
+        published.append(snapshot)
+
+    holder.publish = recording  # type: ignore[method-assign]
+    try:
+        call()
+    finally:
+        del holder.publish  # the class's method again
+    return published
+
+
+def route_accuracy(snapshot: Snapshot, stream: BenchmarkStream) -> float:
+    """Mean over tasks of the fraction of test samples routed (no task hint) to their own task.
+
+    NaN when the snapshot reports no route (strategies that do not pick a task by themselves).
+    """
+    import numpy as np
+
+    per_task = []
+    for t in stream.tasks:
+        routes = snapshot.predict(t.test_x).tasks
+        if all(r is None for r in routes):
+            return math.nan
+        per_task.append(float(np.mean([r == t.task_id for r in routes])))
+    return float(np.mean(per_task))
 
 
 def _attach(learner: Learner, on_step: StepHook) -> None:
@@ -215,10 +268,12 @@ def run_quality(
                         "average_accuracy": average_accuracy(run.matrix),
                         "average_forgetting": average_forgetting(run.matrix),
                         "backward_transfer": backward_transfer(run.matrix),
+                        "route_accuracy": run.route_accuracy,
                         "samples_per_s": run.samples / run.learn_seconds,
                         "samples_per_cpu_s": run.samples / run.learn_cpu_seconds,
                         "accuracy_matrix": run.matrix,
                     }
+                    | _interval_figures(run.learner.strategy)
                 )
             if references:
                 for label, epochs in zip(REFERENCES, (joint_epochs, 1), strict=True):
@@ -229,10 +284,18 @@ def run_quality(
                             "strategy": label,
                             "average_forgetting": math.nan,
                             "backward_transfer": math.nan,
+                            "route_accuracy": math.nan,
                         }
                         | ref
                     )
     return {"seed": seed, "joint_epochs": joint_epochs, "rows": rows}
+
+
+def _interval_figures(strategy: Strategy | None) -> dict[str, float]:
+    """`interval` only: the mean half-width of its tasks' weight boxes. (Its universal network is
+    the `class` scenario's row, its task-routed networks the `task` scenario's.)"""
+    radius = getattr(strategy, "weight_radius", None)
+    return {} if radius is None else {"weight_half_width": float(radius())}
 
 
 def format_quality(result: dict[str, Any]) -> str:
@@ -248,6 +311,7 @@ def format_quality(result: dict[str, Any]) -> str:
         "avg acc",
         "avg forgetting",
         "BWT",
+        "route acc",
         "samples/s",
         "samples/cpu-s",
     ]
@@ -261,6 +325,7 @@ def format_quality(result: dict[str, Any]) -> str:
                 cell(r["average_accuracy"]),
                 cell(r["average_forgetting"]),
                 cell(r["backward_transfer"]),
+                cell(r.get("route_accuracy", math.nan)),
                 cell(r["samples_per_s"], 0),
                 cell(r["samples_per_cpu_s"], 0),
             ]
@@ -269,7 +334,12 @@ def format_quality(result: dict[str, Any]) -> str:
     )
     return (
         f"quality (seed {result['seed']}; joint = {result['joint_epochs']} shuffled epochs, "
-        f"iid-online = 1 shuffled pass; forgetting is max-based)\n{table}"
+        f"iid-online = 1 shuffled pass; forgetting is max-based; route acc = test samples routed to "
+        f"their own task without a hint)\n{table}"
+    ) + "".join(
+        f"\n{r['stream']} {r['scenario']} {r['strategy']}: mean weight-box half-width {r['weight_half_width']:.3g}"
+        for r in result["rows"]
+        if "weight_half_width" in r
     )
 
 
