@@ -48,6 +48,7 @@ from stream_cl.snapshot import Label, TaskId
 
 STATE_VERSION = 1
 VARIANCE_FLOOR = 0.01  # × the mean per-feature variance: constant features (MNIST borders) stay finite
+FOLD_EVERY = 256  # inputs buffered before they are folded into the current task's signature
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,20 @@ class TaskSignature:
         self.n += 1
         self.sum += x
         self.sumsq += x * x
+
+    def add_many(self, xs: np.ndarray) -> None:
+        """`add` for each row of `xs` in order, in one call, with bit-identical sums.
+
+        The signature's sums go in as the first row of one reduction over rows: numpy reduces a
+        C-contiguous array along axis 0 row after row (pairwise summation applies only along the
+        contiguous axis), exactly the order of one `add` per row, so the rounding is the same
+        (`tests/test_boundaries.py` checks it bit for bit). Summing `xs` first and adding that to
+        the signature would round differently.
+        """
+        xs = np.asarray(xs, dtype=np.float64).reshape(len(xs), self.sum.size)
+        self.n += len(xs)
+        self.sum = np.add.reduce(np.concatenate([self.sum[None], xs]), axis=0)
+        self.sumsq = np.add.reduce(np.concatenate([self.sumsq[None], xs * xs]), axis=0)
 
     def distance(self, mean: np.ndarray) -> float:
         """How far a window's mean input lies from this task, in per-feature standard deviations."""
@@ -126,6 +141,9 @@ class BoundaryDetector:
         self.old_task_tail = False  # the next outcomes are the previous task's last batch
         self.recent_labels: deque[Label] = deque(maxlen=config.recurring_window)
         self.recent_x: deque[np.ndarray] = deque(maxlen=config.recurring_window)
+        # The current task's inputs not yet in its signature: folded in (`_fold_inputs`) in one
+        # vectorized call every FOLD_EVERY inputs and before anything reads a signature.
+        self._unfolded: list[np.ndarray] = []
         self.explicit_stream = False  # the last sample carried a trusted task field
 
     # -- evidence ---------------------------------------------------------------------------------
@@ -142,6 +160,7 @@ class BoundaryDetector:
         """Look at one labeled sample before it is learned; return the boundary it opens, if any.
 
         `label` feeds class-based recurring matching and `x` input signatures; both are optional.
+        `x` is kept by reference for a while (not copied): the caller must not modify it later.
         """
         cfg = self.config
         index = self.samples_seen
@@ -222,6 +241,7 @@ class BoundaryDetector:
         matched: int | None = None,
     ) -> BoundaryEvent:
         """Make the task starting at sample `start` current: `task_id` (explicit), `matched` or a new one."""
+        self._fold_inputs()  # the buffered inputs belong to the task that ends here
         if task_id is not None and task_id in self.task_ids:
             index, recurring = self.task_ids.index(task_id), True
         elif matched is not None:
@@ -262,12 +282,23 @@ class BoundaryDetector:
             if self.samples_in_task <= max(self.config.min_task_length, self.config.recurring_window):
                 self.task_labels[self.current].add(label)
         if x is not None and self.use_inputs:
-            flat = np.asarray(x, dtype=np.float64).ravel()
-            signature = self.signatures[self.current]
-            if signature is None:
-                signature = self.signatures[self.current] = TaskSignature(flat.size)
-            signature.add(flat)
+            flat = np.ravel(x)  # a view: float64 only where it is summed (the per-sample copy was ~20 µs)
             self.recent_x.append(flat)
+            self._unfolded.append(flat)
+            if len(self._unfolded) >= FOLD_EVERY:
+                self._fold_inputs()
+
+    def _fold_inputs(self) -> None:
+        """Add the buffered inputs to the current task's signature: the same sums as one `add` each."""
+        if not self._unfolded:
+            return
+        assert self.current is not None
+        xs = np.stack(self._unfolded)
+        self._unfolded = []
+        signature = self.signatures[self.current]
+        if signature is None:
+            signature = self.signatures[self.current] = TaskSignature(xs.shape[1])
+        signature.add_many(xs)
 
     def _returning_to(self, label: Label | None) -> int | None:
         """The earlier task a known label outside the current task's classes says the stream is back in.
@@ -298,6 +329,7 @@ class BoundaryDetector:
         assert self.current is not None
         if rule == "off":
             return None, {}
+        self._fold_inputs()
         candidates = [t for t in range(len(self.task_ids)) if t != self.current]
         match: dict[str, Any] = {"rule": rule}
         if rule in ("classes", "both"):
@@ -312,7 +344,7 @@ class BoundaryDetector:
             return min(candidates, key=lambda t: (len(self.task_labels[t]), -t)), match
         if not self.recent_x:
             return None, match
-        window = np.mean(np.stack(self.recent_x), axis=0)
+        window = np.mean(np.stack(self.recent_x).astype(np.float64, copy=False), axis=0)
         distances = {
             t: sig.distance(window)
             for t in candidates
@@ -328,6 +360,7 @@ class BoundaryDetector:
     # -- checkpoint state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain values only: the river detector as name + parameters + values to replay, no pickle."""
+        self._fold_inputs()
         return {
             "version": STATE_VERSION,
             "task_ids": list(self.task_ids),
@@ -353,6 +386,7 @@ class BoundaryDetector:
         self.task_ids = list(state["task_ids"])
         self.task_labels = [set(labels) for labels in state["task_labels"]]
         self.signatures = [None if s is None else TaskSignature.from_state(s) for s in state["signatures"]]
+        self._unfolded = []
         self.current = state["current"]
         self.samples_in_task = state["samples_in_task"]
         self.samples_seen = state["samples_seen"]

@@ -1,4 +1,4 @@
-"""`stream-cl` command line: run, demo, broker, produce, predict, report, bench, transfer, compress.
+"""`stream-cl` command line: run, serve, demo, broker, produce, predict, report, bench, transfer, compress.
 
 Configuration comes from `--config PATH` (default: ./config.toml when present), then
 `STREAM_CL_SECTION__KEY` variables, then `--set section.key=value`. A bad configuration is one
@@ -40,6 +40,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
     return Daemon(config).run()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from stream_cl.replica_server import Replica
+
+    config = _load(args)
+    configure_logging(config.log.level, config.log.format)
+    topic = args.follow or config.publish.topic
+    if not topic:
+        raise ConfigError(
+            "publish.topic", "`serve` needs the snapshot topic: --follow TOPIC or publish.topic"
+        )
+    return Replica(config, topic).run()
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -231,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("run", parents=[common], help="run the daemon").set_defaults(func=cmd_run)
+
+    sv = sub.add_parser(
+        "serve", parents=[common], help="a prediction-only replica that follows the learner's snapshot topic"
+    )
+    sv.add_argument("--follow", metavar="TOPIC", help="the snapshot topic (default: publish.topic)")
+    sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("broker", parents=[common], help="start the embedded Kafka-protocol broker")
     b.add_argument("--host", default="127.0.0.1")

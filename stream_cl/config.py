@@ -43,6 +43,7 @@ class KafkaConfig:
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 10_485_760
     commit_interval_s: float = 5.0
+    fetch_in_subprocess: bool = False  # fetch + decode in a child process (stream_cl/fetcher.py)
 
     def validate(self) -> None:
         _choice("kafka.auto_offset_reset", self.auto_offset_reset, ("earliest", "latest"))
@@ -86,11 +87,22 @@ class ModelConfig:
 
 
 @dataclass
+class ModelsConfig:
+    """`[models]`: one model for the stream, or one per Kafka message key (see keyed.py)."""
+
+    per_key: bool = False
+    max_keys: int = 100
+
+    def validate(self) -> None:
+        _positive("models.max_keys", self.max_keys)
+
+
+@dataclass
 class StrategyConfig:
     """`[strategy]`: checked against the registry by `stream_cl.strategies.check_config`."""
 
-    name: str = "finetune"
-    head: str = "random"
+    name: str = "eidetic"
+    head: str = "ls"
     head_options: dict[str, Any] = field(default_factory=dict)
     loss: str = "ce"
     options: dict[str, Any] = field(default_factory=dict)
@@ -238,6 +250,7 @@ class CheckpointConfig:
     every_s: float = 60.0
     at_boundary: bool = True
     keep: int = 3
+    background: bool = True  # scheduled writes on a writer thread (stream_cl/checkpoint_writer.py)
 
     def validate(self) -> None:
         _positive("checkpoint.keep", self.keep)
@@ -245,6 +258,26 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.every_samples", f"must be >= 0 (0 = off), got {self.every_samples}")
         if self.every_s < 0:
             raise ConfigError("checkpoint.every_s", f"must be >= 0 (0 = off), got {self.every_s}")
+
+
+@dataclass
+class PublishConfig:
+    """`[publish]`: the learner's snapshots on a compacted Kafka topic, for `serve --follow` replicas."""
+
+    topic: str = ""
+    interval_s: float = 1.0
+    chunk_bytes: int = 524_288
+    max_snapshot_bytes: int = 268_435_456
+    partitions: int = 1
+
+    def validate(self) -> None:
+        if self.interval_s < 0:
+            raise ConfigError(
+                "publish.interval_s", f"must be >= 0 (0 = every snapshot), got {self.interval_s}"
+            )
+        _positive("publish.chunk_bytes", self.chunk_bytes)
+        _positive("publish.max_snapshot_bytes", self.max_snapshot_bytes)
+        _positive("publish.partitions", self.partitions)
 
 
 @dataclass
@@ -261,6 +294,7 @@ class LogConfig:
 class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
@@ -268,6 +302,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> Config:
@@ -276,6 +311,11 @@ class Config:
             check = getattr(section, "validate", None)
             if check is not None:
                 check()
+        if self.models.per_key and not self.checkpoint.enabled:
+            raise ConfigError(
+                "models.per_key",
+                "needs checkpoint.enabled = true: per-key models move between daemons through the checkpoint store",
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:

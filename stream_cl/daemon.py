@@ -24,12 +24,17 @@ from prometheus_client import CollectorRegistry
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.codec import Sample
 from stream_cl.config import Config
+from stream_cl.fetcher import make_source
+from stream_cl.keyed import KeyedModels, per_key_config
 from stream_cl.learner import Learner
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics, start_metrics_server
+from stream_cl.model_store import SharedModelStore
+from stream_cl.registry import DEFAULT_KEY, SnapshotRegistry
+from stream_cl.replica import SnapshotPublisher
 from stream_cl.serve import PredictionServer
-from stream_cl.snapshot import SnapshotHolder
-from stream_cl.source import KafkaSource, Record
+from stream_cl.snapshot import Snapshot, SnapshotHolder
+from stream_cl.source import QueueItem
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -50,16 +55,35 @@ class Daemon:
         self.log = get_logger("stream_cl.daemon")
         self.metrics = Metrics(registry, config.metrics.max_task_labels)
         self.holder = SnapshotHolder()
-        self.queue: queue.Queue[list[Record]] = queue.Queue(maxsize=8)
-        self.source = KafkaSource(config.kafka, self.queue, self.metrics, expected_size=self._input_size)
+        self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=8)
+        # models.per_key: one model per message key, moved between daemons through the shared store
+        self.keyed = self._keyed_models() if config.models.per_key else None
+        self.registry = (
+            self.keyed.registry if self.keyed is not None else SnapshotRegistry.single(self.holder)
+        )
+        self.source = make_source(  # kafka.fetch_in_subprocess: a ProcessSource (fetcher.py)
+            config,
+            self.queue,
+            self.metrics,
+            expected_size=self._input_size,
+            on_revoke=None if self.keyed is None else self.keyed.on_revoke,
+            on_assign=None if self.keyed is None else self.keyed.on_assign,
+        )
         self._predictions: KafkaProducer | None = None
-        self.checkpoints = (
-            CheckpointStore(checkpoint_dir(config), config.checkpoint.keep)
-            if config.checkpoint.enabled
+        # publish.topic: snapshots go to Kafka for `serve --follow` replicas (replica.py)
+        self._publisher = (
+            SnapshotPublisher(config, self.metrics, serving=lambda key: self.registry.get(key) is not None)
+            if config.publish.topic
             else None
         )
+        self.checkpoints = (
+            CheckpointStore(checkpoint_dir(config), config.checkpoint.keep)
+            if config.checkpoint.enabled and self.keyed is None
+            else None
+        )
+        # The one model; with models.per_key an idle stand-in (the models are in self.keyed)
         self.learner = Learner(
-            config,
+            config if self.keyed is None else per_key_config(config),
             self.holder,
             self.metrics,
             on_processed=self.source.mark_processed,
@@ -67,6 +91,7 @@ class Daemon:
             on_unlabeled=self._publish_prediction if config.kafka.predictions_topic else None,
             checkpoints=self.checkpoints,
             on_checkpoint=lambda offsets: self.source.request_commit(),
+            on_publish=lambda learner, snapshot: self._on_publish(DEFAULT_KEY, learner, snapshot),
         )
         self.server: PredictionServer | None = None
         self.serve_port: int | None = None
@@ -84,6 +109,21 @@ class Daemon:
 
     def _input_size(self) -> int | None:
         return self.learner.input_size
+
+    def _keyed_models(self) -> KeyedModels:
+        cfg = self.config
+        return KeyedModels(
+            cfg,
+            SnapshotRegistry(keyed=True),
+            self.metrics,
+            self.queue,
+            SharedModelStore(checkpoint_dir(cfg), cfg.checkpoint.keep),
+            dead_letter=lambda *args: self.source.dead_letter(*args),
+            on_publish=lambda key, learner, snapshot: self._on_publish(key, learner, snapshot),
+            on_unlabeled=self._publish_prediction if cfg.kafka.predictions_topic else None,
+            mark_processed=lambda partition, offset: self.source.mark_processed(partition, offset),
+            request_commit=lambda: self.source.request_commit(),
+        )
 
     # -- start / stop ---------------------------------------------------------------------------
     def restore(self) -> bool:
@@ -110,12 +150,14 @@ class Daemon:
                 self.metrics, cfg.metrics.host, cfg.metrics.port
             )
         if cfg.serve.enabled:
-            self.server = PredictionServer(cfg.serve, self.holder, self.metrics)
+            self.server = PredictionServer(cfg.serve, self.registry, self.metrics)
             self.serve_port = self.server.start()
         if cfg.kafka.predictions_topic:
             self._predictions = KafkaProducer(
                 bootstrap_servers=cfg.kafka.bootstrap_servers.split(","), linger_ms=5
             )
+        if self._publisher is not None:
+            self._publisher.start()  # sends the restored model's snapshot, if any, at once
         if self.learner.evaluator is not None:
             self.learner.evaluator.start()
         self.source.connect()
@@ -131,16 +173,21 @@ class Daemon:
         )
 
     def _learn_loop(self) -> None:
+        models = self.learner if self.keyed is None else self.keyed
         try:
             while not self._learner_stop.is_set():
                 try:
                     records = self.queue.get(timeout=0.05)
                 except queue.Empty:
-                    self.learner.flush()  # the stream went quiet: learn the partial batch, publish
+                    models.flush()  # the stream went quiet: learn the partial batch, publish
+                    self._publish_idle()
                     if self.source.stop_event.is_set():
                         break
                     continue
-                self.learner.process(records)
+                if not isinstance(records, list):  # a task in stream order (a rebalance handover)
+                    records()
+                    continue
+                models.process(records)
         except BaseException as e:
             self.learner_error = e
             self.log.exception("learner_failed")
@@ -159,6 +206,8 @@ class Daemon:
             self.learner.flush()
             if self.learner.strategy is not None:
                 self.learner.checkpoint()
+            if self.keyed is not None:
+                self.keyed.close()  # every model and partition manifest to the shared store
         # Records still queued were never learned and are not committed: the next run re-reads them.
         try:
             self.source.close()
@@ -166,6 +215,10 @@ class Daemon:
             self.log.exception("final_commit_failed")
         if self.learner.evaluator is not None:
             self.learner.evaluator.stop()
+        if self._publisher is not None:
+            if not self._learner_thread.is_alive():  # the final model reaches the replicas too
+                self._publisher.capture_uncaptured()
+            self._publisher.close(max(0.1, t_end - time.monotonic()))
         if self._predictions is not None:
             self._predictions.close(timeout=max(0.1, t_end - time.monotonic()))
         if self.server is not None:
@@ -173,7 +226,7 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        self.log.info("daemon_stopped", **self.learner.stats())
+        self.log.info("daemon_stopped", **(self.learner if self.keyed is None else self.keyed).stats())
 
     @property
     def failed(self) -> BaseException | None:
@@ -187,7 +240,8 @@ class Daemon:
         """Wait until everything learned so far is in the published snapshot."""
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
-            if self.learner.stats()["unpublished_steps"] == 0 and self.queue.empty():
+            stats = (self.learner if self.keyed is None else self.keyed).stats()
+            if stats["unpublished_steps"] == 0 and self.queue.empty():
                 return True
             time.sleep(0.05)
         return False
@@ -215,6 +269,17 @@ class Daemon:
         if self._signals > 1:
             os._exit(EXIT_FORCED)  # a second Ctrl-C: the user wants out now
         self._shutdown.set()
+
+    # -- snapshots to replicas -------------------------------------------------------------------
+    def _on_publish(self, key: str, learner: Learner, snapshot: Snapshot) -> None:
+        """After each snapshot publish (learner thread): hand it to the (rate-limited) publisher."""
+        if self._publisher is not None:
+            self._publisher.offer(key, learner, snapshot, idle=False)
+
+    def _publish_idle(self) -> None:
+        """The learner is idle (learner thread): the models' latest snapshots reach the replicas."""
+        if self._publisher is not None:
+            self._publisher.capture_uncaptured()
 
     # -- unlabeled samples ----------------------------------------------------------------------
     def _publish_prediction(self, sample: Sample, prediction: dict[str, Any]) -> None:

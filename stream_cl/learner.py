@@ -19,6 +19,7 @@ import torch
 
 from stream_cl.boundaries import BoundaryDetector, BoundaryEvent
 from stream_cl.checkpoint import CheckpointStore
+from stream_cl.checkpoint_writer import BackgroundWrite, CheckpointMixin
 from stream_cl.codec import Sample
 from stream_cl.config import Config
 from stream_cl.evaluator import Evaluator
@@ -32,7 +33,7 @@ from stream_cl.transfer import TrajectoryRecorder
 TRAJECTORY_TASKS = 4  # tasks whose start/end weights checkpoints keep: the first + the last 3
 
 
-class Learner:
+class Learner(CheckpointMixin):
     """Turns records into strategy steps; single-threaded by design (the only model writer)."""
 
     def __init__(
@@ -95,6 +96,18 @@ class Learner:
         self._last_checkpoint_attempt = 0.0
         self._checkpoint_requested = False
         self._lock = threading.Lock()  # guards stats read by other threads
+        # Hot-path bookkeeping (per sample at up to ~10k samples/s): Prometheus children resolved
+        # once (`labels()` costs microseconds), held-out counts reported per step, and
+        # `note_task` called once per (task, class) pair (it is idempotent).
+        self._learned_counter = metrics.samples.labels(outcome="learned")
+        self._held_out_counter = metrics.samples.labels(outcome="held_out")
+        self._held_out_unreported = 0
+        self._noted: set[tuple[int, int]] = set()
+        # Scheduled checkpoints are written on a writer thread (checkpoint_writer.py). Not for
+        # per-key models: their handover bookkeeping takes `on_checkpoint` to mean "everything
+        # taken in so far is saved", true only when the write happens before anything else.
+        self._background_checkpoints = config.checkpoint.background and not config.models.per_key
+        self._write: BackgroundWrite | None = None
 
     # -- inputs ---------------------------------------------------------------------------------
     @property
@@ -123,59 +136,73 @@ class Learner:
 
     def process(self, records: list[Record]) -> None:
         """Handle one polled chunk of records in stream order."""
+        accepted = self._accepted
+        label_index = self.label_index
+        detector = self.detector
+        evaluator = self.evaluator
+        batch_size = self.config.model.batch_size
         for rec in records:
-            if rec.offset < self._accepted.get(rec.partition, 0):
+            partition, offset = rec.partition, rec.offset
+            if offset < accepted.get(partition, 0):
                 continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
-            self._accepted[rec.partition] = rec.offset + 1
+            accepted[partition] = offset + 1
             sample = rec.sample
             if sample is None:  # dead-lettered by the source
                 self._done_without_learning(rec)
                 continue
-            if self.input_size is not None and sample.x.size != self.input_size:
-                self._reject(
-                    rec, "bad_length", f"'x' has {sample.x.size} features, expected {self.input_size}"
-                )
+            x = sample.x
+            if self.input_size is not None and x.size != self.input_size:
+                self._reject(rec, "bad_length", f"'x' has {x.size} features, expected {self.input_size}")
                 continue
-            strategy = self._ensure_strategy(sample)
-            if sample.y is None:
+            strategy = self.strategy if self.strategy is not None else self._ensure_strategy(sample)
+            y = sample.y
+            if y is None:
                 self._unlabeled(rec, sample)
                 continue
-            new_label = sample.y not in self.label_index
-            if new_label and len(self.labels) >= self.config.model.max_classes:
-                self._reject(rec, "too_many_classes", f"label {sample.y!r} beyond model.max_classes")
+            cls = label_index.get(y)
+            if cls is None and len(self.labels) >= self.config.model.max_classes:
+                self._reject(rec, "too_many_classes", f"label {y!r} beyond model.max_classes")
                 continue
-            event = self.detector.observe(
-                sample.task, new_label, rec.partition, rec.offset, label=sample.y, x=sample.x
-            )
+            event = detector.observe(sample.task, cls is None, partition, offset, label=y, x=x)
             if event is not None:
                 self._learn_pending()
                 self._boundary(event)
-            if new_label:
+            task = detector.current or 0
+            if cls is None:
                 self._learn_pending()
-                task = self.detector.current or 0  # after learning: a drift boundary may have opened
+                task = detector.current or 0  # after learning: a drift boundary may have opened
                 cls = len(self.labels)
-                self.labels.append(sample.y)
-                self.label_index[sample.y] = cls
+                self.labels.append(y)
+                label_index[y] = cls
                 strategy.add_classes([cls], task)
+                self._noted.add((task, cls))
                 self.metrics.classes_seen.set(len(self.labels))
-            elif self.evaluator is not None and self.evaluator.hold_out():
-                self.evaluator.add(self.detector.current or 0, sample.x, sample.y)
-                self.metrics.samples.labels(outcome="held_out").inc()
+            elif evaluator is not None and evaluator.hold_out():
+                evaluator.add(task, x, y)
+                self._held_out_unreported += 1
                 self.held_out += 1
                 self._done_without_learning(rec)
                 continue
-            else:
-                strategy.note_task(self.detector.current or 0, [self.label_index[sample.y]])
-            self._pending.append((sample.x, self.label_index[sample.y], rec))
-            if len(self._pending) >= self.config.model.batch_size:
+            elif (task, cls) not in self._noted:
+                strategy.note_task(task, [cls])
+                self._noted.add((task, cls))
+            self._pending.append((x, cls, rec))
+            if len(self._pending) >= batch_size:
                 self._learn_pending()
+        self._report_held_out()
         self._maybe_publish()
         if self._checkpoint_due():
-            self.checkpoint()
+            self.checkpoint(wait=not self._background_checkpoints)
+
+    def _report_held_out(self) -> None:
+        if self._held_out_unreported:
+            self._held_out_counter.inc(self._held_out_unreported)
+            self._held_out_unreported = 0
 
     def flush(self) -> None:
         """Learn a partial batch (the stream went quiet) and publish."""
         self._learn_pending()
+        self._report_held_out()
         self._maybe_publish(force=self._steps_since_publish > 0)
 
     # -- learning -------------------------------------------------------------------------------
@@ -195,13 +222,20 @@ class Learner:
             self.steps += 1
             self.learned += len(pending)
         self._steps_since_publish += 1
-        self.metrics.samples.labels(outcome="learned").inc(len(pending))
+        self._learned_counter.inc(len(pending))
+        self._report_held_out()
         self.metrics.prequential_accuracy.set(self.prequential_accuracy)
+        # Processed up to the last record of each partition (offsets only grow within one): one
+        # report per partition and step, not one per record.
+        upto: dict[int, int] = {}
         for _, _, rec in pending:
-            self._mark(rec)
+            upto[rec.partition] = rec.offset
         for rec in self._deferred:
-            self._mark(rec)
+            if rec.offset > upto.get(rec.partition, -1):
+                upto[rec.partition] = rec.offset
         self._deferred.clear()
+        for partition, offset in upto.items():
+            self._mark_offset(partition, offset)
         self._maybe_publish()  # per step, so a big polled chunk cannot leave serving on a stale model
         if self.evaluator is not None:
             self.evaluator.on_learned(self.learned)
@@ -288,9 +322,12 @@ class Learner:
             self._mark(rec)
 
     def _mark(self, rec: Record) -> None:
-        if rec.offset + 1 > self.offsets.get(rec.partition, 0):
-            self.offsets[rec.partition] = rec.offset + 1
-        self.on_processed(rec.partition, rec.offset)
+        self._mark_offset(rec.partition, rec.offset)
+
+    def _mark_offset(self, partition: int, offset: int) -> None:
+        if offset + 1 > self.offsets.get(partition, 0):
+            self.offsets[partition] = offset + 1
+        self.on_processed(partition, offset)
 
     # -- snapshots ------------------------------------------------------------------------------
     @property
@@ -343,52 +380,6 @@ class Learner:
         return snap
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def _checkpoint_due(self) -> bool:
-        cfg = self.config.checkpoint
-        if self.checkpoints is None or self.strategy is None:
-            return False
-        now = time.monotonic()
-        if (
-            now - self._last_checkpoint_attempt < 5.0
-            and self._last_checkpoint_attempt > self._last_checkpoint
-        ):
-            return False  # the last attempt failed: retry at most every 5 s
-        return (
-            self._checkpoint_requested
-            or (cfg.every_samples > 0 and self.learned - self._learned_at_checkpoint >= cfg.every_samples)
-            or (
-                cfg.every_s > 0
-                and now - self._last_checkpoint >= cfg.every_s
-                and self.learned > self._learned_at_checkpoint
-            )
-        )
-
-    def checkpoint(self) -> bool:
-        """Learn any partial batch, then write model + state + offsets atomically (learner thread).
-
-        Returns False (and keeps serving) when the write fails, e.g. disk full or unwritable dir.
-        """
-        if self.checkpoints is None or self.strategy is None:
-            return False
-        self._learn_pending()  # the offsets saved must cover exactly what the model has learned
-        if self.learned == self._learned_at_checkpoint and self.offsets == self._offsets_at_checkpoint:
-            return True  # nothing new since the last checkpoint
-        self._last_checkpoint_attempt = time.monotonic()
-        try:
-            path = self.checkpoints.save(self.state_dict())
-        except OSError as e:
-            self.metrics.checkpoint_failures.inc()
-            self.log.error("checkpoint_failed", error=str(e), dir=str(self.checkpoints.dir))
-            return False
-        self._checkpoint_requested = False
-        self._learned_at_checkpoint = self.learned
-        self._offsets_at_checkpoint = dict(self.offsets)
-        self._last_checkpoint = time.monotonic()
-        self.metrics.last_checkpoint.set(time.time())
-        self.log.info("checkpoint_written", path=str(path), learned=self.learned, offsets=self.offsets)
-        self.on_checkpoint(dict(self.offsets))
-        return True
-
     def state_dict(self) -> dict[str, Any]:
         """Everything the learner needs to resume exactly here (plain values and tensors only)."""
         assert self.strategy is not None and self.input_shape is not None
@@ -420,6 +411,7 @@ class Learner:
         self.strategy.load_state_dict(state["strategy"])
         self.labels = list(state["labels"])
         self.label_index = {label: i for i, label in enumerate(self.labels)}
+        self._noted.clear()
         self.version = state["version"]
         self.steps = state["steps"]
         self.learned = self._learned_at_checkpoint = state["learned"]

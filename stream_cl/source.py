@@ -31,6 +31,13 @@ class Record:
     offset: int
     sample: Sample | None  # None: the message was invalid and is already dead-lettered
     raw: bytes  # the original message value, for dead letters raised later by the learner
+    key: bytes | None = None  # the Kafka message key (per-key models route by it)
+
+
+# Work for the learner thread that must run in stream order, after every record queued before it
+# (e.g. a rebalance handover: checkpoint the models of revoked partitions).
+LearnerTask = Callable[[], None]
+QueueItem = list[Record] | LearnerTask
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list:
@@ -47,12 +54,22 @@ class KafkaSource:
     def __init__(
         self,
         config: KafkaConfig,
-        out: queue.Queue[list[Record]],
+        out: queue.Queue[QueueItem],
         metrics: Metrics,
         expected_size: Callable[[], int | None] = lambda: None,
         max_features: int = 1 << 20,
+        on_revoke: Callable[[list[int], bool], None] | None = None,
+        on_assign: Callable[[list[int]], dict[int, int]] | None = None,
     ) -> None:
+        """`on_revoke(partitions, lost)` and `on_assign(partitions) -> {partition: offset to seek}`
+        run inside the consumer's rebalance (which blocks `poll`, so nothing new is queued meanwhile).
+        With them set, the hooks own where partitions resume and this source forgets the progress of
+        revoked partitions (it never commits them again); without them, a partition resumes at a
+        restored checkpoint's offset (`resume_from`), else at this source's own progress.
+        """
         self.config = config
+        self.on_revoke = on_revoke
+        self.on_assign = on_assign
         self.out = out
         self.metrics = metrics
         self.expected_size = expected_size
@@ -63,6 +80,9 @@ class KafkaSource:
         self._committed: dict[int, int] = {}
         self._seek_on_assign: dict[int, int] = {}  # offsets from a restored checkpoint
         self._commit_now = threading.Event()
+        # Between a revoke and the next assignment: kafka-python 3 wedges the rejoin (it never
+        # completes) if `committed()` is called meanwhile, so the lag update waits.
+        self._rebalancing = False
         self._lock = threading.Lock()
         self.consumer: KafkaConsumer | None = None
         self._dead_letters: KafkaProducer | None = None
@@ -75,6 +95,13 @@ class KafkaSource:
         with self._lock:
             if offset + 1 > self._processed.get(partition, -1):
                 self._processed[partition] = offset + 1
+
+    def forget(self, partitions: list[int]) -> None:
+        """Drop the progress of partitions this consumer gave up: their new owner commits them."""
+        with self._lock:
+            for p in partitions:
+                self._processed.pop(p, None)
+                self._committed.pop(p, None)
 
     def request_commit(self) -> None:
         """Commit the processed offsets at the next poll (called after each checkpoint)."""
@@ -165,7 +192,7 @@ class KafkaSource:
                     # forwarded in order, so the learner marks it processed only after what precedes it
                     records.append(Record(tp.partition, m.offset, None, b""))
                     continue
-                records.append(Record(tp.partition, m.offset, sample, m.value))
+                records.append(Record(tp.partition, m.offset, sample, m.value, m.key))
         return records
 
     def dead_letter(self, value: bytes | None, reason: str, detail: str, partition: int, offset: int) -> None:
@@ -207,7 +234,7 @@ class KafkaSource:
 
     def _update_lag(self) -> None:
         consumer = self.consumer
-        if consumer is None:
+        if consumer is None or self._rebalancing:
             return
         for tp in consumer.assignment():
             high = consumer.highwater(tp)
@@ -232,27 +259,62 @@ class KafkaSource:
 
 
 class _SeekOnAssign(ConsumerRebalanceListener):
-    """Seeks newly assigned partitions to the restored checkpoint's offsets, once each."""
+    """Seeks newly assigned partitions where they resume; runs the source's rebalance hooks.
+
+    kafka-python calls it inside `poll` (and `close`), while the source thread waits: offsets must
+    not be committed here (a commit inside the callback wedges polling), so the hooks only hand work
+    to the learner thread and wait for it, bounded by the rebalance timeout.
+    """
 
     def __init__(self, source: KafkaSource) -> None:
         self.source = source
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.source.log.info("partitions_revoked", partitions=sorted(tp.partition for tp in revoked))
+        self._revoke(revoked, lost=False)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        """Evicted from the group: the partitions may already be someone else's, nothing is saved."""
+        self._revoke(lost, lost=True)
+
+    def _revoke(self, revoked: Any, lost: bool) -> None:
+        source = self.source
+        source._rebalancing = True
+        partitions = sorted(tp.partition for tp in revoked)
+        source.log.info("partitions_lost" if lost else "partitions_revoked", partitions=partitions)
+        if source.on_revoke is None or not partitions:
+            return
+        try:
+            source.on_revoke(partitions, lost)
+        except Exception:  # never let a hook break the consumer's rebalance
+            source.log.exception("revoke_hook_failed", partitions=partitions)
+        source.forget(partitions)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        consumer = self.source.consumer
+        source = self.source
+        consumer = source.consumer
         assert consumer is not None
+        partitions = sorted(tp.partition for tp in assigned)
+        if source.on_assign is not None:
+            try:
+                offsets = source.on_assign(partitions)
+            except Exception:
+                source.log.exception("assign_hook_failed", partitions=partitions)
+                offsets = {}
+            for tp in assigned:
+                if tp.partition in offsets:
+                    consumer.seek(tp, offsets[tp.partition])
+            source.log.info("partitions_assigned", partitions=partitions, resume_at=offsets)
+            source._rebalancing = False
+            return
         for tp in assigned:
             # A restored checkpoint's offset first; else our own progress, which may be ahead of the
             # last commit (the learner skips anything at an offset it already processed anyway).
-            offset = self.source._seek_on_assign.pop(tp.partition, None)
+            offset = source._seek_on_assign.pop(tp.partition, None)
             if offset is None:
-                with self.source._lock:
-                    offset = self.source._processed.get(tp.partition)
+                with source._lock:
+                    offset = source._processed.get(tp.partition)
             if offset is not None:
                 consumer.seek(tp, offset)
-                self.source.log.info(
-                    "partition_resumed_from_checkpoint", partition=tp.partition, offset=offset
-                )
-        self.source.log.info("partitions_assigned", partitions=sorted(tp.partition for tp in assigned))
+                source.log.info("partition_resumed_from_checkpoint", partition=tp.partition, offset=offset)
+        source.log.info("partitions_assigned", partitions=partitions)
+        source._rebalancing = False

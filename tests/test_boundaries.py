@@ -364,3 +364,38 @@ def test_bench_boundaries_verb_prints_a_table_and_writes_json(
     assert figures["replay_matches_real_run"] is True
     assert set(figures["detectors"]) == {"PageHinkley", "HDDMA"}
     assert figures["detectors"]["PageHinkley"]["boundaries"] == 4
+
+
+def test_batched_signature_sums_are_bit_identical_to_one_add_per_sample() -> None:
+    """Input signatures are folded in per batch (`add_many`); the sums must round exactly as one
+    `add` per sample did, whatever the batch split, or recurring matching could change."""
+    from stream_cl.boundaries import TaskSignature
+
+    rng = np.random.default_rng(0)
+    for scale in (1.0, 1e-3, 1e3, 1e7):
+        xs = (rng.random((300, 50)) * scale).astype(np.float32)
+        one, many = TaskSignature(50), TaskSignature(50)
+        for x in xs:
+            one.add(np.asarray(x, dtype=np.float64))
+        for chunk in np.array_split(xs, [1, 7, 40, 41, 256]):
+            many.add_many(chunk)
+        assert one.n == many.n == 300
+        assert np.array_equal(one.sum, many.sum) and np.array_equal(one.sumsq, many.sumsq)
+        assert one.distance(xs[:32].mean(0)) == many.distance(xs[:32].mean(0))
+
+
+def test_deferred_inputs_reach_the_signature_before_anything_reads_it() -> None:
+    """The detector buffers inputs; its state and a later task's match see every input observed."""
+    from stream_cl.boundaries import TaskSignature
+
+    cfg = load_config(None, ["boundaries.recurring=inputs"], env={}).boundaries
+    det = BoundaryDetector(cfg)
+    rng = np.random.default_rng(1)
+    xs = rng.random((70, 6)).astype(np.float32)
+    for i, x in enumerate(xs):
+        det.observe(None, i == 0, 0, i, label=0, x=x)
+    want = TaskSignature(6)
+    for x in xs:
+        want.add(np.asarray(x, dtype=np.float64))
+    state = det.state_dict()["signatures"][0]
+    assert state["n"] == 70 and state["sum"] == want.sum.tolist() and state["sumsq"] == want.sumsq.tolist()

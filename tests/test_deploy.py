@@ -183,8 +183,9 @@ def test_compose_daemon_settings_are_valid_config() -> None:
     config = load_config(None, [], env=env)
     assert config.kafka.bootstrap_servers == "kafka:9092"
     assert (config.serve.host, config.metrics.host) == ("0.0.0.0", "0.0.0.0")
-    targets = _load_yaml(PROMETHEUS_YML)["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"stream-cl:{config.metrics.port}"]
+    jobs = {job["job_name"]: job for job in _load_yaml(PROMETHEUS_YML)["scrape_configs"]}
+    (discovery,) = jobs["stream_cl"]["dns_sd_configs"]  # every scaled learner container
+    assert (discovery["names"], discovery["port"]) == (["stream-cl"], config.metrics.port)
     producer = compose["services"]["producer"]
     assert _parses_as_cli(producer["command"]).command == "produce"
 
@@ -345,7 +346,9 @@ def _start_prometheus(binary: str, metrics_port: int, workdir: Path) -> tuple[su
     config = _load_yaml(PROMETHEUS_YML)
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(ALERTS_YML)]
-    (job,) = config["scrape_configs"]
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "stream_cl"]  # the learner's job
+    config["scrape_configs"] = [job]
+    job.pop("dns_sd_configs", None)
     job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = _free_port()

@@ -58,6 +58,8 @@ def forced_forgetting() -> Learner:
     config = load_config(
         None,
         [
+            "strategy.name=finetune",
+            "strategy.head=random",
             "model.hidden=[64]",
             "checkpoint.enabled=false",
             "evaluation.holdout_fraction=0.2",
@@ -120,7 +122,11 @@ def test_stability_gap_is_seen_with_the_evaluator_thread_and_defaults() -> None:
     """
     import time
 
-    config = load_config(None, ["checkpoint.enabled=false", "log.level=warning"], env={})
+    config = load_config(
+        None,
+        ["strategy.name=finetune", "strategy.head=random", "checkpoint.enabled=false", "log.level=warning"],
+        env={},
+    )
     learner = Learner(config, SnapshotHolder(), Metrics())
     assert learner.evaluator is not None
     learner.evaluator.start()

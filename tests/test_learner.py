@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from stream_cl.codec import Sample
@@ -78,3 +80,93 @@ def test_offline_learning_of_a_builtin_stream() -> None:
     assert learner.learned == stream.n_train
     assert learner.detector.task_ids == [0, 1, 2, 3, 4]
     assert len(stream_records(stream, chunk=100)) == -(-stream.n_train // 100)
+
+
+def test_snapshots_are_frozen_copies_independent_of_training() -> None:
+    """A published snapshot keeps predicting exactly as at publish time while the model trains on."""
+    learner = _learner("learner.snapshot_every_steps=1000", "learner.snapshot_every_ms=100000")
+    rng = np.random.default_rng(0)
+    recs = [Record(0, i, Sample(x=rng.random(4).astype(np.float32), y=i % 2), b"") for i in range(64)]
+    learner.process(recs[:32])
+    snap = learner.publish()
+    assert snap is not None
+    probe = rng.random((8, 4)).astype(np.float32)
+    before = snap.predict(probe).proba.copy()
+    learner.process(recs[32:])
+    learner.flush()
+    assert learner.steps >= 2
+    assert np.array_equal(snap.predict(probe).proba, before)
+    newer = learner.holder.get()
+    assert newer is not None and newer.version > snap.version
+    assert not np.array_equal(newer.predict(probe).proba, before)
+
+
+def test_processed_offsets_are_reported_once_per_partition_and_step() -> None:
+    """Marks are coalesced per step (one call per partition), yet cover exactly what was processed."""
+    calls: list[tuple[int, int]] = []
+    config = load_config(
+        None, ["model.hidden=[8]", "checkpoint.enabled=false", "evaluation.holdout_fraction=0"], env={}
+    )
+    learner = Learner(config, SnapshotHolder(), Metrics(), on_processed=lambda p, o: calls.append((p, o)))
+    recs = [Record(i % 2, i // 2, Sample(x=np.ones(4, np.float32), y=0), b"") for i in range(64)]
+    recs.insert(10, Record(2, 0, None, b""))  # dead-lettered by the source, in between
+    learner.process(recs)
+    learner.flush()
+    assert learner.learned == 64
+    assert learner.offsets == {0: 32, 1: 32, 2: 1}
+    assert len(calls) <= 3 * learner.steps
+    assert {p: max(o for q, o in calls if q == p) for p, _ in calls} == {0: 31, 1: 31, 2: 0}
+
+
+def test_background_checkpoints_hold_the_state_at_capture_and_commit_after_the_write(tmp_path: Path) -> None:
+    """Scheduled checkpoints are written on a writer thread: each file holds exactly the state when
+    it was captured (learning went on meanwhile), and `on_checkpoint` follows the finished write."""
+    from stream_cl.checkpoint import CheckpointStore, read_checkpoint
+
+    stream = load_stream("split-digits", seed=0)
+    config = load_config(
+        None,
+        ["model.hidden=[32]", "evaluation.holdout_fraction=0", "checkpoint.every_s=0", "checkpoint.keep=100"],
+        env={},
+    )
+    assert config.checkpoint.background and config.checkpoint.at_boundary
+    store = CheckpointStore(tmp_path, keep=100)
+    committed: list[dict[int, int]] = []
+    learner = Learner(config, SnapshotHolder(), Metrics(), checkpoints=store, on_checkpoint=committed.append)
+    for chunk in stream_records(stream, chunk=50):
+        learner.process(chunk)
+    assert learner.checkpoint()  # waits for the write in flight, then writes the rest in line
+    files = sorted(tmp_path.glob("ckpt-*"))
+    assert len(files) >= 4  # a boundary checkpoint per task boundary (4), written in the background
+    states = [read_checkpoint(f) for f in files]
+    learned = [s["learned"] for s in states]
+    assert learned == sorted(learned) and learned[-1] == learner.learned == stream.n_train
+    for s in states:  # each is consistent: its offsets cover exactly what it had learned
+        assert s["offsets"] == {0: s["learned"]}
+    assert committed == [s["offsets"] for s in states]
+
+
+def test_a_failed_background_write_is_counted_and_retried(tmp_path: Path) -> None:
+    """A background write that fails is counted, logged and retried; learning goes on."""
+    from stream_cl.checkpoint import CheckpointStore
+
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    config = load_config(
+        None,
+        [
+            "model.hidden=[8]",
+            "evaluation.holdout_fraction=0",
+            "checkpoint.every_s=0",
+            "checkpoint.every_samples=32",
+        ],
+        env={},
+    )
+    learner = Learner(config, SnapshotHolder(), Metrics(), checkpoints=CheckpointStore(blocked / "sub"))
+    recs = [Record(0, i, Sample(x=np.ones(4, np.float32), y=i % 2), b"") for i in range(200)]
+    for i in range(0, 200, 40):
+        learner.process(recs[i : i + 40])
+    learner.flush()
+    assert not learner.checkpoint()
+    assert learner.learned == 200
+    assert learner.metrics.sample_value("stream_cl_checkpoint_failures_total") >= 2

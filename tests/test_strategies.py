@@ -14,7 +14,7 @@ from stream_cl.evaluation import accuracy
 from stream_cl.offline import learn_offline
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.finetune import Finetune
-from stream_cl.strategies.heads import HeadPolicy, LSHead
+from stream_cl.strategies.heads import LSHead
 from stream_cl.strategies.replay import Replay
 
 
@@ -75,10 +75,12 @@ def test_register_refuses_a_taken_name() -> None:
         strategies.register(Impostor)
 
 
-def test_default_config_is_finetune_with_random_head() -> None:
-    """The default [strategy] builds today's behaviour: finetune, random rows, cross-entropy."""
+def test_default_config_is_eidetic_with_ls_head() -> None:
+    """The default [strategy] is the user's stated composition: mask freezing, LS rows, cross-entropy."""
+    from stream_cl.strategies.eidetic import Eidetic
+
     s = strategies.from_config(Config(), (4,))
-    assert type(s) is Finetune and type(s.head_policy) is HeadPolicy and s.loss == "ce"
+    assert type(s) is Eidetic and type(s.head_policy) is LSHead and s.loss == "ce"
 
 
 def test_reservoir_is_bounded_and_uniform() -> None:

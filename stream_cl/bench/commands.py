@@ -40,6 +40,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "stream_cl.bench.transfer",
         "transferred vs naive vs fresh initialization: accuracy before training, samples to the source's",
     ),
+    "scale": (
+        "stream_cl.bench.scale",
+        "learned samples/s with 1 vs 2 daemons, predictions/s with 1 vs 2 replicas (separate processes)",
+    ),
     "soak": (
         "stream_cl.bench.soak",
         "stream N samples through the daemon; peak RSS at 10%% and 100%% (goal: growth <= 10%%)",
