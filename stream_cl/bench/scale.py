@@ -69,6 +69,49 @@ def cores() -> dict[str, int | None]:
     return {"cpu_count": os.cpu_count(), "sched_getaffinity": affinity}
 
 
+def cpu_times(pids: list[int]) -> float | None:
+    """User + system CPU seconds of these processes so far (Linux /proc), None where unreadable."""
+    total = 0.0
+    try:
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, ValueError, IndexError):
+        return None
+    return total
+
+
+def machine_busy() -> tuple[float, float] | None:
+    """(busy, total) jiffies of all cores since boot (Linux /proc/stat), None where unreadable."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
+
+
+class CpuWindow:
+    """CPU use over a measurement window: the measured processes' CPU seconds and how busy the
+    machine's cores were, so a ratio capped by the cores can be told from one capped by the design."""
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.cpu0, self.busy0 = cpu_times(pids), machine_busy()
+
+    def close(self, work: float) -> dict[str, float | None]:
+        cpu, busy = cpu_times(self.pids), machine_busy()
+        used = cpu - self.cpu0 if cpu is not None and self.cpu0 is not None else None
+        load = None
+        if busy is not None and self.busy0 is not None and busy[1] > self.busy0[1]:
+            load = (busy[0] - self.busy0[0]) / (busy[1] - self.busy0[1])
+        return {
+            "cpu_seconds": used,
+            "per_cpu_second": work / used if used else None,  # work per CPU-second of these processes
+            "machine_busy": load,  # fraction of all cores busy over the window (everything running)
+        }
+
+
 def per_key_available(config: Config) -> bool:
     models = getattr(config, "models", None)
     return models is not None and hasattr(models, "per_key")
@@ -200,6 +243,7 @@ def _learners(
             daemon=True,
         )
         first = learned()
+        window = CpuWindow([d.proc.pid for d in daemons])
         t0 = time.monotonic()
         producer.start()
         target = sum(first) + 0.95 * samples
@@ -208,6 +252,7 @@ def _learners(
             time.sleep(0.05)
             t_last, last = time.monotonic(), learned()
         elapsed = t_last - t0
+        cpu = window.close(sum(last) - sum(first))
         rate = (sum(last) - sum(first)) / elapsed if elapsed > 0 else 0.0
         producer.join(args.timeout)
         fleet.stop_all()
@@ -219,6 +264,7 @@ def _learners(
         "learned_in_window": sum(last) - sum(first),
         "learned_per_daemon": last,
         "probe_s": probe,
+        **cpu,
         "producer_samples_per_s": samples / produce_s if produce_s > 0 else None,
     }
 
@@ -330,6 +376,8 @@ def _replicas(
             )
             for j in range(settings["clients"])
         ]
+        time.sleep(max(0.0, start_at - time.time()))
+        window = CpuWindow([r.proc.pid for r in replicas])
         replies = errors = 0
         for client in clients:
             client.proc.wait(duration + 60)
@@ -339,6 +387,7 @@ def _replicas(
             result = json.loads(lines[-1])
             replies += result["replies"]
             errors += result["errors"]
+        cpu = window.close(replies)
         fleet.stop_all()
     return {
         "replicas": n,
@@ -347,6 +396,7 @@ def _replicas(
         "errors": errors,
         "clients": settings["clients"],
         "duration_s": duration,
+        **cpu,
     }
 
 
@@ -436,8 +486,8 @@ def table(figures: dict[str, Any]) -> str:
             "one model per key (models.per_key=true)" if figures["per_key_models"] else "one model per daemon"
         ),
         "",
-        "| setup | processes | throughput | vs one | goal |",
-        "|---|---:|---:|---:|---|",
+        "| setup | processes | throughput | vs one | per CPU-second of them | cores busy | goal |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, rows, key, unit, count in (
         ("learners", figures.get("learners"), "samples_per_s", "learned samples/s", "daemons"),
@@ -451,7 +501,17 @@ def table(figures: dict[str, Any]) -> str:
             goal = ""
             if row is rows[-1] and ratio is not None:
                 goal = f"≥ {GOAL}x: {'met' if ratio >= GOAL else 'not met'}"
-            lines.append(f"| {name} | {row[count]} | {row[key]:,.0f} {unit} | {vs:.2f}x | {goal} |")
+            per_cpu = f"{row['per_cpu_second']:,.0f}" if row.get("per_cpu_second") else "-"
+            busy = f"{row['machine_busy']:.0%}" if row.get("machine_busy") is not None else "-"
+            lines.append(
+                f"| {name} | {row[count]} | {row[key]:,.0f} {unit} | {vs:.2f}x | {per_cpu} | {busy} | {goal} |"
+            )
+    lines += [
+        "",
+        "per CPU-second: work done per CPU-second the measured daemons (replicas) used over the window;",
+        "equal for 1 and 2 means no coordination overhead. cores busy: all cores, every process (broker,",
+        "producer and load clients included); near 100% means the ratio is capped by the cores.",
+    ]
     return "\n".join(lines)
 
 
