@@ -122,39 +122,27 @@ class ProcessSource(KafkaSource):
             self._conn.send_bytes(_pack(*message))
 
     # -- the source thread ----------------------------------------------------------------------
-    def run(self) -> None:
-        try:
-            if self._conn is None:
-                self.connect()
-            conn = self._conn
-            assert conn is not None
-            last_commit = last_lag = time.monotonic()
-            while not self.stop_event.is_set():
-                expected = self.expected_size()
-                if expected != self._expected_sent and expected is not None:
-                    self._send("expected", expected)
-                    self._expected_sent = expected
-                if conn.poll(0.05):
-                    try:
-                        blob = conn.recv_bytes()
-                    except EOFError:
-                        raise RuntimeError(f"the fetcher process exited (code {self._exit_code()})") from None
-                    self._handle(_unpack(blob))
-                elif not self._alive():
-                    raise RuntimeError(f"the fetcher process exited (code {self._exit_code()})")
-                now = time.monotonic()
-                if self._commit_now.is_set() or now - last_commit >= self.config.commit_interval_s:
-                    self._commit_now.clear()
-                    self.commit()
-                    last_commit = now
-                if now - last_lag >= 1.0:
-                    self._update_lag()
-                    last_lag = now
-        except BaseException as e:  # reported to the daemon, which decides to stop
-            self.error = e
-            self.log.exception("source_failed")
-        finally:
-            self.stop_event.set()
+    def _connect_once(self) -> None:
+        if self._conn is None:
+            self.connect()
+
+    def _fetch(self) -> bool:
+        """Tell the fetcher the expected sample size; handle one message from it, if one came."""
+        conn = self._conn
+        assert conn is not None
+        expected = self.expected_size()
+        if expected != self._expected_sent and expected is not None:
+            self._send("expected", expected)
+            self._expected_sent = expected
+        if conn.poll(0.05):
+            try:
+                blob = conn.recv_bytes()
+            except EOFError:
+                raise RuntimeError(f"the fetcher process exited (code {self._exit_code()})") from None
+            self._handle(_unpack(blob))
+        elif not self._alive():
+            raise RuntimeError(f"the fetcher process exited (code {self._exit_code()})")
+        return True
 
     def _alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None

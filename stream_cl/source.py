@@ -80,6 +80,7 @@ class KafkaSource:
         self._committed: dict[int, int] = {}
         self._seek_on_assign: dict[int, int] = {}  # offsets from a restored checkpoint
         self._commit_now = threading.Event()
+        self._backoff = 0.0  # seconds to wait after the last failed poll (doubles, capped at 5)
         # Between a revoke and the next assignment: kafka-python 3 wedges the rejoin (it never
         # completes) if `committed()` is called meanwhile, so the lag update waits.
         self._rebalancing = False
@@ -140,24 +141,13 @@ class KafkaSource:
         )
 
     def run(self) -> None:
+        """The source thread: fetch, hand records to the learner, commit and report lag on schedule."""
         try:
-            if self.consumer is None:
-                self.connect()
+            self._connect_once()
             last_commit = last_lag = time.monotonic()
-            backoff = 0.0
             while not self.stop_event.is_set():
-                try:
-                    polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms)  # type: ignore[union-attr]
-                    backoff = 0.0
-                except KafkaError as e:  # broker away, rebalance, ...: kafka-python reconnects; we back off
-                    backoff = min(5.0, max(0.1, backoff * 2))
-                    self.metrics.source_errors.labels(kind="poll").inc()
-                    self.log.warning("kafka_poll_failed", error=str(e), retry_in_s=backoff)
-                    self.stop_event.wait(backoff)
-                    continue
-                records = self._decode(polled)
-                if records:
-                    self._put(records)
+                if not self._fetch():
+                    continue  # nothing to commit or report after a failed fetch
                 now = time.monotonic()
                 if self._commit_now.is_set() or now - last_commit >= self.config.commit_interval_s:
                     self._commit_now.clear()
@@ -171,6 +161,26 @@ class KafkaSource:
             self.log.exception("source_failed")
         finally:
             self.stop_event.set()
+
+    def _connect_once(self) -> None:
+        if self.consumer is None:
+            self.connect()
+
+    def _fetch(self) -> bool:
+        """One poll; its records go to the learner. False after a failed poll (backed off)."""
+        try:
+            polled = self.consumer.poll(timeout_ms=self.config.poll_timeout_ms)  # type: ignore[union-attr]
+            self._backoff = 0.0
+        except KafkaError as e:  # broker away, rebalance, ...: kafka-python reconnects; we back off
+            self._backoff = min(5.0, max(0.1, self._backoff * 2))
+            self.metrics.source_errors.labels(kind="poll").inc()
+            self.log.warning("kafka_poll_failed", error=str(e), retry_in_s=self._backoff)
+            self.stop_event.wait(self._backoff)
+            return False
+        records = self._decode(polled)
+        if records:
+            self._put(records)
+        return True
 
     def _put(self, records: list[Record]) -> None:
         while not self.stop_event.is_set():

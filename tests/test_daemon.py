@@ -17,7 +17,7 @@ import msgpack
 import numpy as np
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from support import kafka_overrides
+from support import kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.client import PredictionClient
@@ -28,15 +28,6 @@ from stream_cl.producer import consume_all, produce_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 4000  # permuted-mnist task 0: plain MNIST-5k, all ten classes
-
-
-def _wait(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +74,7 @@ def test_stream_is_learned(running: tuple[Daemon, str]) -> None:
     """Every valid produced sample is learned; the three malformed ones are counted invalid."""
     daemon, _ = running
     total_valid = N_TRAIN // 2 + N_TRAIN
-    _wait(lambda: daemon.learner.stats()["learned"] >= total_valid, 120, "all samples learned")
+    wait_until(lambda: daemon.learner.stats()["learned"] >= total_valid, 120, "all samples learned")
     assert daemon.learner.stats()["learned"] == total_valid
     assert daemon.metrics.sample_value("stream_cl_samples_total", {"outcome": "learned"}) == total_valid
     assert daemon.metrics.sample_value("stream_cl_samples_total", {"outcome": "invalid"}) == 3
@@ -95,9 +86,9 @@ def test_malformed_messages_reach_dead_letter_topic(
 ) -> None:
     """Each malformed message lands in the dead-letter topic with its original bytes and reason."""
     daemon, topic = running
-    _wait(lambda: daemon.source.dead_lettered >= 3, 60, "three dead letters")
+    wait_until(lambda: daemon.source.dead_lettered >= 3, 60, "three dead letters")
     dlq = f"{topic}.dlq"
-    _wait(
+    wait_until(
         lambda: len(consume_all(broker.bootstrap_servers, dlq, timeout_s=5)) >= 3,
         30,
         "three dead letters in the topic",
@@ -114,7 +105,7 @@ def test_malformed_messages_reach_dead_letter_topic(
 def test_socket_predictions_beat_chance(running: tuple[Daemon, str], mnist: BenchmarkStream) -> None:
     """Held-out predictions over the socket are far above chance (10%) and carry model_version."""
     daemon, _ = running
-    _wait(lambda: daemon.learner.stats()["learned"] >= N_TRAIN * 3 // 2, 120, "learning")
+    wait_until(lambda: daemon.learner.stats()["learned"] >= N_TRAIN * 3 // 2, 120, "learning")
     daemon.wait_idle()
     task0 = mnist.tasks[0]
     assert daemon.serve_port is not None
@@ -151,7 +142,7 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path
     daemon.start()
     try:
         produce_stream(broker.bootstrap_servers, topic, stream, limit=200)
-        _wait(lambda: daemon.holder.get() is not None, 60, "a first snapshot")
+        wait_until(lambda: daemon.holder.get() is not None, 60, "a first snapshot")
         assert daemon.serve_port is not None
         versions = []
         with PredictionClient("127.0.0.1", daemon.serve_port) as client:
@@ -172,7 +163,7 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path
 def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) -> None:
     """A real HTTP scrape of /metrics returns the design.md series with live values."""
     daemon, _ = running
-    _wait(lambda: daemon.learner.stats()["learned"] >= N_TRAIN, 120, "learning")
+    wait_until(lambda: daemon.learner.stats()["learned"] >= N_TRAIN, 120, "learning")
     time.sleep(1.2)  # lag is refreshed every second
     body = (
         urllib.request.urlopen(f"http://127.0.0.1:{daemon.metrics_port}/metrics", timeout=10).read().decode()
@@ -257,7 +248,7 @@ def test_sigterm_commits_offsets_and_exits_zero(broker: EmbeddedBroker, tmp_path
             )
             return float(line.split()[-1])
 
-        _wait(lambda: learned() >= n, 120, "the subprocess daemon to learn the stream")
+        wait_until(lambda: learned() >= n, 120, "the subprocess daemon to learn the stream")
         assert _committed(broker.bootstrap_servers, group, topic) in (None, 0)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -327,12 +318,12 @@ def test_every_malformed_class_is_dead_lettered_with_its_reason(
     daemon.start()
     try:
         dlq = f"{topic}.dlq"
-        _wait(
+        wait_until(
             lambda: len(consume_all(broker.bootstrap_servers, dlq, timeout_s=5)) >= len(bad),
             60,
             "dead letters",
         )
-        _wait(lambda: daemon.learner.stats()["learned"] >= len(good), 30, "the valid samples")
+        wait_until(lambda: daemon.learner.stats()["learned"] >= len(good), 30, "the valid samples")
         records = consume_all(broker.bootstrap_servers, dlq, timeout_s=5)
         reasons = {dict(r.headers)["stream_cl.reason"].decode(): r.value for r in records}
         assert reasons == bad  # every reason, each with its original bytes

@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ import pytest
 import yaml
 from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
-from support import kafka_overrides
+from support import free_port, kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.cli import build_parser, main
@@ -311,24 +310,9 @@ def _api(base: str, endpoint: str, params: dict[str, str] | None = None) -> Any:
     return body["data"]
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _die_with_parent() -> None:
     """Runs in the child: the kernel sends it SIGTERM if pytest dies, so no Prometheus outlives a killed run."""
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +335,7 @@ def _start_prometheus(binary: str, metrics_port: int, workdir: Path) -> tuple[su
     job.pop("dns_sd_configs", None)
     job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             binary,
@@ -374,7 +358,7 @@ def _start_prometheus(binary: str, metrics_port: int, workdir: Path) -> tuple[su
         except OSError:
             return False
 
-    _wait(ready, 30, "Prometheus to start")
+    wait_until(ready, 30, "Prometheus to start")
     return proc, base
 
 
@@ -414,7 +398,7 @@ def live(
     try:
         # Learning must happen while Prometheus watches: wait for the daemon's group join and for
         # Prometheus's first scrape of it, then ~500 samples/s so every task spans several scrapes.
-        _wait(
+        wait_until(
             lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
         )
 
@@ -423,7 +407,7 @@ def live(
                 result = json.loads(r.read())["data"]["result"]
             return any(float(series["value"][1]) == 1.0 for series in result)
 
-        _wait(scraped, 30, "Prometheus's first scrape of the daemon")
+        wait_until(scraped, 30, "Prometheus's first scrape of the daemon")
         produced = produce_stream(broker.bootstrap_servers, topic, split_mnist, rate=500)
         # after the stream: the first valid sample fixes the input size, so these are the odd ones out
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
@@ -441,22 +425,22 @@ def live(
                 for o in ("learned", "held_out", "invalid")
             )
 
-        _wait(lambda: consumed() >= produced, 60, "every produced message to be consumed")
+        wait_until(lambda: consumed() >= produced, 60, "every produced message to be consumed")
         with PredictionClient("127.0.0.1", daemon.serve_port) as client:
             for start in range(0, 200, 40):
                 client.predict_batch(split_mnist.tasks[0].test_x[start : start + 40])
         evaluations = daemon.metrics.sample_value("stream_cl_evaluations_total") or 0.0
-        _wait(
+        wait_until(
             lambda: (daemon.metrics.sample_value("stream_cl_evaluations_total") or 0.0) > evaluations + 1,
             30,
             "an evaluation of the final model",
         )
-        _wait(
+        wait_until(
             lambda: bool(state.query("stream_cl_average_forgetting > 0.2")),
             30,
             "Prometheus to scrape forgetting",
         )
-        _wait(
+        wait_until(
             lambda: state.query(
                 f'sum(stream_cl_samples_total{{outcome=~"learned|held_out|invalid"}}) == {produced}'
             ),
@@ -536,7 +520,9 @@ def test_forced_forgetting_makes_the_forgetting_alert_true(live: Live) -> None:
     def pending() -> set[str]:
         return {a["labels"]["alertname"] for a in _api(live.prometheus, "alerts")["alerts"]}
 
-    _wait(lambda: {"StreamClForgetting", "StreamClTaskForgotten"} <= pending(), 15, "the forgetting alerts")
+    wait_until(
+        lambda: {"StreamClForgetting", "StreamClTaskForgotten"} <= pending(), 15, "the forgetting alerts"
+    )
 
 
 @pytest.mark.integration

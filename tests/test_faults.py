@@ -12,13 +12,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from support import kafka_overrides
+from support import kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.codec import encode_sample
@@ -26,15 +25,6 @@ from stream_cl.config import load_config
 from stream_cl.daemon import Daemon
 
 FEATURES = 8
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _produce(bootstrap: str, topic: str, n: int, seed: int) -> None:
@@ -75,7 +65,7 @@ def test_broker_stop_and_restart_under_running_daemon(
         try:
             first = 200
             _produce(broker.bootstrap_servers, topic, first, seed=0)
-            _wait(lambda: daemon.learner.stats()["learned"] >= first, 60, "the first samples learned")
+            wait_until(lambda: daemon.learner.stats()["learned"] >= first, 60, "the first samples learned")
 
             with caplog.at_level(logging.WARNING):
                 broker.stop()
@@ -89,7 +79,7 @@ def test_broker_stop_and_restart_under_running_daemon(
                 before = daemon.learner.stats()["learned"]
                 # offsets 0..first-1 of the new log count as already processed (see the module doc)
                 _produce(broker.bootstrap_servers, topic, first + 300, seed=1)
-                _wait(
+                wait_until(
                     lambda: daemon.learner.stats()["learned"] >= before + 300,
                     90,
                     "learning after the restart",

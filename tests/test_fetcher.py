@@ -7,14 +7,13 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-from support import kafka_overrides
+from support import kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.codec import decode_sample, encode_sample
@@ -25,15 +24,6 @@ from stream_cl.fetcher import ProcessSource
 from stream_cl.metrics import Metrics
 from stream_cl.producer import consume_all, produce_stream
 from stream_cl.source import QueueItem, Record
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Drain:
@@ -97,10 +87,10 @@ def test_every_message_arrives_once_decoded_like_in_process(broker: EmbeddedBrok
     thread = threading.Thread(target=source.run, daemon=True)
     thread.start()
     try:
-        _wait(lambda: len(got) >= len(sent), 60, "every message")
+        wait_until(lambda: len(got) >= len(sent), 60, "every message")
         time.sleep(0.5)  # anything duplicated would arrive now
         source.request_commit()
-        _wait(
+        wait_until(
             lambda: all(source._committed.get(p) == 1 + max(o for q, o in sent if q == p) for p in range(3)),
             30,
             "the processed offsets committed",
@@ -181,15 +171,15 @@ def test_rebalances_are_forwarded_in_order_and_seeks_applied(broker: EmbeddedBro
         return [r for r in log[i:] if isinstance(r, Record)]
 
     try:
-        _wait(lambda: len(records_after(0)) >= 100, 60, "a to read both partitions")
+        wait_until(lambda: len(records_after(0)) >= 100, 60, "a to read both partitions")
         b.connect()
         thread_b = threading.Thread(target=b.run, daemon=True)
         thread_b.start()
-        _wait(
+        wait_until(
             lambda: sum(1 for e in log if isinstance(e, tuple) and e[0] == "assign") >= 2, 60, "a rebalance"
         )
         second = max(i for i, e in enumerate(log) if isinstance(e, tuple) and e[0] == "assign")
-        _wait(lambda: len(records_after(second)) >= 50, 60, "a to re-read its partition from offset 50")
+        wait_until(lambda: len(records_after(second)) >= 50, 60, "a to re-read its partition from offset 50")
         time.sleep(0.5)
         b.stop_event.set()
         thread_b.join(10)
@@ -240,7 +230,7 @@ def test_daemon_learns_every_sample_through_the_fetcher(
     assert isinstance(daemon.source, ProcessSource)
     daemon.start()
     try:
-        _wait(
+        wait_until(
             lambda: daemon.learner.stats()["learned"] >= n and daemon.learner.offsets.get(0) == n + 1,
             120,
             "learning",

@@ -11,12 +11,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from support import kafka_overrides
+from support import kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.client import PredictionClient, PredictionError
@@ -272,15 +271,6 @@ def test_keyless_undecodable_and_surplus_keys_are_dead_lettered(tmp_path: Path) 
 KEYS = ["k0", "k1", "k2", "k3"]  # key i is sent to partition i
 
 
-def _wait(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 def _produce(bootstrap: str, topic: str, per_key: int, start: int, rng: np.random.Generator) -> None:
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=5)
     for n in range(start, start + per_key):
@@ -343,7 +333,7 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
     second.start()
     try:
         assert first.keyed is not None and second.keyed is not None
-        _wait(
+        wait_until(
             lambda: (
                 first.keyed.assigned
                 and second.keyed.assigned  # type: ignore[union-attr]
@@ -354,7 +344,7 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         )
         assert not first.keyed.assigned & second.keyed.assigned
         _produce(broker.bootstrap_servers, topic, 200, 0, rng)
-        _wait(lambda: _learned(first, second) == dict.fromkeys(KEYS, 200), 60, "phase 1 learned")
+        wait_until(lambda: _learned(first, second) == dict.fromkeys(KEYS, 200), 60, "phase 1 learned")
 
         # each daemon holds exactly the keys of its partitions, and answers for them only
         first_keys = [KEYS[p] for p in sorted(first.keyed.assigned)]
@@ -370,8 +360,8 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
 
         first.stop()
         stopped.add("first")
-        _wait(lambda: second.keyed.assigned == {0, 1, 2, 3}, 60, "the survivor owns every partition")  # type: ignore[union-attr]
-        _wait(lambda: second.keyed.keys() == KEYS, 30, "the survivor loaded the moved models")  # type: ignore[union-attr]
+        wait_until(lambda: second.keyed.assigned == {0, 1, 2, 3}, 60, "the survivor owns every partition")  # type: ignore[union-attr]
+        wait_until(lambda: second.keyed.keys() == KEYS, 30, "the survivor loaded the moved models")  # type: ignore[union-attr]
         assert second.keyed.learned_by_key() == dict.fromkeys(KEYS, 200)  # resumed from their checkpoints
         _check_predictions(second, KEYS, rng)  # served before any new sample of the moved keys
 
@@ -381,8 +371,8 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         producer.send(topic, value=encode_sample(_features(0, rng), y=0), key=b"k9", partition=1)  # a 5th key
         producer.flush()
         producer.close()
-        _wait(lambda: second.keyed.learned_by_key() == dict.fromkeys(KEYS, 350), 60, "phase 2 learned")  # type: ignore[union-attr]
-        _wait(lambda: second.source.dead_lettered == 2, 30, "two dead letters")
+        wait_until(lambda: second.keyed.learned_by_key() == dict.fromkeys(KEYS, 350), 60, "phase 2 learned")  # type: ignore[union-attr]
+        wait_until(lambda: second.source.dead_lettered == 2, 30, "two dead letters")
         assert second.metrics.sample_value("stream_cl_dead_letters_total", {"reason": "missing_key"}) == 1
         assert second.metrics.sample_value("stream_cl_dead_letters_total", {"reason": "too_many_keys"}) == 1
         assert second.wait_idle()

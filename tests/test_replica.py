@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +24,7 @@ import msgpack
 import numpy as np
 import pytest
 from kafka import KafkaProducer
-from support import kafka_overrides
+from support import free_port, kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.client import PredictionClient, PredictionError
@@ -48,21 +47,6 @@ INTERVAL_S = 0.5
 # A replica must serve every learner version within this long of its publish: one interval for the
 # capture, one for the send, and time to ship, verify and rebuild on a loaded 2-core machine.
 CATCH_UP_S = 2 * INTERVAL_S + 5.0
-
-
-def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -242,13 +226,13 @@ def following(
     try:
         daemon.start()
         sampler.start()
-        _wait(
+        wait_until(
             lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
         )
         produce_stream(broker.bootstrap_servers, topic, digits, rate=300)  # ~5 s: many intervals
-        _wait(lambda: daemon.learner.stats()["learned"] >= digits.n_train, 120, "every sample learned")
+        wait_until(lambda: daemon.learner.stats()["learned"] >= digits.n_train, 120, "every sample learned")
         assert daemon.wait_idle(30)
-        _wait(
+        wait_until(
             lambda: _version(replica.registry.get()) == _version(daemon.holder.get()),
             CATCH_UP_S + 10,
             "the replica to serve the learner's final version",
@@ -308,7 +292,7 @@ def test_follower_predicts_what_the_learner_predicts(following: Following) -> No
 
 def test_cli_replica_joining_late_loads_only_the_latest_snapshot(following: Following) -> None:
     """`stream-cl serve --follow` started after learning serves the final version at once, then exits 0 on SIGTERM."""
-    serve_port, metrics_port = _free_port(), _free_port()
+    serve_port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -339,7 +323,7 @@ def test_cli_replica_joining_late_loads_only_the_latest_snapshot(following: Foll
             except (OSError, PredictionError):
                 return None
 
-        _wait(lambda: served_version() is not None, 90, "the CLI replica to serve")
+        wait_until(lambda: served_version() is not None, 90, "the CLI replica to serve")
         assert served_version() == following.daemon.learner.version
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
             text = r.read().decode()
@@ -369,7 +353,9 @@ def test_garbage_on_the_snapshot_topic_is_counted_and_ignored(following: Followi
     def rejected(reason: str) -> float:
         return metrics.sample_value("stream_cl_replica_snapshots_rejected_total", {"reason": reason}) or 0.0
 
-    _wait(lambda: rejected("not_msgpack") >= 1 and rejected("missing_chunks") >= 1, 30, "both rejections")
+    wait_until(
+        lambda: rejected("not_msgpack") >= 1 and rejected("missing_chunks") >= 1, 30, "both rejections"
+    )
     assert following.replica.registry.get() is before
     with PredictionClient("127.0.0.1", following.replica.serve_port or 0) as client:
         assert client.health()["status"] == "ready"
@@ -407,7 +393,7 @@ def test_keyed_replica_serves_every_published_key(broker: EmbeddedBroker, digits
     replica = Replica(config, snapshot_topic, keyed=True)
     replica.start()
     try:
-        _wait(
+        wait_until(
             lambda: all(_version(replica.registry.get(k)) == lrn.version for k, lrn in learners.items()),
             60,
             "both keys at their learner's version",
@@ -457,7 +443,7 @@ def test_keyed_daemon_publishes_every_key_to_a_keyed_replica(
     replica.start()
     keys = ("site-a", "site-b")
     try:
-        _wait(
+        wait_until(
             lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
         )
         for key in keys:
@@ -466,9 +452,11 @@ def test_keyed_daemon_publishes_every_key_to_a_keyed_replica(
         def versions(registry: object) -> dict[str, int | None]:
             return {k: _version(registry.get(k)) for k in keys}  # type: ignore[attr-defined]
 
-        _wait(lambda: all(v is not None for v in versions(daemon.registry).values()), 60, "both keys learned")
+        wait_until(
+            lambda: all(v is not None for v in versions(daemon.registry).values()), 60, "both keys learned"
+        )
         assert daemon.wait_idle(30)
-        _wait(
+        wait_until(
             lambda: versions(replica.registry) == versions(daemon.registry),
             CATCH_UP_S + 10,
             "the replica at every key's version",
