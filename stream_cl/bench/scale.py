@@ -184,6 +184,17 @@ def _produce(bootstrap: str, topic: str, total: int, keys: int, partitions: int,
     return time.monotonic() - started
 
 
+def _learner_overrides(bootstrap: str, topic: str) -> list[str]:
+    """A learner daemon of this bench: its topic, group and dead letters; no prediction socket."""
+    return [
+        f"kafka.bootstrap_servers={bootstrap}",
+        f"kafka.topic={topic}",
+        f"kafka.group_id=g-{topic}",
+        f"kafka.dead_letter_topic={topic}.dlq",
+        "serve.port=0",
+    ]
+
+
 # -- learners -------------------------------------------------------------------------------------
 def _learners(
     n: int, broker: Any, fleet_dir: Path, base: list[str], settings: dict[str, Any], args: argparse.Namespace
@@ -199,11 +210,7 @@ def _learners(
     workdir = fleet_dir / f"learners-{n}"
     workdir.mkdir()
     overrides = [
-        f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-        f"kafka.topic={topic}",
-        f"kafka.group_id=g-{topic}",
-        f"kafka.dead_letter_topic={topic}.dlq",
-        "serve.port=0",
+        *_learner_overrides(broker.bootstrap_servers, topic),
         "evaluation.holdout_fraction=0",
         f"checkpoint.dir={workdir / 'checkpoints'}",  # shared by the group: the per-key store
         "log.level=warning",
@@ -285,11 +292,7 @@ def _publish_model(
     workdir.mkdir()
     port = free_port()
     overrides = [
-        f"kafka.bootstrap_servers={broker.bootstrap_servers}",
-        f"kafka.topic={topic}",
-        f"kafka.group_id=g-{topic}",
-        f"kafka.dead_letter_topic={topic}.dlq",
-        "serve.port=0",
+        *_learner_overrides(broker.bootstrap_servers, topic),
         f"metrics.port={port}",
         "evaluation.holdout_fraction=0",
         "checkpoint.enabled=false",
