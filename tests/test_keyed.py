@@ -26,6 +26,7 @@ from stream_cl.keyed import InvalidKey, KeyedModels, model_key
 from stream_cl.metrics import Metrics
 from stream_cl.model_store import PartitionManifest, SharedModelStore, key_dir_name
 from stream_cl.registry import SnapshotRegistry
+from stream_cl.replica_server import Replica
 from stream_cl.source import QueueItem, Record
 
 DIM = 4
@@ -290,7 +291,16 @@ def _learned(*daemons: Daemon) -> dict[str, int]:
     return dict(total)
 
 
-def _check_predictions(daemon: Daemon, keys: list[str], rng: np.random.Generator) -> None:
+def _versions(server: Daemon | Replica, keys: list[str]) -> dict[str, int | None]:
+    """The model version `server` serves for each key (None: no model for it there)."""
+    out: dict[str, int | None] = {}
+    for key in keys:
+        snapshot = server.registry.get(key)
+        out[key] = None if snapshot is None else snapshot.version
+    return out
+
+
+def _check_predictions(daemon: Daemon | Replica, keys: list[str], rng: np.random.Generator) -> None:
     assert daemon.serve_port is not None
     with PredictionClient("127.0.0.1", daemon.serve_port) as client:
         for key in keys:
@@ -306,7 +316,11 @@ def _check_predictions(daemon: Daemon, keys: list[str], rng: np.random.Generator
 def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
-    """Two daemons learn their partitions' keys; stopping one moves its models to the other; none lost, none twice."""
+    """Two daemons learn their partitions' keys; stopping one moves its models to the other; none lost, none twice.
+
+    Both publish to one snapshot topic, and a follower replica serves every key across the handover:
+    at the owner's version before it, at the survivor's (never an older one) after it.
+    """
     topic = f"keyed-{time.monotonic_ns()}"
     broker.create_topic(topic, partitions=4)
     config = _config(
@@ -315,6 +329,8 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         "metrics.enabled=false",
         "models.max_keys=4",
         f"checkpoint.dir={tmp_path}",
+        f"publish.topic={topic}.snapshots",
+        "publish.interval_s=0.5",
     )
     processed: list[tuple[str, int, int]] = []
     lock = threading.Lock()
@@ -329,8 +345,10 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         d.keyed.on_routed = observe
     rng = np.random.default_rng(3)
     stopped: set[str] = set()
+    replica = Replica(config, config.publish.topic)
     first.start()
     second.start()
+    replica.start()
     try:
         assert first.keyed is not None and second.keyed is not None
         wait_until(
@@ -357,6 +375,8 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         with PredictionClient("127.0.0.1", second.serve_port) as client, pytest.raises(PredictionError) as e:
             client.predict(_features(0, rng), key=first_keys[0])
         assert e.value.code == "not_ready"
+        before = {**_versions(first, first_keys), **_versions(second, second_keys)}
+        wait_until(lambda: _versions(replica, KEYS) == before, 30, "the replica at every key's version")
 
         first.stop()
         stopped.add("first")
@@ -377,7 +397,12 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         assert second.metrics.sample_value("stream_cl_dead_letters_total", {"reason": "too_many_keys"}) == 1
         assert second.wait_idle()
         _check_predictions(second, KEYS, rng)
+        after = _versions(second, KEYS)
+        assert all(after[k] > before[k] for k in KEYS), (before, after)  # the moved models went on
+        wait_until(lambda: _versions(replica, KEYS) == after, 30, "the replica at the survivor's versions")
+        _check_predictions(replica, KEYS, rng)
     finally:
+        replica.stop()
         for name, d in (("first", first), ("second", second)):
             if name not in stopped:
                 d.stop()
