@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
@@ -31,25 +32,64 @@ def reservoir_slots(buffer: _Reservoir, n: int, generator: torch.Generator) -> I
         yield i, slot
 
 
-class ReservoirBuffer:
-    """A uniform sample of every (x, y) offered so far, never more than `capacity` items.
+class SampleStore:
+    """Fixed storage for up to `capacity` labeled items, allocated once, so memory stays bounded
+    whatever the stream's length; subclasses decide which items to keep (`add`) and what `seen`
+    (their count of items offered) holds."""
 
-    Vitter's algorithm R: the i-th item offered replaces a random slot with probability
-    capacity / i, so at any time each item seen is held with the same probability. Storage is
-    allocated once at `capacity`, so memory is bounded whatever the stream's length.
-    """
+    seen: Any
 
     def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
         if capacity <= 0:
-            raise ValueError(f"a reservoir needs a positive capacity, got {capacity}")
+            raise ValueError(f"a buffer needs a positive capacity, got {capacity}")
         self.capacity = capacity
         self.x = torch.zeros((capacity, *input_shape), device=device)
         self.y = torch.zeros(capacity, dtype=torch.long, device=device)
         self.size = 0  # slots filled
-        self.seen = 0  # items offered
 
     def __len__(self) -> int:
         return self.size
+
+    def inputs(self) -> torch.Tensor:
+        """Every held input (a view; do not modify)."""
+        return self.x[: self.size]
+
+    def labels(self) -> torch.Tensor:
+        """Every held label (a view; do not modify)."""
+        return self.y[: self.size]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "x": self.x[: self.size].detach().cpu().clone(),
+            "y": self.y[: self.size].detach().cpu().clone(),
+            "seen": copy.copy(self.seen),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        n = int(state["x"].shape[0])
+        if n > self.capacity:
+            raise ValueError(f"checkpoint holds {n} items, more than this buffer's capacity {self.capacity}")
+        self.x.zero_()
+        self.y.zero_()
+        self.x[:n] = state["x"].to(self.x.device)
+        self.y[:n] = state["y"].to(self.y.device)
+        self.size = n
+        self._load_seen(state["seen"])
+
+    def _load_seen(self, seen: Any) -> None:
+        raise NotImplementedError
+
+
+class ReservoirBuffer(SampleStore):
+    """A uniform sample of every (x, y) offered so far, never more than `capacity` items.
+
+    Vitter's algorithm R: the i-th item offered replaces a random slot with probability
+    capacity / i, so at any time each item seen is held with the same probability.
+    """
+
+    def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
+        super().__init__(capacity, input_shape, device)
+        self.seen = 0  # items offered
 
     def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch; items are copied, the caller's tensors are never kept or changed."""
@@ -62,24 +102,5 @@ class ReservoirBuffer:
         idx = torch.randperm(self.size, generator=generator)[:k].to(self.x.device)
         return self.x[idx], self.y[idx]
 
-    def inputs(self) -> torch.Tensor:
-        """Every held input (a view; do not modify)."""
-        return self.x[: self.size]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "x": self.x[: self.size].detach().cpu().clone(),
-            "y": self.y[: self.size].detach().cpu().clone(),
-            "seen": self.seen,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        n = int(state["x"].shape[0])
-        if n > self.capacity:
-            raise ValueError(f"checkpoint holds {n} items, more than this buffer's capacity {self.capacity}")
-        self.x.zero_()
-        self.y.zero_()
-        self.x[:n] = state["x"].to(self.x.device)
-        self.y[:n] = state["y"].to(self.y.device)
-        self.size = n
-        self.seen = int(state["seen"])
+    def _load_seen(self, seen: Any) -> None:
+        self.seen = int(seen)

@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from stream_cl.strategies.buffers import SampleStore
 
-class ClassBalancedBuffer:
+
+class ClassBalancedBuffer(SampleStore):
     """Class-balanced reservoir sampling (Chrysakis & Moens, ICML 2020), bounded by `capacity`.
 
     While there is room every item is kept. When full, an item of class y:
@@ -25,23 +27,20 @@ class ClassBalancedBuffer:
     """
 
     def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
-        if capacity <= 0:
-            raise ValueError(f"a buffer needs a positive capacity, got {capacity}")
-        self.capacity = capacity
-        self.x = torch.zeros((capacity, *input_shape), device=device)
-        self.y = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.size = 0
+        super().__init__(capacity, input_shape, device)
         self.seen: dict[int, int] = {}  # items offered per class
-
-    def __len__(self) -> int:
-        return self.size
+        self._held: dict[int, int] = {}  # items held per class, kept with every write
 
     def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch; items are copied, the caller's tensors are never kept or changed."""
         for i, label in enumerate(y.tolist()):
             self.seen[label] = self.seen.get(label, 0) + 1
+            full = self.size == self.capacity
             slot = self._slot(label, generator)
             if slot is not None:
+                if full:  # a replacement: the slot's old item leaves
+                    self._held[int(self.y[slot])] -= 1
+                self._held[label] = self._held.get(label, 0) + 1
                 self.x[slot] = x[i]
                 self.y[slot] = label
 
@@ -49,13 +48,13 @@ class ClassBalancedBuffer:
         if self.size < self.capacity:
             self.size += 1
             return self.size - 1
-        held = torch.bincount(self.y, minlength=label + 1)
-        largest = int(held.max())
-        if int(held[label]) < largest:
-            victims = (held == largest).nonzero().flatten()
-            victim = int(victims[int(torch.randint(len(victims), (1,), generator=generator))])
+        held = self._held
+        largest = max(held.values())
+        if held.get(label, 0) < largest:
+            victims = sorted(c for c, n in held.items() if n == largest)
+            victim = victims[int(torch.randint(len(victims), (1,), generator=generator))]
             return self._random_slot_of(victim, generator)
-        if int(torch.randint(self.seen[label], (1,), generator=generator)) >= int(held[label]):
+        if int(torch.randint(self.seen[label], (1,), generator=generator)) >= held[label]:
             return None
         return self._random_slot_of(label, generator)
 
@@ -63,31 +62,9 @@ class ClassBalancedBuffer:
         slots = (self.y == label).nonzero().flatten()
         return int(slots[int(torch.randint(len(slots), (1,), generator=generator))])
 
-    def inputs(self) -> torch.Tensor:
-        """Every held input (a view; do not modify)."""
-        return self.x[: self.size]
-
-    def labels(self) -> torch.Tensor:
-        """Every held label (a view; do not modify)."""
-        return self.y[: self.size]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "x": self.x[: self.size].detach().cpu().clone(),
-            "y": self.y[: self.size].detach().cpu().clone(),
-            "seen": dict(self.seen),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        n = int(state["x"].shape[0])
-        if n > self.capacity:
-            raise ValueError(f"checkpoint holds {n} items, more than this buffer's capacity {self.capacity}")
-        self.x.zero_()
-        self.y.zero_()
-        self.x[:n] = state["x"].to(self.x.device)
-        self.y[:n] = state["y"].to(self.y.device)
-        self.size = n
-        seen = state["seen"]
+    def _load_seen(self, seen: Any) -> None:
+        held = torch.bincount(self.labels()).tolist() if self.size else []
+        self._held = {c: int(k) for c, k in enumerate(held) if k}
         if isinstance(seen, int):  # a uniform reservoir's state (older checkpoints): counts held
-            seen = {int(c): int(k) for c, k in enumerate(torch.bincount(self.y[:n]).tolist()) if k}
+            seen = dict(self._held)
         self.seen = {int(k): int(v) for k, v in seen.items()}
