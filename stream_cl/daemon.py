@@ -93,6 +93,8 @@ class Daemon:
             on_checkpoint=lambda offsets: self.source.request_commit(),
             on_publish=lambda learner, snapshot: self._on_publish(DEFAULT_KEY, learner, snapshot),
         )
+        # What the learner thread feeds: the one model, or the per-key models
+        self.models: Learner | KeyedModels = self.learner if self.keyed is None else self.keyed
         self.server: PredictionServer | None = None
         self.serve_port: int | None = None
         self.metrics_port: int | None = None
@@ -173,7 +175,7 @@ class Daemon:
         )
 
     def _learn_loop(self) -> None:
-        models = self.learner if self.keyed is None else self.keyed
+        models = self.models
         try:
             while not self._learner_stop.is_set():
                 try:
@@ -226,7 +228,7 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        self.log.info("daemon_stopped", **(self.learner if self.keyed is None else self.keyed).stats())
+        self.log.info("daemon_stopped", **self.models.stats())
 
     @property
     def failed(self) -> BaseException | None:
@@ -240,7 +242,7 @@ class Daemon:
         """Wait until everything learned so far is in the published snapshot."""
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
-            stats = (self.learner if self.keyed is None else self.keyed).stats()
+            stats = self.models.stats()
             if stats["unpublished_steps"] == 0 and self.queue.empty():
                 return True
             time.sleep(0.05)

@@ -105,10 +105,6 @@ def frozen_copy(module: M) -> M:
     containers deep-copied, so nothing mutable is shared with the live model. Modules that
     customize copying (`__deepcopy__`) or use parametrizations fall back to `copy.deepcopy`.
     """
-    return _frozen_copy(module)
-
-
-def _frozen_copy(module: M) -> M:
     cls = type(module)
     if "__deepcopy__" in vars(cls) or "parametrizations" in module._modules:
         dup = copy.deepcopy(module).eval()
@@ -126,7 +122,7 @@ def _frozen_copy(module: M) -> M:
         elif key == "_buffers":
             attrs[key] = {k: None if b is None else b.detach().clone() for k, b in value.items()}
         elif key == "_modules":
-            attrs[key] = {k: None if m is None else _frozen_copy(m) for k, m in value.items()}
+            attrs[key] = {k: None if m is None else frozen_copy(m) for k, m in value.items()}
         elif isinstance(value, torch.Tensor):
             attrs[key] = value.detach().clone()
         elif isinstance(value, dict | list | set):  # hooks, non-persistent buffer names, ...
