@@ -48,7 +48,7 @@ from stream_cl.frames import HEADER, RequestError, error_frame, pack_frame
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.registry import SnapshotRegistry, UnroutableKey
-from stream_cl.serve_batch import Batcher, PredictJob, Slot, input_size
+from stream_cl.serve_batch import Batcher, PredictJob, Slot
 from stream_cl.snapshot import Snapshot, SnapshotHolder, TaskId
 
 __all__ = ["HEADER", "MAX_IN_FLIGHT_PER_CONNECTION", "RATE_LIMITED", "PredictionServer", "server_ssl_context"]
@@ -290,7 +290,7 @@ class _Connection(asyncio.Protocol):
         if snapshot is None:
             raise RequestError("not_ready", "no model snapshot published yet")
         task = _task_hint(request.get("task"), snapshot)
-        size = input_size(snapshot)
+        size = snapshot.input_size
         if batch:
             raw = request.get("xs")
             max_batch = self._config.max_batch
