@@ -41,6 +41,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def kafka_overrides(bootstrap_servers: str, topic: str) -> list[str]:
+    """Config overrides that give a daemon its own topic, dead-letter topic and consumer group."""
+    return [
+        f"kafka.bootstrap_servers={bootstrap_servers}",
+        f"kafka.topic={topic}",
+        f"kafka.dead_letter_topic={topic}.dlq",
+        f"kafka.group_id=g-{topic}",
+    ]
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str, poll_s: float = 0.1) -> Any:
     """Poll `predicate` until it returns something truthy; TimeoutError naming `what` otherwise."""
     deadline = time.monotonic() + timeout

@@ -184,24 +184,13 @@ def _produce(bootstrap: str, topic: str, total: int, keys: int, partitions: int,
     return time.monotonic() - started
 
 
-def _learner_overrides(bootstrap: str, topic: str) -> list[str]:
-    """A learner daemon of this bench: its topic, group and dead letters; no prediction socket."""
-    return [
-        f"kafka.bootstrap_servers={bootstrap}",
-        f"kafka.topic={topic}",
-        f"kafka.group_id=g-{topic}",
-        f"kafka.dead_letter_topic={topic}.dlq",
-        "serve.port=0",
-    ]
-
-
 # -- learners -------------------------------------------------------------------------------------
 def _learners(
     n: int, broker: Any, fleet_dir: Path, base: list[str], settings: dict[str, Any], args: argparse.Namespace
 ) -> dict[str, Any]:
     import threading
 
-    from stream_cl.bench.fleet import Fleet, free_port, scrape, stream_cl_argv, wait_for
+    from stream_cl.bench.fleet import Fleet, free_port, kafka_overrides, scrape, stream_cl_argv, wait_for
 
     topic = f"scale-{uuid.uuid4().hex[:8]}-{n}"
     broker.create_topic(topic, args.partitions)
@@ -210,7 +199,8 @@ def _learners(
     workdir = fleet_dir / f"learners-{n}"
     workdir.mkdir()
     overrides = [
-        *_learner_overrides(broker.bootstrap_servers, topic),
+        *kafka_overrides(broker.bootstrap_servers, topic),
+        "serve.port=0",
         "evaluation.holdout_fraction=0",
         f"checkpoint.dir={workdir / 'checkpoints'}",  # shared by the group: the per-key store
         "log.level=warning",
@@ -281,7 +271,7 @@ def _publish_model(
     broker: Any, fleet_dir: Path, base: list[str], settings: dict[str, Any], args: argparse.Namespace
 ) -> tuple[str, int]:
     """A learner learns a short stream and publishes; returns (snapshot topic, final version)."""
-    from stream_cl.bench.fleet import Fleet, free_port, scrape, stream_cl_argv, wait_for
+    from stream_cl.bench.fleet import Fleet, free_port, kafka_overrides, scrape, stream_cl_argv, wait_for
 
     topic = f"scale-{uuid.uuid4().hex[:8]}-model"
     broker.create_topic(topic, 1)
@@ -292,7 +282,8 @@ def _publish_model(
     workdir.mkdir()
     port = free_port()
     overrides = [
-        *_learner_overrides(broker.bootstrap_servers, topic),
+        *kafka_overrides(broker.bootstrap_servers, topic),
+        "serve.port=0",
         f"metrics.port={port}",
         "evaluation.holdout_fraction=0",
         "checkpoint.enabled=false",
