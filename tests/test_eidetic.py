@@ -179,8 +179,37 @@ def test_router_picks_the_task_and_a_hint_bypasses_it() -> None:
     assert s.predict_proba(x, 1)[1] == [1] * len(truth)
 
 
+@pytest.mark.parametrize("weight", [0.1, 30.0, 1e4])
+def test_no_hint_answers_with_the_best_joint_task_class_score(weight: float) -> None:
+    """Without a hint, each task's classes score log p_head + router_weight · router score; the best
+    pair's task answers with the softmax of its joint scores (recomputed here from the hinted heads)."""
+    s = _strategy("mlp", "adam+decay", router_weight=weight)
+    rng = np.random.default_rng(1)
+    for task in range(3):
+        _learn_task(s, task, rng, steps=20)
+    x = torch.cat([_batch(t, [2 * t, 2 * t + 1], rng).x for t in range(3)] + [_random_inputs(2)])
+    proba, routes = s.predict_proba(x)  # solves the router first if it is stale
+    router = s.router.scores_fn()
+    assert router is not None
+    scores = router(x)
+    joint = []
+    for t in range(3):
+        classes = s.task_classes[t]
+        head_log_p = s.predict_proba(x, t)[0][:, classes].log()
+        joint.append(head_log_p + weight * router.of(scores, t, classes))
+    best = torch.stack([j.max(1).values for j in joint], 1).max(1).values
+    for i, r in enumerate(routes):  # the routed task holds the best pair (up to float ties)
+        assert float(joint[r][i].max()) >= float(best[i]) - 1e-4
+        assert torch.allclose(proba[i, s.task_classes[r]], joint[r][i].softmax(0), atol=1e-5)
+        assert proba[i].sum() == pytest.approx(1.0)
+    if weight == 1e4:  # a dominant router weight routes by the router's best (task, class) pair
+        by_router = [s.router.targets[int(c)][0] for c in scores.argmax(1)]
+        assert routes == by_router
+
+
 @pytest.mark.parametrize(
-    ("key", "value"), [("task_buffer", 0), ("prune_step", 1.0), ("tol", -0.1), ("score", "l3")]
+    ("key", "value"),
+    [("task_buffer", 0), ("prune_step", 1.0), ("tol", -0.1), ("score", "l3"), ("router_weight", 0)],
 )
 def test_bad_options_name_their_key(key: str, value: Any) -> None:
     """A bad option value raises an error that names strategy.options.KEY."""

@@ -23,8 +23,8 @@ BatchNorm channels of owned neurons normalize with their stored running statisti
 training mode, and those statistics are never updated. LayerNorm mixes neurons, so it is refused.
 
 Routing without a task id (`eidetic_router.py`): a streaming ridge classifier over fixed random
-features of the input predicts the (task, class) pair; the chosen task's head then predicts the
-class. It learns from every sample's statistics (no replay, fixed memory, no forgetting) and is
+features of the input scores every (task, class) pair; added to the heads' log-probabilities
+(weighted by `router_weight`), the best pair picks the task whose head answers. It learns from every sample's statistics (no replay, fixed memory, no forgetting) and is
 solved at each boundary. A task hint bypasses the router; the route taken is returned.
 
 Consolidation runs synchronously inside `on_boundary`, on the learner thread: serving keeps
@@ -67,7 +67,8 @@ class Eidetic(Strategy):
     steps after each; `tol` relative accuracy drop allowed; `score` l1 | l2 | taylor;
     `max_prune_steps` pruning steps per boundary, undone ones included;
     `router_features` random features of the router; `router_lam` its ridge λ (relative to the
-    mean feature energy); `router_refresh` learned samples after which it is solved again at most
+    mean feature energy); `router_weight` the weight of its (task, class) scores against the heads'
+    log-probabilities when a request has no task id; `router_refresh` learned samples after which it is solved again at most
     (within a task it is solved when the task's samples doubled since the last solve, and at every
     boundary).
     """
@@ -91,13 +92,14 @@ class Eidetic(Strategy):
         max_prune_steps: int = 10,
         router_features: int = 1024,
         router_lam: float = 0.001,
+        router_weight: float = 30.0,
         router_refresh: int = 2000,
     ) -> None:
         check_int_options(
             1, task_buffer=task_buffer, router_features=router_features, router_refresh=router_refresh
         )
         check_int_options(0, recovery_steps=recovery_steps, max_prune_steps=max_prune_steps)
-        check_number_options(0.0, strict=True, router_lam=router_lam)
+        check_number_options(0.0, strict=True, router_lam=router_lam, router_weight=router_weight)
         if not 0 < prune_step < 1:
             raise ValueError(f"strategy.options.prune_step: expected 0 < prune_step < 1, got {prune_step!r}")
         if not 0 <= tol < 1:
@@ -122,6 +124,7 @@ class Eidetic(Strategy):
             self.model_config.seed + 2,
             self.device,
         )
+        self.router_weight = float(router_weight)
         self.exhausted = False
         self.log = get_logger("stream_cl.strategies.eidetic")
         self.optimizer = self._make_optimizer()  # the model's BatchNorm modules were swapped
@@ -269,13 +272,15 @@ class Eidetic(Strategy):
     ) -> tuple[torch.Tensor, list[int | None]]:
         if self.router.stale():
             self.router.solve()
-        route = self.router.route_fn()
-        return route_and_predict(self.model, route, self.task_classes, self.task_heads, x, task)
+        router = self.router.scores_fn()
+        return route_and_predict(
+            self.model, router, self.router_weight, self.task_classes, self.task_heads, x, task
+        )
 
     def predictor(self) -> Any:
         if self.router.stale():
             self.router.solve()
-        route = self.router.route_fn()
+        router, weight = self.router.scores_fn(), self.router_weight
         model = copy.deepcopy(self.model).eval()
         for p in model.parameters():
             p.requires_grad_(False)
@@ -283,7 +288,7 @@ class Eidetic(Strategy):
         heads = {t: (list(c), w.clone(), b.clone()) for t, (c, w, b) in self.task_heads.items()}
 
         def predict(x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, list[int | None]]:
-            return route_and_predict(model, route, task_classes, heads, x, task)
+            return route_and_predict(model, router, weight, task_classes, heads, x, task)
 
         return predict
 
