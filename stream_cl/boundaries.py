@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from stream_cl.config import BoundariesConfig
 from stream_cl.drift import DriftMonitor, canonical_name, detector_params, resolve_signal
@@ -100,7 +101,9 @@ class TaskSignature:
         return float(np.sqrt(np.mean((mean - mu) ** 2 / var)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "sum": self.sum.tolist(), "sumsq": self.sumsq.tolist()}
+        # Tensors, not lists: a list of floats per input feature cost ~70 ms per checkpoint
+        # (conversion, the background writer's copy, pickling) on MNIST-sized inputs.
+        return {"n": self.n, "sum": torch.tensor(self.sum), "sumsq": torch.tensor(self.sumsq)}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> TaskSignature:
@@ -372,7 +375,7 @@ class BoundaryDetector:
             "learned_in_task": self.learned_in_task,
             "old_task_tail": self.old_task_tail,
             "recent_labels": list(self.recent_labels),
-            "recent_x": [x.tolist() for x in self.recent_x],
+            "recent_x": torch.from_numpy(np.stack(self.recent_x)) if self.recent_x else torch.empty(0),
             "explicit_stream": self.explicit_stream,
             "monitor": None if self.monitor is None else self.monitor.state_dict(),
         }
