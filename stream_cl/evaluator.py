@@ -40,22 +40,45 @@ MATRIX_TASKS = 16  # tasks exported in stream_cl_accuracy_matrix (bounded label 
 
 @dataclass
 class Reservoir:
-    """Uniform reservoir sample (Vitter's algorithm R) of one task's held-out samples."""
+    """Uniform reservoir sample (Vitter's algorithm R) of one task's held-out samples.
+
+    Inputs live in one preallocated array (rows [0, len) filled), so scoring a reservoir copies
+    one block instead of stacking `capacity` arrays: the stacking was ~20% of the evaluator's time.
+    """
 
     capacity: int
-    xs: list[np.ndarray] = field(default_factory=list)
     ys: list[Label] = field(default_factory=list)
     seen: int = 0
+    _x: np.ndarray | None = None  # [capacity, features], allocated by the first add
+
+    @property
+    def xs(self) -> np.ndarray:
+        """The held inputs, [len(ys), features] (a view: copy it before letting go of the lock)."""
+        return self._x[: len(self.ys)] if self._x is not None else np.empty((0, 0), dtype=np.float32)
 
     def add(self, x: np.ndarray, y: Label, rng: random.Random) -> None:
         self.seen += 1
-        if len(self.xs) < self.capacity:
-            self.xs.append(x)
+        if len(self.ys) < self.capacity:
+            self._row(len(self.ys), x)
             self.ys.append(y)
             return
         k = rng.randrange(self.seen)
         if k < self.capacity:
-            self.xs[k], self.ys[k] = x, y
+            self._row(k, x)
+            self.ys[k] = y
+
+    def load(self, xs: np.ndarray, ys: list[Label]) -> None:
+        """Hold exactly these inputs and labels (at most `capacity`)."""
+        self._x, self.ys = None, []
+        for x, y in zip(xs[: self.capacity], ys[: self.capacity], strict=True):
+            self._row(len(self.ys), x)
+            self.ys.append(y)
+
+    def _row(self, i: int, x: np.ndarray) -> None:
+        flat = np.ravel(x)
+        if self._x is None:
+            self._x = np.empty((self.capacity, flat.size), dtype=flat.dtype)
+        self._x[i] = flat
 
 
 class Evaluator:
@@ -136,7 +159,7 @@ class Evaluator:
         if snapshot is None:
             return {}
         with self._lock:
-            data = {t: (list(r.xs), list(r.ys), r.seen) for t, r in self.reservoirs.items() if r.xs}
+            data = {t: (r.xs.copy(), list(r.ys), r.seen) for t, r in self.reservoirs.items() if r.ys}
         known = self._scores.setdefault(snapshot.version, {})
         while len(self._scores) > 4:  # the boundary's snapshot and the latest few
             del self._scores[min(self._scores)]
@@ -149,7 +172,7 @@ class Evaluator:
             )
             key = (task, seen, hint)
             if key not in known:
-                known[key] = accuracy(snapshot, np.stack(xs), ys, task=hint)
+                known[key] = accuracy(snapshot, xs, ys, task=hint)
             scores[task] = known[key]
         return scores
 
@@ -290,7 +313,7 @@ class Evaluator:
             return {
                 "reservoirs": {
                     t: {
-                        "x": torch.from_numpy(np.stack(r.xs)) if r.xs else torch.empty(0),
+                        "x": torch.from_numpy(r.xs.copy()) if r.ys else torch.empty(0),
                         "y": list(r.ys),
                         "seen": r.seen,
                     }
@@ -311,8 +334,7 @@ class Evaluator:
             self.reservoirs = {}
             for t, r in state["reservoirs"].items():
                 res = Reservoir(self.config.reservoir_size, seen=int(r["seen"]))
-                res.xs = [row.numpy().copy() for row in r["x"]][: self.config.reservoir_size]
-                res.ys = list(r["y"])[: self.config.reservoir_size]
+                res.load(r["x"].numpy(), list(r["y"]))
                 self.reservoirs[int(t)] = res
             self.final_rows = {
                 int(i): {int(j): float(a) for j, a in row.items()} for i, row in state["final_rows"].items()
@@ -327,7 +349,7 @@ class Evaluator:
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         with self._lock:
-            return {f"reservoir[{t}]": (len(r.xs), r.capacity) for t, r in self.reservoirs.items()}
+            return {f"reservoir[{t}]": (len(r.ys), r.capacity) for t, r in self.reservoirs.items()}
 
 
 def _rng_state(rng: random.Random) -> dict[str, Any]:

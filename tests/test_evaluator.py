@@ -25,6 +25,7 @@ def test_reservoir_is_bounded_and_uniform() -> None:
         for i in range(1000):
             r.add(np.array([i], np.float32), i, rng)
         assert len(r.xs) == 50 and r.seen == 1000
+        assert r.xs[:, 0].tolist() == [float(y) for y in r.ys]  # each input stays with its label
         counts[[int(y) for y in r.ys]] += 1
     first, last = counts[:500].sum(), counts[500:].sum()
     assert abs(first - last) / (first + last) < 0.05
