@@ -19,7 +19,18 @@ from stream_cl.models import MLP, Classifier
 from stream_cl.offline import stream_records
 from stream_cl.serve import PredictionServer
 from stream_cl.snapshot import SnapshotHolder
-from stream_cl.transfer import Layer, TrajectoryRecorder, _grads, match, mlp_layers, permute
+from stream_cl.transfer import (
+    Layer,
+    TrajectoryRecorder,
+    _grads,
+    batches_of,
+    match,
+    match_statistics,
+    mlp_layers,
+    permute,
+    transfer,
+    unit_statistics,
+)
 
 STREAM = "split-mnist1d"
 
@@ -60,6 +71,63 @@ def test_gradient_matching_recovers_a_known_permutation_exactly() -> None:
     g_permuted = _grads(scratch, permute(source, layers, known), x, y)
     found = match([(g_permuted, g_source)], layers)
     assert all(torch.equal(f, k) for f, k in zip(found, known, strict=True))
+
+
+def offset_inputs(n: int = 256, seed: int = 3) -> torch.Tensor:
+    """Inputs like min-max scaled mnist1d: every feature about 0.55 ± 0.10, so the offset
+    dominates each first-layer unit's pre-activation."""
+    return 0.55 + 0.1 * torch.randn(n, 20, generator=torch.Generator().manual_seed(seed))
+
+
+def test_match_statistics_gives_each_unit_its_source_units_statistics() -> None:
+    """After `match_statistics`, unit i of every hidden layer has, on the buffer, the pre-activation
+    mean and std of the source unit π(i) it takes, though the two initializations differ."""
+    source, other = tiny_classifier(), tiny_classifier(1)
+    layers, x, known = mlp_layers(source), offset_inputs(), known_permutation()
+    target = unit_statistics(source, dict(source.state_dict()), layers, x)
+    before = unit_statistics(other, dict(other.state_dict()), layers, x)
+    assert not torch.allclose(before[0][0], target[0][0][known[0]], atol=0.05)
+    fixed = match_statistics(other, dict(other.state_dict()), target, layers, known, x)
+    after = unit_statistics(other, fixed, layers, x)
+    for (mean, std), (want_mean, want_std), perm in zip(after, target, known, strict=True):
+        torch.testing.assert_close(mean, want_mean[perm], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(std, want_std[perm], atol=1e-4, rtol=1e-4)
+
+
+def test_transfer_keeps_weights_whose_units_have_the_source_statistics() -> None:
+    """With a buffer, the kept θ₂ (here T = 1, the trajectory's end) has every hidden unit's
+    statistics equal to the source unit it was matched to, not θ₂⁰'s."""
+    start, init = tiny_classifier(), tiny_classifier(1)
+    gen = torch.Generator().manual_seed(4)
+    s0 = dict(start.state_dict())
+    end = {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in s0.items()}
+    x = offset_inputs()
+    y = torch.randint(0, 5, (len(x),), generator=gen)
+    model = tiny_classifier(2)
+    layers = mlp_layers(model)
+    result = transfer(model, s0, end, dict(init.state_dict()), batches_of(x, y, 64, 0), (x, y), 1, x)
+    kept = unit_statistics(model, result.params, layers, x)
+    target = unit_statistics(model, end, layers, x)
+    for (mean, std), (want_mean, want_std), perm in zip(kept, target, result.perms, strict=True):
+        torch.testing.assert_close(mean, want_mean[perm], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(std, want_std[perm], atol=1e-4, rtol=1e-4)
+
+
+def test_transfer_recovers_a_permuted_initialization_with_statistics_reestimated() -> None:
+    """θ₂⁰ = π(θ₁⁰): the transfer finds π exactly although the kept weights' statistics are
+    re-estimated on the buffer (re-estimating at the gradients' points too, towards a π not yet
+    found, loses it)."""
+    start = tiny_classifier()
+    layers, known = mlp_layers(start), known_permutation()
+    s0 = dict(start.state_dict())
+    gen = torch.Generator().manual_seed(4)
+    end = {k: v + 0.2 * torch.randn(v.shape, generator=gen) for k, v in s0.items()}
+    x = torch.randn(256, 20, generator=gen)
+    y = torch.randint(0, 5, (len(x),), generator=gen)
+    model = tiny_classifier(2)
+    init = permute(s0, layers, known)
+    result = transfer(model, s0, end, init, batches_of(x, y, 64, 0), (x, y), 4, x)
+    assert all(torch.equal(f, k) for f, k in zip(result.perms, known, strict=True))
 
 
 def reference_match(

@@ -3,9 +3,12 @@
 Per stream, a source model learns the stream through the daemon's `Learner` (so its trajectory
 endpoints are the ones a checkpoint holds). Then, per new seed, three starting points are scored
 on the stream's test split before any training: the transferred weights (gradient matching), the
-identity permutation ("naive": θ₂⁰ + θ₁ᵀ − θ₁⁰) and the fresh initialization. Each is then trained
-on shuffled stream samples (Adam, the model's lr and batch size) until it reaches the source's
-accuracy; the samples that took are reported (capped at `--max-samples`).
+identity permutation ("naive": θ₂⁰ + θ₁ᵀ − θ₁⁰) and the fresh initialization. "naive+stats" is the
+naive point with the hidden units' statistics re-estimated on the buffer as the transfer does
+(`match_statistics`, identity π): what matching adds beyond the re-estimation is transferred minus
+it. The three points are then trained on shuffled stream samples (Adam, the model's lr and batch
+size) until each reaches the source's accuracy; the samples that took are reported (capped at
+`--max-samples`).
 """
 
 from __future__ import annotations
@@ -121,11 +124,15 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         accuracy,
         endpoints,
         fresh_init,
+        identity,
         load,
+        match_statistics,
+        mlp_layers,
         naive,
         pad_head,
         stream_buffer,
         transfer_checkpoint,
+        unit_statistics,
     )
 
     config = with_overrides(config, [f"strategy.name={args.strategy}"])
@@ -151,6 +158,11 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             for label, params in points.items():
                 load(model, params)
                 acc[label] = accuracy(model, *test)
+            layers = mlp_layers(model)
+            source_stats = unit_statistics(model, end, layers, buffer[0])
+            ids = identity(layers, end)
+            load(model, match_statistics(model, points["naive"], source_stats, layers, ids, buffer[0]))
+            acc["naive_stats"] = accuracy(model, *test)
             reach = {
                 label: samples_to_reach(
                     model,
@@ -188,6 +200,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             "source",
             "transferred",
             "naive",
+            "naive+stats",
             "fresh",
             "transf-naive",
             "best step",
@@ -202,6 +215,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                 f"{r['accuracy']['source']:.4f}",
                 f"{r['accuracy']['transferred']:.4f}",
                 f"{r['accuracy']['naive']:.4f}",
+                f"{r['accuracy']['naive_stats']:.4f}",
                 f"{r['accuracy']['fresh']:.4f}",
                 f"{r['accuracy']['transferred'] - r['accuracy']['naive']:+.4f}",
                 f"{r['best_step']}/{args.steps}",
