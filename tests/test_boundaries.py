@@ -401,3 +401,32 @@ def test_deferred_inputs_reach_the_signature_before_anything_reads_it() -> None:
     assert state["n"] == 70
     assert np.array_equal(state["sum"].numpy(), want.sum)
     assert np.array_equal(state["sumsq"].numpy(), want.sumsq)
+
+
+def test_detector_state_saved_as_float_lists_still_loads() -> None:
+    """Checkpoints written before the state held tensors stored signatures and the recent window as
+    float lists; they restore to the same detector."""
+    import torch
+
+    cfg = load_config(None, ["boundaries.recurring=inputs"], env={}).boundaries
+    det = BoundaryDetector(cfg)
+    for i, x in enumerate(np.random.default_rng(0).random((70, 6)).astype(np.float32)):
+        det.observe(None, i == 0, 0, i, label=0, x=x)
+    state = det.state_dict()
+    assert isinstance(state["recent_x"], torch.Tensor) and isinstance(
+        state["signatures"][0]["sum"], torch.Tensor
+    )
+    lists = dict(
+        state,
+        recent_x=[x.tolist() for x in state["recent_x"]],
+        signatures=[
+            {k: v.tolist() if isinstance(v, torch.Tensor) else v for k, v in state["signatures"][0].items()}
+        ],
+    )
+    fresh, legacy = BoundaryDetector(cfg), BoundaryDetector(cfg)
+    fresh.load_state_dict(state)
+    legacy.load_state_dict(lists)
+    assert len(legacy.recent_x) == len(fresh.recent_x) == 32
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.recent_x, legacy.recent_x, strict=True))
+    for name in ("n", "sum", "sumsq"):
+        assert np.array_equal(getattr(fresh.signatures[0], name), getattr(legacy.signatures[0], name))
