@@ -69,10 +69,11 @@ class Reservoir:
 
     def load(self, xs: np.ndarray, ys: list[Label]) -> None:
         """Hold exactly these inputs and labels (at most `capacity`)."""
-        self._x, self.ys = None, []
-        for x, y in zip(xs[: self.capacity], ys[: self.capacity], strict=True):
-            self._row(len(self.ys), x)
-            self.ys.append(y)
+        n = min(len(ys), self.capacity)
+        self._x, self.ys = None, list(ys[:n])
+        if n:
+            self._x = np.empty((self.capacity, xs[0].size), dtype=xs.dtype)
+            self._x[:n] = xs[:n].reshape(n, -1)
 
     def _row(self, i: int, x: np.ndarray) -> None:
         flat = np.ravel(x)

@@ -273,9 +273,9 @@ def route_and_predict(
             for t in known
         ]
         best = torch.stack([j.max(1).values for j in joint], dim=1).argmax(1)
-    routes = [known[int(i)] for i in best]
+    routes: list[int | None] = [known[int(i)] for i in best]
     for k, t in enumerate(known):
         rows = (best == k).nonzero().flatten()
         if rows.numel():
             out[rows.view(-1, 1), torch.tensor(task_classes[t], device=live.device)] = joint[k][rows]
-    return torch.softmax(out, dim=1), list(routes)
+    return torch.softmax(out, dim=1), routes
