@@ -22,7 +22,7 @@ from stream_cl.offline import stream_records
 from stream_cl.snapshot import SnapshotHolder
 from stream_cl.strategies import Batch, Boundary, create
 from stream_cl.strategies.base import Strategy
-from stream_cl.strategies.fip import FIP, bhattacharyya
+from stream_cl.strategies.fip import FIP, bhattacharyya, soften
 
 DIM = 10
 
@@ -118,6 +118,18 @@ def test_targets_first_keeps_each_input_anchored_to_its_own_task(targets: str) -
     assert float(after[~kept, 2:].sum()) > 0  # task 1's inputs: outputs of the grown head
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_soften_gives_the_softmax_of_the_logits_over_the_temperature(temperature: float) -> None:
+    """Targets are stored as softmax(z); `soften` recovers softmax(z / T) from them, and a class
+    the old network gave probability 0 (a class added later, zero-padded) stays at 0."""
+    z = torch.randn(6, 5, generator=torch.Generator().manual_seed(3)) * 4
+    soft = soften(torch.softmax(z, dim=1), temperature)
+    assert torch.allclose(soft, torch.softmax(z / temperature, dim=1), atol=1e-6)
+    padded = torch.cat([torch.softmax(z, dim=1), torch.zeros(6, 2)], dim=1)
+    out = soften(padded, temperature)
+    assert float(out[:, 5:].abs().max()) == 0.0 and torch.allclose(out.sum(1), torch.ones(6))
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
@@ -125,6 +137,7 @@ def test_targets_first_keeps_each_input_anchored_to_its_own_task(targets: str) -
         ("step_size", 0.0),
         ("beta", -1.0),
         ("memory_batch", -1),
+        ("temperature", 0.0),
         ("step", "sgd"),
         ("targets", "oldest"),
     ],
