@@ -24,8 +24,9 @@ training mode, and those statistics are never updated. LayerNorm mixes neurons, 
 
 Routing without a task id (`eidetic_router.py`): a streaming ridge classifier over fixed random
 features of the input scores every (task, class) pair; added to the heads' log-probabilities
-(weighted by `router_weight`), the best pair picks the task whose head answers. It learns from every sample's statistics (no replay, fixed memory, no forgetting) and is
-solved at each boundary. A task hint bypasses the router; the route taken is returned.
+(weighted by `router_weight`), the best pair picks the task whose head answers. It learns from
+every sample's statistics (no replay, fixed memory, no forgetting) and is solved at each boundary.
+A task hint bypasses the router; the route taken is returned.
 
 Consolidation runs synchronously inside `on_boundary`, on the learner thread: serving keeps
 answering from the last published snapshot, and the learner publishes the consolidated model when
@@ -68,9 +69,9 @@ class Eidetic(Strategy):
     `max_prune_steps` pruning steps per boundary, undone ones included;
     `router_features` random features of the router; `router_lam` its ridge λ (relative to the
     mean feature energy); `router_weight` the weight of its (task, class) scores against the heads'
-    log-probabilities when a request has no task id; `router_refresh` learned samples after which it is solved again at most
-    (within a task it is solved when the task's samples doubled since the last solve, and at every
-    boundary).
+    log-probabilities when a request has no task id; `router_refresh` learned samples after which
+    it is solved again at most (within a task it is solved when the task's samples doubled since
+    the last solve, and at every boundary).
     """
 
     name = "eidetic"

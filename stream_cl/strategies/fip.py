@@ -182,14 +182,14 @@ class FIP(Strategy):
     `stream-cl bench quality --strategies replay,fip`, replay's 500-sample buffer = `memory_size`):
     - `beta` 50: β 20 forgets more on permuted-mnist (seed 1: 0.023 against 0.017); β 70–100
       learns new split-mnist classes badly (average accuracy 0.50–0.66 against 0.69–0.76).
-    - `temperature` 2 and `memory_batch` 256. (Why T helps, as we read it: at T = 1 a confident
-      old output hardly changes while its logits drift, so the distance hardly resists the
-      drift; T = 2 is the usual distillation temperature.) Permuted-mnist forgetting, T/batch 1/128 → 2/256: 0.0139/0.0191/0.0120 →
-      0.0109/0.0152/0.0111, against replay's 0.0269/0.0374/0.0274 (0.44–0.52× → 0.41× on each
-      seed), average accuracy 0.891 → 0.898. Split-mnist forgetting stays 0.008–0.020 (replay
-      0.25–0.33), accuracy 0.730 → 0.727. T = 4 forgets less on permuted-mnist (0.33–0.40×) but
-      lets new classes' logits creep up on old inputs: split-mnist forgetting 0.04–0.085. The
-      larger memory batch costs ~15% of samples/s."""
+    - `temperature` 2 and `memory_batch` 256. (Why T helps, as we read it: at T = 1 a confident old
+      output hardly changes while its logits drift, so the distance hardly resists the drift; T = 2
+      is the usual distillation temperature.) Permuted-mnist forgetting, T/batch 1/128 → 2/256:
+      0.0139/0.0191/0.0120 → 0.0109/0.0152/0.0111, against replay's 0.0269/0.0374/0.0274 (0.44–0.52×
+      → 0.41× on each seed), average accuracy 0.891 → 0.898. Split-mnist forgetting stays
+      0.008–0.020 (replay 0.25–0.33), accuracy 0.730 → 0.727. T = 4 forgets less on permuted-mnist
+      (0.33–0.40×) but lets new classes' logits creep up on old inputs: split-mnist forgetting
+      0.04–0.085. The larger memory batch costs ~15% of samples/s."""
 
     name = "fip"
     unit_test_options = {"memory_size": 12}
