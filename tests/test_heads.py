@@ -128,8 +128,8 @@ def test_class_mean_row_is_the_normalized_mean_at_the_old_norm() -> None:
     torch.testing.assert_close(rows.bias[0], model.head.bias[0].detach())
 
 
-def test_ls_rows_match_the_old_rows_norm_under_cross_entropy() -> None:
-    """With loss=ce and match_norm, a new ls row has the old rows' mean norm."""
+def test_ls_rows_match_the_old_rows_norm_under_cross_entropy_without_a_buffer() -> None:
+    """With loss=ce and no refresh buffer to calibrate on, a new ls row has the old rows' mean norm."""
     policy = make_head_policy(
         "ls", {"refresh_buffer": 0}, loss="ce", feature_dim=D, seed=0, device=torch.device("cpu")
     )
@@ -140,6 +140,57 @@ def test_ls_rows_match_the_old_rows_norm_under_cross_entropy() -> None:
     assert rows is not None and rows.classes == (2,)
     expected = model.head.weight[:2].norm(dim=1).mean()
     torch.testing.assert_close(rows.weight[0].norm(), expected.detach())
+
+
+def _calibrated_row(**options: object) -> tuple[Classifier, torch.Tensor, torch.Tensor, HeadRows]:
+    """Classes 0 and 1 solved first (no old rows: as solved); class 2 then meets them under ce."""
+    policy = make_head_policy(
+        "ls", {"refresh_buffer": 64, **options}, loss="ce", feature_dim=D, seed=0, device=torch.device("cpu")
+    )
+    model = _model(3)
+    policy.on_new_classes([0, 1, 2])
+    generator = torch.Generator().manual_seed(0)
+    xs, ys = [], []
+    rows = None
+    for y in (torch.tensor([0, 1] * 8), torch.tensor([2] * 6 + [0, 1] * 2)):
+        x = torch.rand(len(y), 4, generator=generator) + torch.nn.functional.one_hot(y, 4)
+        out = policy.observe(model, x, model.features(x).detach(), y)
+        if out is not None and out.classes == (2,):
+            rows = out
+        elif out is not None:
+            with torch.no_grad():  # rows 0 and 1 join the head, as the strategy would write them
+                model.head.weight[list(out.classes)] = out.weight
+                model.head.bias[list(out.classes)] = out.bias
+        xs.append(x)
+        ys.append(y)
+    assert rows is not None and rows.classes == (2,)
+    return model, torch.cat(xs), torch.cat(ys), rows
+
+
+def test_ls_rows_beat_the_old_rows_by_the_margin_under_cross_entropy() -> None:
+    """calibrate: on its class the new row's mean logit is the strongest old row's plus `margin`;
+    on the old classes it sits at the old rows' mean logit on other classes' samples."""
+    model, x, y, rows = _calibrated_row(margin=1.5, max_norm=1e6)
+    with torch.no_grad():
+        h = model.features(x).double()
+        old = h @ model.head.weight[:2].double().T + model.head.bias[:2].double()
+        new = h @ rows.weight[0].double() + rows.bias[0].double()
+    mine = y == 2
+    torch.testing.assert_close(new[mine].mean(), old[mine].max(dim=1).values.mean() + 1.5)
+    other = y[:, None] != torch.arange(2)[None, :]
+    torch.testing.assert_close(new[~mine].mean(), old[other].mean(), atol=0.05, rtol=0.0)
+
+
+def test_calibrated_ls_rows_keep_within_max_norm() -> None:
+    """max_norm caps the row's norm (× the old rows' mean norm); the bias still sets its level."""
+    model, x, y, rows = _calibrated_row(margin=1.0, max_norm=0.5)
+    old_norm = model.head.weight[:2].detach().norm(dim=1).mean()
+    torch.testing.assert_close(rows.weight[0].norm(), 0.5 * old_norm)
+    with torch.no_grad():
+        h = model.features(x[y == 2]).double()
+        old = h @ model.head.weight[:2].double().T + model.head.bias[:2].double()
+        new = h @ rows.weight[0].double() + rows.bias[0].double()
+    torch.testing.assert_close(new.mean(), old.max(dim=1).values.mean() + 1.0)
 
 
 def test_refresh_recomputes_statistics_under_the_current_backbone() -> None:

@@ -1,7 +1,11 @@
 """`stream-cl bench heads`: head policies for new classes, side by side on the same streams.
 
 Every policy (`random`, `class_mean`, `ls`) learns the same seeded class-incremental stream with
-the configured protection strategy, through the daemon's `Learner` (`quality.learn_stream`).
+one protection strategy, through the daemon's `Learner` (`quality.learn_stream`). The protection
+is `--strategy`, `replay` by default (`PROTECTION`): it keeps old classes without routing by task,
+so what a head policy does to the new class and to the final accuracy shows. Under `finetune`
+every task but the last is forgotten, so final accuracy measures the last task alone; under
+`eidetic` a new class waits for the router to learn its task, so recovery is the router's.
 For each class arrival (the first class of a stream excluded: alone in the head, its loss is 0):
 
 - arrival loss: the class's mean loss in the step where it first appears. Its samples are scored
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from stream_cl.strategies import Batch, StepResult, Strategy
 
 POLICIES = ("random", "class_mean", "ls")
+PROTECTION = "replay"
 SPIKE_SAMPLES = 50
 RECOVERY_FRACTION = 0.9
 
@@ -215,6 +220,11 @@ HELP = "head policies for new classes: loss spike, recovery, final accuracy and 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default=",".join(POLICIES), help="comma-separated head policies")
+    p.add_argument(
+        "--strategy",
+        default=PROTECTION,
+        help=f"protection every head policy runs under (default {PROTECTION}; see the module docstring)",
+    )
     p.add_argument("--streams", default="split-mnist,split-digits", help="comma-separated built-in streams")
     p.add_argument("--losses", default="ce,mse", help="training losses to compare under (ce, mse)")
     p.add_argument("--seed", type=int, default=0)
@@ -241,7 +251,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     # own `strategy.head_options.KEY=VALUE` overrides, folded into one table.
     contenders = [Contender(h, (f"strategy.head={h}", *_head_options_table(per_head[h]))) for h in heads]
     result = run_heads(
-        config,
+        with_overrides(config, [f"strategy.name={args.strategy}"]),
         contenders,
         streams=tuple(s.strip() for s in args.streams.split(",")),
         losses=tuple(s.strip() for s in args.losses.split(",")),

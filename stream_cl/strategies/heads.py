@@ -71,8 +71,11 @@ class DeferredOptions(HeadOptions):
 class LSOptions(DeferredOptions):
     lam: float = 0.001  # ridge λ: keeps the solve well-posed with few samples
     balance: bool = True  # weight classes equally, so a class seen k times gets a full-size row
-    match_norm: bool = True  # cross-entropy: scale new rows to the old rows' mean norm
     refresh_buffer: int = 256  # inputs kept to recompute the second moment at a solve; 0 = off
+    # Cross-entropy only: how a ridge row (output ~1 on its class, ~0 elsewhere) meets the head.
+    calibrate: bool = True  # map it onto the head's logits (needs refresh_buffer); else match norms
+    margin: float = 1.0  # calibrate: its mean logit on its class beats the strongest old row's by this
+    max_norm: float = 2.0  # calibrate: its norm stays <= this x the old rows' mean norm
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +83,10 @@ class LSOptions(DeferredOptions):
             raise ValueError(f"strategy.head_options.lam: must be > 0, got {self.lam}")
         if self.refresh_buffer < 0:
             raise ValueError(f"strategy.head_options.refresh_buffer: must be >= 0, got {self.refresh_buffer}")
+        if not self.margin >= 0:
+            raise ValueError(f"strategy.head_options.margin: must be >= 0, got {self.margin}")
+        if not self.max_norm > 0:
+            raise ValueError(f"strategy.head_options.max_norm: must be > 0, got {self.max_norm}")
 
 
 def parse_options(policy: str, raw: Mapping[str, Any]) -> HeadOptions:
@@ -299,11 +306,13 @@ class LSHead(_DeferredHead):
       measured on split-mnist (mse, seed 0), the second class's new row gave a mean logit of 0.51
       on the first class's test samples with a uniform reservoir, 0.09 with this one. The new
       classes' own statistics are fresh: they just arrived;
-    - cross-entropy (`match_norm`): ridge rows give logits near 1 while CE-trained rows give
-      logits of 10 or more, so new rows are scaled to the old rows' mean norm (rows and bias
-      together); under `loss = "mse"` ridge rows are on the training loss's scale and are
-      written as solved. Ridge rows are decorrelated from the old classes' means, so at equal
-      norm their logits still come out smaller than the old rows': `ls` suits `mse` best.
+    - cross-entropy (`calibrate`, `margin`, `max_norm`): a ridge row outputs about 1 on its
+      class and 0 elsewhere, while CE-trained rows give logits of 10 or more. Scaling it to the
+      old rows' norm is not enough: the ridge direction is mostly decorrelation, not the class
+      mean, so at equal norm its logits are far below the old rows' on its own class, and the
+      spike stays at 1x `random`. So the row is mapped onto the head's logits, measured on the
+      refresh buffer (`_to_logits`): on its class it beats the strongest old row by `margin`.
+      Under `loss = "mse"` ridge rows are on the training loss's scale and are written as solved.
     """
 
     name = "ls"
@@ -346,6 +355,7 @@ class LSHead(_DeferredHead):
 
     def _solve(self, model: Classifier, classes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         old_moment: torch.Tensor | None = None  # mean second moment of the other classes' samples
+        a = y = None  # the buffer's augmented features under the current backbone, and labels
         if self.buffer is not None and len(self.buffer):
             a, y = self._refresh(model, self.buffer)
             # The buffer holds every class about equally often; weigh each old class the same.
@@ -368,11 +378,58 @@ class LSHead(_DeferredHead):
         gram = gram + self.options.lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
         rows = torch.cholesky_solve(targets.T, torch.linalg.cholesky(gram)).T  # [k, d + 1]
         ref = self._reference_classes(model.head, classes)
-        if self.loss == "ce" and self.options.match_norm and ref:
-            with torch.no_grad():
-                norm = model.head.weight[ref].norm(dim=1).mean().double()
-            rows = rows * (norm / rows[:, :-1].norm(dim=1).clamp_min(1e-12))[:, None]
+        if self.loss == "ce" and ref:
+            rows = self._to_logits(model.head, rows, classes, ref, a, y)
         return rows[:, :-1], rows[:, -1]
+
+    def _to_logits(
+        self,
+        head: ExpandingHead,
+        rows: torch.Tensor,
+        classes: list[int],
+        ref: list[int],
+        a: torch.Tensor | None,
+        y: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Cross-entropy: ridge rows [k, d + 1] brought to the scale of the head's rows `ref`.
+
+        A ridge row outputs r ≈ 1 on its class and ≈ 0 elsewhere; a cross-entropy row must win
+        the softmax on its class. With `calibrate`, each row is mapped affinely, `α r + β`, so
+        that on the buffered samples of its class its mean logit is the strongest old row's mean
+        logit there plus `margin`, and on the old classes' samples it sits at the old rows' mean
+        logit on samples of other classes; α is capped so the row's norm stays within `max_norm`
+        × the old rows' mean norm (an unbounded α follows a poor fit, r_c ≈ r_o, into logits
+        that swamp the next class). Otherwise, and for a class without buffered samples, the row
+        is scaled to the old rows' mean norm.
+        """
+        with torch.no_grad():
+            old = torch.cat([head.weight[ref], head.bias[ref, None]], dim=1).double()  # [r, d + 1]
+        old_norm = old[:, :-1].norm(dim=1).mean()
+        norms = rows[:, :-1].norm(dim=1).clamp_min(1e-12)
+        scaled = rows * (old_norm / norms)[:, None]
+        if not self.options.calibrate or a is None or y is None:
+            return scaled
+        ref_t = torch.tensor(ref, device=y.device)
+        of_old = torch.isin(y, ref_t)
+        if not of_old.any():
+            return scaled
+        z = a @ old.T  # old rows' logits on the buffer [n, r]
+        low = z[y[:, None] != ref_t[None, :]].mean()
+        r = a @ rows.T  # ridge outputs [n, k]
+        out = []
+        for i, c in enumerate(classes):
+            mine = y == c
+            if not mine.any():
+                out.append(scaled[i])
+                continue
+            high = z[mine].max(dim=1).values.mean() + self.options.margin
+            r_c, r_o = r[mine, i].mean(), r[of_old, i].mean()
+            alpha = ((high - low) / (r_c - r_o).clamp_min(1e-3)).clamp_min(0.0)
+            alpha = torch.minimum(alpha, self.options.max_norm * old_norm / norms[i])
+            row = rows[i] * alpha
+            row[-1] += high - alpha * r_c
+            out.append(row)
+        return torch.stack(out)
 
     def _refresh(self, model: Classifier, buffer: ClassBalancedBuffer) -> tuple[torch.Tensor, torch.Tensor]:
         """`S` from the buffered inputs under the current backbone, rescaled to `total` samples.
