@@ -3,6 +3,10 @@
 Shows live progress (samples/s, current task, prequential accuracy, model version), then the
 per-task accuracy of the final model on each task's held-out test split, then keeps serving
 predictions until Ctrl-C (or exits 0 with `--exit-when-done`).
+
+The broker lives only as long as the demo, so its checkpoints do too: they go to a temporary
+directory (`checkpoint.dir` is set aside), removed at exit. A checkpoint from an earlier demo holds
+offsets into a topic that no longer exists, and possibly another stream's model.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import dataclasses
 import signal
 import sys
+import tempfile
 import threading
 import time
 from typing import Any
@@ -24,8 +29,13 @@ from stream_cl.producer import produce_stream
 from stream_cl.report import write_report
 
 
-def _with_bootstrap(config: Config, bootstrap: str) -> Config:
-    return dataclasses.replace(config, kafka=dataclasses.replace(config.kafka, bootstrap_servers=bootstrap))
+def _for_demo(config: Config, bootstrap: str, checkpoint_dir: str) -> Config:
+    """`config` on the demo's own broker, checkpointing into the demo's own directory."""
+    return dataclasses.replace(
+        config,
+        kafka=dataclasses.replace(config.kafka, bootstrap_servers=bootstrap),
+        checkpoint=dataclasses.replace(config.checkpoint, dir=checkpoint_dir),
+    )
 
 
 class _Progress:
@@ -61,8 +71,8 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         f"stream-cl demo: {stream.name}, {len(stream.tasks)} tasks, {total} samples, strategy {config.strategy.name}"
     )
     try:
-        with EmbeddedBroker() as broker:
-            config = _with_bootstrap(config, broker.bootstrap_servers)
+        with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="stream-cl-demo-") as ckpt:
+            config = _for_demo(config, broker.bootstrap_servers, ckpt)
             broker.create_topic(config.kafka.topic)
             daemon = Daemon(config)
             daemon.start()
