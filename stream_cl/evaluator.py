@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from stream_cl.config import EvaluationConfig
-from stream_cl.evaluation import accuracy
+from stream_cl.evaluation import label_targets, predicted_indices
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
@@ -120,6 +120,12 @@ class Evaluator:
         # a forward pass would give. Right after a boundary and while evaluating densely, the
         # same version is often scored twice (~30% of scorings on split-mnist).
         self._scores: dict[int, dict[tuple[int, int, TaskId | None], float]] = {}
+        # What is scored, per task: (reservoir.seen, inputs, labels), copied under the lock only
+        # when the reservoir changed since (an old task's seldom does), and the labels as indices
+        # into the label map, per (seen, number of labels). An evaluation used to copy every
+        # reservoir and compare labels in a Python loop: that held the GIL the learner waits on.
+        self._held: dict[int, tuple[int, np.ndarray, list[Label]]] = {}
+        self._targets: dict[int, tuple[int, int, np.ndarray]] = {}
 
     # -- learner side (learner thread) ----------------------------------------------------------
     def hold_out(self) -> bool:
@@ -160,22 +166,47 @@ class Evaluator:
         if snapshot is None:
             return {}
         with self._lock:
-            data = {t: (r.xs.copy(), list(r.ys), r.seen) for t, r in self.reservoirs.items() if r.ys}
+            for t, r in self.reservoirs.items():
+                if r.ys and self._held.get(t, (None,))[0] != r.seen:
+                    self._held[t] = (r.seen, r.xs.copy(), list(r.ys))
+            data = dict(self._held)
         known = self._scores.setdefault(snapshot.version, {})
         while len(self._scores) > 4:  # the boundary's snapshot and the latest few
             del self._scores[min(self._scores)]
         scores: dict[int, float] = {}
-        for task, (xs, ys, seen) in data.items():
+        todo: dict[TaskId | None, list[int]] = {}  # tasks to score, by the task hint they get
+        for task, (seen, _, _) in data.items():
             hint = (
                 self.task_id_of(task)
                 if self.config.task_hint and self.task_id_of(task) in snapshot.tasks
                 else None
             )
-            key = (task, seen, hint)
-            if key not in known:
-                known[key] = accuracy(snapshot, xs, ys, task=hint)
-            scores[task] = known[key]
+            if (task, seen, hint) in known:
+                scores[task] = known[(task, seen, hint)]
+            else:
+                todo.setdefault(hint, []).append(task)
+        for hint, tasks in todo.items():
+            # one forward pass for every task with the same hint: each pass's Python overhead
+            # takes the GIL back from the learner, so fewer, larger passes
+            xs = np.concatenate([data[t][1] for t in tasks]) if len(tasks) > 1 else data[tasks[0]][1]
+            predicted = predicted_indices(snapshot, xs, hint)
+            start = 0
+            for task in tasks:
+                seen, _, ys = data[task]
+                targets = self._targets_of(task, seen, ys, snapshot)
+                hits = predicted[start : start + len(ys)] == targets
+                start += len(ys)
+                scores[task] = known[(task, seen, hint)] = float(hits.mean()) if snapshot.labels else 0.0
         return scores
+
+    def _targets_of(self, task: int, seen: int, ys: list[Label], snapshot: Snapshot) -> np.ndarray:
+        """`label_targets` of a reservoir as held at `seen`: the label map only grows, by appending."""
+        cached = self._targets.get(task)
+        if cached is not None and cached[:2] == (seen, len(snapshot.labels)):
+            return cached[2]
+        targets = label_targets(snapshot.labels, ys)
+        self._targets[task] = (seen, len(snapshot.labels), targets)
+        return targets
 
     def run_once(self) -> None:
         """Finalize rows for boundaries that happened, then score the latest snapshot."""
@@ -332,6 +363,8 @@ class Evaluator:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with self._lock:
             self._scores.clear()
+            self._held.clear()
+            self._targets.clear()
             self.reservoirs = {}
             for t, r in state["reservoirs"].items():
                 res = Reservoir(self.config.reservoir_size, seen=int(r["seen"]))

@@ -115,6 +115,42 @@ def test_evaluator_state_round_trips(forced_forgetting: Learner) -> None:
     assert [fresh.hold_out() for _ in range(50)] == [ev.hold_out() for _ in range(50)]
 
 
+@pytest.mark.parametrize("task_hint", [False, True], ids=["no-hint", "task-hint"])
+def test_batched_scoring_equals_scoring_each_reservoir_alone(
+    forced_forgetting: Learner, task_hint: bool
+) -> None:
+    """The evaluator scores all reservoirs in one forward pass and compares label indices; each
+    task's figure must equal `accuracy` on that reservoir alone, also on an older snapshot whose
+    label map lacks later classes (those samples count as wrong), and after a reservoir changes."""
+    import dataclasses
+
+    from stream_cl.evaluation import accuracy
+
+    ev = forced_forgetting.evaluator
+    assert ev is not None
+    config = dataclasses.replace(ev.config, task_hint=task_hint)
+    fresh = Evaluator(config, forced_forgetting.holder, Metrics(), task_id_of=ev.task_id_of)
+    fresh.load_state_dict(ev.state_dict())
+    latest = forced_forgetting.holder.get()
+    assert latest is not None
+    older = dataclasses.replace(latest, version=-1, labels=latest.labels[:4], tasks=latest.tasks[:2])
+
+    def direct(snapshot: object) -> dict[int, float]:
+        out = {}
+        for t, r in fresh.reservoirs.items():
+            hint = ev.task_id_of(t) if task_hint and ev.task_id_of(t) in snapshot.tasks else None  # type: ignore[attr-defined]
+            out[t] = accuracy(snapshot, r.xs.copy(), list(r.ys), task=hint)  # type: ignore[arg-type]
+        return out
+
+    for snapshot in (latest, older, latest):
+        assert fresh.evaluate(snapshot) == direct(snapshot)
+    assert direct(older)[4] == 0.0 < direct(latest)[4]  # its labels are not in the older map
+    fresh.add(
+        4, fresh.reservoirs[0].xs[0].copy(), fresh.reservoirs[0].ys[0]
+    )  # task 4 now holds a task-0 sample
+    assert fresh.evaluate(latest) == direct(latest)
+
+
 def test_stability_gap_is_seen_with_the_evaluator_thread_and_defaults() -> None:
     """With default cadences and the evaluator on its own thread, finetune's post-boundary drop is measured.
 
