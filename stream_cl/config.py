@@ -249,6 +249,7 @@ class CheckpointConfig:
     every_samples: int = 10_000
     every_s: float = 60.0
     at_boundary: bool = True
+    min_interval_s: float = 1.0  # scheduled writes at most this often; closer requests share one
     keep: int = 3
     background: bool = True  # scheduled writes on a writer thread (stream_cl/checkpoint_writer.py)
 
@@ -258,6 +259,10 @@ class CheckpointConfig:
             raise ConfigError("checkpoint.every_samples", f"must be >= 0 (0 = off), got {self.every_samples}")
         if self.every_s < 0:
             raise ConfigError("checkpoint.every_s", f"must be >= 0 (0 = off), got {self.every_s}")
+        if self.min_interval_s < 0:
+            raise ConfigError(
+                "checkpoint.min_interval_s", f"must be >= 0 (0 = no floor), got {self.min_interval_s}"
+            )
 
 
 @dataclass

@@ -200,10 +200,16 @@ class Learner(CheckpointMixin):
             self._held_out_unreported = 0
 
     def flush(self) -> None:
-        """Learn a partial batch (the stream went quiet) and publish."""
+        """Learn a partial batch (the stream went quiet), publish, and write a checkpoint that is due.
+
+        A request deferred by `checkpoint.min_interval_s`, or a background write that finished,
+        must not wait for the next record: the stream may stay quiet.
+        """
         self._learn_pending()
         self._report_held_out()
         self._maybe_publish(force=self._steps_since_publish > 0)
+        if self._checkpoint_due():
+            self.checkpoint(wait=not self._background_checkpoints)
 
     # -- learning -------------------------------------------------------------------------------
     def _learn_pending(self) -> None:

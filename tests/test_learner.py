@@ -126,7 +126,13 @@ def test_background_checkpoints_hold_the_state_at_capture_and_commit_after_the_w
     stream = load_stream("split-digits", seed=0)
     config = load_config(
         None,
-        ["model.hidden=[32]", "evaluation.holdout_fraction=0", "checkpoint.every_s=0", "checkpoint.keep=100"],
+        [
+            "model.hidden=[32]",
+            "evaluation.holdout_fraction=0",
+            "checkpoint.every_s=0",
+            "checkpoint.keep=100",
+            "checkpoint.min_interval_s=0",
+        ],
         env={},
     )
     assert config.checkpoint.background and config.checkpoint.at_boundary
@@ -144,6 +150,56 @@ def test_background_checkpoints_hold_the_state_at_capture_and_commit_after_the_w
     for s in states:  # each is consistent: its offsets cover exactly what it had learned
         assert s["offsets"] == {0: s["learned"]}
     assert committed == [s["offsets"] for s in states]
+
+
+def test_boundaries_closer_than_min_interval_share_one_checkpoint_written_when_the_stream_goes_quiet(
+    tmp_path: Path,
+) -> None:
+    """`checkpoint.min_interval_s` bounds scheduled writes: boundaries that come faster are
+    coalesced into one later write, and a request still pending when the stream goes quiet is
+    written by `flush` without waiting for another record."""
+    import time
+
+    from stream_cl.checkpoint import CheckpointStore, read_checkpoint
+
+    stream = load_stream("split-digits", seed=0)  # 5 tasks: 4 boundaries that ask for a checkpoint
+
+    def run(min_interval_s: float) -> tuple[Learner, list[Path]]:
+        store = CheckpointStore(tmp_path / str(min_interval_s), keep=100)
+        config = load_config(
+            None,
+            [
+                "model.hidden=[32]",
+                "strategy.name=finetune",
+                "strategy.head=random",
+                "evaluation.holdout_fraction=0",
+                "checkpoint.every_s=0",
+                "checkpoint.every_samples=0",
+                "checkpoint.background=false",
+                f"checkpoint.min_interval_s={min_interval_s}",
+            ],
+            env={},
+        )
+        learner = Learner(config, SnapshotHolder(), Metrics(), checkpoints=store)
+        for chunk in stream_records(stream, chunk=50):
+            learner.process(chunk)
+        return learner, sorted(store.dir.glob("ckpt-*"))
+
+    _, every = run(0)
+    assert len(every) == 4  # no floor: one per boundary
+    learner, files = run(3600)
+    assert len(files) == 1  # the first boundary's; the other three wait for the interval
+    learner.flush()
+    assert len(sorted(learner.checkpoints.dir.glob("ckpt-*"))) == 1  # still inside the interval
+
+    learner, files = run(1.0)
+    written = len(files)
+    assert 1 <= written < 4  # the stream takes well under 3 s here
+    time.sleep(1.1)
+    learner.flush()  # quiet stream: the pending boundary request is written now
+    files = sorted(learner.checkpoints.dir.glob("ckpt-*"))
+    assert len(files) == written + 1
+    assert read_checkpoint(files[-1])["learned"] == learner.learned == stream.n_train
 
 
 def test_a_failed_background_write_is_counted_and_retried(tmp_path: Path) -> None:
