@@ -44,12 +44,15 @@ class Reservoir:
 
     Inputs live in one preallocated array (rows [0, len) filled), so scoring a reservoir copies
     one block instead of stacking `capacity` arrays: the stacking was ~20% of the evaluator's time.
+    A reader takes that array itself (`share`), copy-on-write: the next write copies it first, so
+    an old task's reservoir, which no longer changes, is never copied for scoring.
     """
 
     capacity: int
     ys: list[Label] = field(default_factory=list)
     seen: int = 0
     _x: np.ndarray | None = None  # [capacity, features], allocated by the first add
+    _shared: bool = False  # `_x` is held by a reader: copy it before the next write
 
     @property
     def xs(self) -> np.ndarray:
@@ -67,10 +70,15 @@ class Reservoir:
             self._row(k, x)
             self.ys[k] = y
 
+    def share(self) -> tuple[np.ndarray, list[Label]]:
+        """The held inputs and labels as they are now, for a reader; they never change afterwards."""
+        self._shared = True
+        return self.xs, list(self.ys)
+
     def load(self, xs: np.ndarray, ys: list[Label]) -> None:
         """Hold exactly these inputs and labels (at most `capacity`)."""
         n = min(len(ys), self.capacity)
-        self._x, self.ys = None, list(ys[:n])
+        self._x, self.ys, self._shared = None, list(ys[:n]), False
         if n:
             self._x = np.empty((self.capacity, xs[0].size), dtype=xs.dtype)
             self._x[:n] = xs[:n].reshape(n, -1)
@@ -79,6 +87,8 @@ class Reservoir:
         flat = np.ravel(x)
         if self._x is None:
             self._x = np.empty((self.capacity, flat.size), dtype=flat.dtype)
+        elif self._shared:
+            self._x, self._shared = self._x.copy(), False
         self._x[i] = flat
 
 
@@ -120,10 +130,10 @@ class Evaluator:
         # a forward pass would give. Right after a boundary and while evaluating densely, the
         # same version is often scored twice (~30% of scorings on split-mnist).
         self._scores: dict[int, dict[tuple[int, int, TaskId | None], float]] = {}
-        # What is scored, per task: (reservoir.seen, inputs, labels), copied under the lock only
-        # when the reservoir changed since (an old task's seldom does), and the labels as indices
-        # into the label map, per (seen, number of labels). An evaluation used to copy every
-        # reservoir and compare labels in a Python loop: that held the GIL the learner waits on.
+        # What is scored, per task: (reservoir.seen, inputs, labels), taken (copy-on-write, see
+        # `Reservoir`) only when the reservoir changed since, and the labels as indices into the
+        # label map, per (seen, number of labels). An evaluation used to copy every reservoir and
+        # compare labels in a Python loop: that held the GIL the learner waits on.
         self._held: dict[int, tuple[int, np.ndarray, list[Label]]] = {}
         self._targets: dict[int, tuple[int, int, np.ndarray]] = {}
 
@@ -168,7 +178,7 @@ class Evaluator:
         with self._lock:
             for t, r in self.reservoirs.items():
                 if r.ys and self._held.get(t, (None,))[0] != r.seen:
-                    self._held[t] = (r.seen, r.xs.copy(), list(r.ys))
+                    self._held[t] = (r.seen, *r.share())
             data = dict(self._held)
         known = self._scores.setdefault(snapshot.version, {})
         while len(self._scores) > 4:  # the boundary's snapshot and the latest few

@@ -31,6 +31,24 @@ def test_reservoir_is_bounded_and_uniform() -> None:
     assert abs(first - last) / (first + last) < 0.05
 
 
+def test_a_shared_reservoir_is_copied_on_its_next_write_and_never_before() -> None:
+    """`share` hands a reader the reservoir's own array; a later `add` must not change what the
+    reader holds, and a reservoir that is not written again is never copied."""
+    rng = random.Random(0)
+    r = Reservoir(capacity=4)
+    for i in range(4):
+        r.add(np.full(3, i, np.float32), i, rng)
+    xs, ys = r.share()
+    again, _ = r.share()
+    assert np.shares_memory(xs, again)  # no write in between: no copy
+    held = xs.copy()
+    for i in range(4, 40):
+        r.add(np.full(3, i, np.float32), i, rng)
+    assert np.array_equal(xs, held) and ys == [0, 1, 2, 3]  # the reader's view never changed
+    assert not np.shares_memory(xs, r.xs) and r.ys != ys  # the reservoir moved on in its own copy
+    assert r.xs[:, 0].tolist() == [float(y) for y in r.ys]
+
+
 def _evaluator() -> Evaluator:
     return Evaluator(EvaluationConfig(), SnapshotHolder(), Metrics(), task_id_of=lambda i: f"t{i}")
 
