@@ -91,6 +91,11 @@ class EmbeddedBroker:
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self._port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The broker process's id while it runs (for CPU accounting), else None."""
+        return self._proc.pid if self.is_running() and self._proc is not None else None
+
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -97,6 +97,11 @@ class ProcessSource(KafkaSource):
         self._commit_pending = False
         self._closed = False
 
+    @property
+    def pid(self) -> int | None:
+        """The fetcher process's id while it runs (for CPU accounting), else None."""
+        return self._proc.pid if self._alive() and self._proc is not None else None
+
     # -- the child ------------------------------------------------------------------------------
     def connect(self) -> None:
         c = self.config

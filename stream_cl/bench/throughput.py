@@ -24,6 +24,8 @@ from stream_cl.config import Config
 # Heavy imports (torch, kafka, the daemon) live inside the functions: building the CLI parser
 # imports this module for every `stream-cl` command.
 
+MODES = ("in_process", "subprocess")  # by kafka.fetch_in_subprocess (False, True)
+
 
 def raw_consume_rate(bootstrap: str, topic: str, n: int, timeout_s: float = 120.0) -> float:
     from kafka import KafkaConsumer, TopicPartition
@@ -83,9 +85,50 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
     return steps * bs / (time.perf_counter() - t0)
 
 
-def daemon_rate(config: Config, bootstrap: str, topic: str, n: int, timeout_s: float = 300.0) -> float:
-    """Samples/s the daemon takes in (learned + held out), as configured, checkpoints to a temp dir."""
+class CpuMeter:
+    """CPU seconds of this process's named threads and of other processes, between two reads.
+
+    Linux only (`/proc`); elsewhere it measures nothing. Tells where a daemon run's time goes:
+    the learner thread against the raw train step, and what shares the cores with it.
+    """
+
+    def __init__(self, threads: list[Any], processes: dict[str, int | None]) -> None:
+        import os
+
+        self._paths = {t.name: f"/proc/self/task/{t.native_id}/stat" for t in threads if t.native_id}
+        self._paths |= {name: f"/proc/{pid}/stat" for name, pid in processes.items() if pid}
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._start = self._read()
+
+    def _read(self) -> dict[str, float]:
+        out = {}
+        for name, path in self._paths.items():
+            try:
+                with open(path) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / self._tick  # utime + stime
+        return out
+
+    def seconds(self) -> dict[str, float]:
+        end = self._read()
+        return {name: end[name] - self._start[name] for name in end if name in self._start}
+
+
+def daemon_run(
+    config: Config,
+    bootstrap: str,
+    topic: str,
+    n: int,
+    timeout_s: float = 300.0,
+    broker_pid: int | None = None,
+) -> dict[str, Any]:
+    """Samples/s the daemon takes in (learned + held out), as configured, checkpoints to a temp dir,
+    with the CPU µs per sample of each daemon thread alive when the clock starts (short-lived
+    checkpoint writers are not counted), of the fetcher process and of the broker."""
     import tempfile
+    import threading
 
     from stream_cl.daemon import Daemon
 
@@ -112,12 +155,24 @@ def daemon_rate(config: Config, bootstrap: str, topic: str, n: int, timeout_s: f
             deadline = time.monotonic() + timeout_s
             t0: float | None = None
             first = 0
+            meter: CpuMeter | None = None
             while time.monotonic() < deadline:
                 done = processed()
                 if t0 is None and done > 0:
                     t0, first = time.perf_counter(), done
+                    threads = [t for t in threading.enumerate() if t.name.startswith("stream-cl-")]
+                    meter = CpuMeter(
+                        threads, {"fetcher": getattr(daemon.source, "pid", None), "broker": broker_pid}
+                    )
                 if done >= n:
-                    return (done - first) / (time.perf_counter() - t0)  # type: ignore[operator]
+                    assert t0 is not None and meter is not None
+                    elapsed, samples = time.perf_counter() - t0, done - first
+                    cpu = meter.seconds()
+                    return {
+                        "samples_per_s": samples / elapsed,
+                        "cpu_us_per_sample": {k: 1e6 * v / samples for k, v in sorted(cpu.items()) if v > 0},
+                        "cores_busy": sum(cpu.values()) / elapsed,
+                    }
                 time.sleep(0.005)
             raise TimeoutError(f"the daemon processed {processed()}/{n} samples in {timeout_s}s")
         finally:
@@ -138,16 +193,21 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
             produce_stream(broker.bootstrap_servers, topic, stream)
         consume = raw_consume_rate(broker.bootstrap_servers, topic, n)
         train = raw_train_rate(config, stream_name, n)
-        daemon = daemon_rate(config, broker.bootstrap_servers, topic, n)
+        run = daemon_run(config, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
         other = dataclasses.replace(
             config,
             kafka=dataclasses.replace(config.kafka, fetch_in_subprocess=not config.kafka.fetch_in_subprocess),
         )
-        daemon_other = daemon_rate(other, broker.bootstrap_servers, topic, n)
+        run_other = daemon_run(other, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
+    daemon, daemon_other = run["samples_per_s"], run_other["samples_per_s"]
     limit = min(consume, train)
     by_mode = {
         config.kafka.fetch_in_subprocess: daemon,
         other.kafka.fetch_in_subprocess: daemon_other,
+    }
+    runs = {
+        MODES[config.kafka.fetch_in_subprocess]: run,
+        MODES[other.kafka.fetch_in_subprocess]: run_other,
     }
     return {
         "stream": stream_name,
@@ -164,6 +224,9 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
         "daemon_subprocess_fetch_samples_per_s": by_mode[True],
         "daemon_subprocess_fetch_vs_slower_limit": by_mode[True] / limit,
         "daemon_in_process_fetch_vs_slower_limit": by_mode[False] / limit,
+        "raw_train_us_per_sample": 1e6 / train,
+        "cpu_us_per_sample": {f"{m}_fetch": runs[m]["cpu_us_per_sample"] for m in MODES},
+        "cores_busy": {f"{m}_fetch": runs[m]["cores_busy"] for m in MODES},
         "goal_daemon_vs_slower_limit": 0.7,
         "goal_met": daemon / limit >= 0.7,
     }
@@ -189,10 +252,20 @@ def format_throughput(r: dict[str, Any]) -> str:
         )
     table = format_table(["path", "samples/s", "ratio"], [[a, round(b), c] for a, b, c in rows])
     verdict = "met" if r["goal_met"] else "NOT met"
-    return (
+    out = (
         f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}\n"
         f"{table}\ngoal daemon ({configured} fetch, as configured) >= 0.7 x slower limit: {verdict}"
     )
+    cpu = r.get("cpu_us_per_sample", {})
+    names = sorted({name for mode in cpu.values() for name in mode})
+    if names:  # where the time goes (Linux): CPU per sample taken in, by thread and process
+        breakdown = [[name, *(f"{cpu[f'{m}_fetch'].get(name, 0.0):.1f}" for m in MODES)] for name in names]
+        breakdown.append(["cores busy (all above)", *(f"{r['cores_busy'][f'{m}_fetch']:.2f}" for m in MODES)])
+        out += (
+            f"\n\nCPU us per sample taken in (raw train step: {r['raw_train_us_per_sample']:.1f} us per sample)\n"
+            + format_table(["thread / process", "in-process fetch", "subprocess fetch"], breakdown)
+        )
+    return out
 
 
 HELP = "daemon samples/s against raw consume and raw train rates"
