@@ -8,6 +8,7 @@ and publishes an immutable snapshot every N steps, every T ms and at each bounda
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -93,7 +94,7 @@ class Learner(CheckpointMixin):
         self._learned_at_checkpoint = 0
         self._offsets_at_checkpoint: dict[int, int] = {}
         self._last_checkpoint = time.monotonic()
-        self._last_checkpoint_attempt = 0.0
+        self._last_checkpoint_attempt = -math.inf  # none yet (monotonic time can be near 0 after boot)
         self._checkpoint_requested = False
         self._lock = threading.Lock()  # guards stats read by other threads
         # Hot-path bookkeeping (per sample at up to ~10k samples/s): Prometheus children resolved
