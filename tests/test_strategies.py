@@ -75,6 +75,26 @@ def test_register_refuses_a_taken_name() -> None:
         strategies.register(Impostor)
 
 
+def test_building_a_strategy_flushes_denormals_on_the_training_thread() -> None:
+    """Subnormal floats (Adam's moments late in training) are flushed to zero on the thread that
+    builds the strategy, the learner thread: CPU arithmetic on them is many times slower."""
+    import threading
+
+    tiny = torch.tensor([1e-39])  # subnormal in float32
+    seen: list[float] = []
+
+    def build() -> None:
+        torch.set_flush_denormal(False)  # whatever this test process did before
+        seen.append((tiny * 1.0).item())
+        strategies.from_config(load_config(None, ["strategy.name=finetune"], env={}), (4,))
+        seen.append((tiny * 1.0).item())
+
+    thread = threading.Thread(target=build)
+    thread.start()
+    thread.join()
+    assert seen[0] > 0.0 and seen[1] == 0.0
+
+
 def test_default_config_is_eidetic_with_ls_head() -> None:
     """The default [strategy] is the user's stated composition: mask freezing, LS rows, cross-entropy."""
     from stream_cl.strategies.eidetic import Eidetic
