@@ -35,6 +35,7 @@ from stream_cl.replica import SnapshotPublisher
 from stream_cl.serve import PredictionServer
 from stream_cl.snapshot import Snapshot, SnapshotHolder
 from stream_cl.source import QueueItem
+from stream_cl.strategies import flush_denormals
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -177,24 +178,28 @@ class Daemon:
     def _learn_loop(self) -> None:
         models = self.models
         try:
-            while not self._learner_stop.is_set():
-                try:
-                    records = self.queue.get(timeout=0.05)
-                except queue.Empty:
-                    models.flush()  # the stream went quiet: learn the partial batch, publish
-                    self._publish_idle()
-                    if self.source.stop_event.is_set():
-                        break
-                    continue
-                if not isinstance(records, list):  # a task in stream order (a rebalance handover)
-                    records()
-                    continue
-                models.process(records)
+            with flush_denormals():  # the learner thread trains: see strategies.flush_denormals
+                self._learn_until_stopped(models)
         except BaseException as e:
             self.learner_error = e
             self.log.exception("learner_failed")
         finally:
             self._shutdown.set()
+
+    def _learn_until_stopped(self, models: Learner | KeyedModels) -> None:
+        while not self._learner_stop.is_set():
+            try:
+                records = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                models.flush()  # the stream went quiet: learn the partial batch, publish
+                self._publish_idle()
+                if self.source.stop_event.is_set():
+                    break
+                continue
+            if not isinstance(records, list):  # a task in stream order (a rebalance handover)
+                records()
+                continue
+            models.process(records)
 
     def stop(self, deadline_s: float = 10.0) -> None:
         """Stop in order: consuming, learning (finish the step), commit, serving, metrics."""

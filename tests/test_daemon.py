@@ -121,6 +121,19 @@ def test_socket_predictions_beat_chance(running: tuple[Daemon, str], mnist: Benc
         assert set(one["proba"]) == set(range(10))
 
 
+def test_the_learner_thread_flushes_subnormal_floats(running: tuple[Daemon, str]) -> None:
+    """The learner thread trains with subnormals flushed (see `strategies.flush_denormals`); a task
+    queued for it runs there, in stream order, and sees the mode."""
+    from stream_cl.strategies import flushes_denormals
+
+    daemon, _ = running
+    seen: list[bool] = []
+    daemon.queue.put(lambda: seen.append(flushes_denormals()))
+    wait_until(lambda: seen, 60, "the learner thread to run the probe")
+    assert seen == [True]
+    assert not flushes_denormals()  # this (the test's) thread keeps its mode
+
+
 def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path: Path) -> None:
     """Replies made while the daemon learns carry non-decreasing, eventually increasing versions."""
     topic = f"versions-{time.monotonic_ns()}"

@@ -75,24 +75,25 @@ def test_register_refuses_a_taken_name() -> None:
         strategies.register(Impostor)
 
 
-def test_building_a_strategy_flushes_denormals_on_the_training_thread() -> None:
-    """Subnormal floats (Adam's moments late in training) are flushed to zero on the thread that
-    builds the strategy, the learner thread: CPU arithmetic on them is many times slower."""
+def test_flush_denormals_is_scoped_to_the_block() -> None:
+    """Training flushes subnormal floats (Adam's moments late in training; CPU arithmetic on them
+    is many times slower), and the thread gets its previous mode back afterwards: the mode is
+    processor state, and other code (hypothesis, for one) refuses to run with it."""
     import threading
 
-    tiny = torch.tensor([1e-39])  # subnormal in float32
-    seen: list[float] = []
+    seen: list[bool] = []
 
-    def build() -> None:
-        torch.set_flush_denormal(False)  # whatever this test process did before
-        seen.append((tiny * 1.0).item())
-        strategies.from_config(load_config(None, ["strategy.name=finetune"], env={}), (4,))
-        seen.append((tiny * 1.0).item())
+    def run() -> None:
+        torch.set_flush_denormal(False)
+        seen.append(strategies.flushes_denormals())
+        with strategies.flush_denormals():
+            seen.append(strategies.flushes_denormals())
+        seen.append(strategies.flushes_denormals())
 
-    thread = threading.Thread(target=build)
+    thread = threading.Thread(target=run)
     thread.start()
     thread.join()
-    assert seen[0] > 0.0 and seen[1] == 0.0
+    assert seen == [False, True, False]
 
 
 def test_default_config_is_eidetic_with_ls_head() -> None:
