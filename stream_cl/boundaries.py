@@ -319,7 +319,7 @@ class BoundaryDetector:
         signature = self.signatures[self.current]
         if signature is None:
             signature = self.signatures[self.current] = TaskSignature(xs[0].size)
-        if self._scratch is None or self._scratch.shape != (FOLD_EVERY + 1, xs[0].size):
+        if self._scratch is None:  # add_many checks its size (input sizes are fixed per model)
             self._scratch = np.empty((FOLD_EVERY + 1, xs[0].size))
         signature.add_many(xs, self._scratch)
 

@@ -21,32 +21,17 @@ def label_targets(labels: Sequence[Label], ys: Sequence[Label]) -> np.ndarray:
     return np.fromiter((index.get(y, -1) for y in ys), dtype=np.int64, count=len(ys))
 
 
-def accuracy(
-    snapshot: Snapshot,
-    xs: np.ndarray,
-    ys: Sequence[Label],
-    task: TaskId | None = None,
-    targets: np.ndarray | None = None,
-) -> float:
-    """Fraction of `xs` whose predicted label equals `ys` (labels never seen count as wrong).
-
-    `targets`, if given, is `label_targets(snapshot.labels, ys)` computed earlier (the evaluator
-    keeps it while a reservoir and the label map are unchanged); the comparison is then one
-    vectorized step instead of a Python loop over the samples.
-    """
+def accuracy(snapshot: Snapshot, xs: np.ndarray, ys: Sequence[Label], task: TaskId | None = None) -> float:
+    """Fraction of `xs` whose predicted label equals `ys` (labels never seen count as wrong)."""
     if len(ys) == 0:
         return float("nan")
     if not snapshot.labels:
         return 0.0
-    if targets is None:
-        targets = label_targets(snapshot.labels, ys)
-    return float(np.mean(predicted_indices(snapshot, xs, task) == targets))
+    return float(np.mean(predicted_indices(snapshot, xs, task) == label_targets(snapshot.labels, ys)))
 
 
 def predicted_indices(snapshot: Snapshot, xs: np.ndarray, task: TaskId | None = None) -> np.ndarray:
-    """The predicted class of each row of `xs`, as an index into `snapshot.labels`."""
-    if not snapshot.labels:
-        return np.full(len(xs), -1, dtype=np.int64)
+    """The predicted class of each row of `xs`, as an index into `snapshot.labels` (which is non-empty)."""
     return np.asarray(snapshot.predict(xs, task).proba.argmax(axis=1))
 
 

@@ -196,6 +196,10 @@ class Evaluator:
             else:
                 todo.setdefault(hint, []).append(task)
         for hint, tasks in todo.items():
+            if not snapshot.labels:  # nothing to predict yet: every sample counts as wrong
+                for task in tasks:
+                    scores[task] = known[(task, data[task][0], hint)] = 0.0
+                continue
             # one forward pass for every task with the same hint: each pass's Python overhead
             # takes the GIL back from the learner, so fewer, larger passes
             xs = np.concatenate([data[t][1] for t in tasks]) if len(tasks) > 1 else data[tasks[0]][1]
@@ -203,10 +207,9 @@ class Evaluator:
             start = 0
             for task in tasks:
                 seen, _, ys = data[task]
-                targets = self._targets_of(task, seen, ys, snapshot)
-                hits = predicted[start : start + len(ys)] == targets
+                hits = predicted[start : start + len(ys)] == self._targets_of(task, seen, ys, snapshot)
                 start += len(ys)
-                scores[task] = known[(task, seen, hint)] = float(hits.mean()) if snapshot.labels else 0.0
+                scores[task] = known[(task, seen, hint)] = float(hits.mean())
         return scores
 
     def _targets_of(self, task: int, seen: int, ys: list[Label], snapshot: Snapshot) -> np.ndarray:

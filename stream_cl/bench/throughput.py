@@ -200,16 +200,13 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
             kafka=dataclasses.replace(config.kafka, fetch_in_subprocess=not config.kafka.fetch_in_subprocess),
         )
         run_other = daemon_run(other, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
-    daemon, daemon_other = run["samples_per_s"], run_other["samples_per_s"]
     limit = min(consume, train)
-    by_mode = {
-        config.kafka.fetch_in_subprocess: daemon,
-        other.kafka.fetch_in_subprocess: daemon_other,
-    }
     runs = {
         MODES[config.kafka.fetch_in_subprocess]: run,
         MODES[other.kafka.fetch_in_subprocess]: run_other,
     }
+    daemon = run["samples_per_s"]
+    by_mode = {m == "subprocess": runs[m]["samples_per_s"] for m in MODES}
     return {
         "stream": stream_name,
         "samples": n,
