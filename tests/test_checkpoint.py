@@ -80,8 +80,10 @@ def test_learner_state_round_trips_exactly(tmp_path: Path) -> None:
     """A learner restored from a checkpoint predicts bit-identically and keeps learning in lockstep."""
     stream = load_stream("split-digits", seed=0)
     chunks = stream_records(stream, chunk=100)
-    # Checkpoints flush partial batches, so both learners checkpoint at the same (sample-count) points.
-    config = _config(f"checkpoint.dir={tmp_path}", "checkpoint.every_s=0")
+    # Checkpoints flush partial batches, so both learners checkpoint at the same (sample-count)
+    # points: no wall-clock trigger (every_s) and no wall-clock deferral (min_interval_s), which
+    # made the two learners cut their batches at different samples now and then.
+    config = _config(f"checkpoint.dir={tmp_path}", "checkpoint.every_s=0", "checkpoint.min_interval_s=0")
     store = CheckpointStore(tmp_path / "a")
     a = _learner(config, store)
     for chunk in chunks[:7]:
