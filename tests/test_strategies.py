@@ -175,3 +175,43 @@ def test_daemon_switches_strategy_and_head_by_config_alone() -> None:
     assert snapshot is not None and snapshot.strategy == "replay"
     last = stream.tasks[-1]
     assert accuracy(snapshot, last.test_x, last.test_y.tolist()) > 0.5
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_fused_optimizer_follows_the_plain_update_and_survives_a_checkpoint(optimizer: str) -> None:
+    """The strategy's fused optimizer takes the same steps as torch's default (for-loop) one, and a
+    strategy restored from a checkpoint keeps fused kernels."""
+    config = load_config(
+        None,
+        [
+            "strategy.name=finetune",
+            "strategy.head=random",
+            "model.hidden=[16]",
+            f"model.optimizer={optimizer}",
+            "model.momentum=0.9" if optimizer == "sgd" else "model.weight_decay=0.01",
+        ],
+        env={},
+    )
+    fused = strategies.from_config(config, (12,))
+    plain = strategies.from_config(config, (12,))
+    for s in (fused, plain):
+        s.add_classes([0, 1, 2], 0)
+    plain.optimizer = type(plain.optimizer)(
+        plain.model.parameters(), **{**plain.optimizer.defaults, "fused": None}
+    )
+    assert fused.optimizer.param_groups[0]["fused"] is True
+    assert plain.optimizer.param_groups[0]["fused"] is None
+    initial = [p.detach().clone() for p in fused.model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        x = torch.randn(8, 12, generator=generator)
+        y = torch.randint(0, 3, (8,), generator=generator)
+        for s in (fused, plain):
+            s.learn(strategies.Batch(x=x, y=y, task=0))
+    for a, b in zip(fused.model.parameters(), plain.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    moved = [not torch.equal(a, b) for a, b in zip(fused.model.parameters(), initial, strict=True)]
+    assert all(moved)  # the comparison is not between two untouched models
+    restored = strategies.from_config(config, (12,))
+    restored.load_state_dict(plain.state_dict())  # written by a non-fused optimizer
+    assert restored.optimizer.param_groups[0]["fused"] is True
