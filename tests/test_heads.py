@@ -357,3 +357,46 @@ def test_heads_bench_folds_head_options_overrides_into_one_table(monkeypatch: py
     )
     bench.run(load_config(None, ["strategy.name=eidetic"], env={}), args)
     assert seen == {"protection": "replay", "random": {}, "ls": {"lam": 0.01, "min_samples": 4}}
+
+
+def test_heads_bench_over_several_seeds_counts_the_seeds_that_meet_the_goal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--seed 0,3`: one run per seed (each its own table), then per stream and loss how many seeds
+    meet the goal and the mean ratios; a bad list is an error naming `--seed`."""
+    import argparse
+    from typing import Any
+
+    from stream_cl.bench import heads as bench
+    from stream_cl.bench.quality import Contender
+    from stream_cl.config import ConfigError
+
+    ratios = {0: (0.4, 0.3, 0.1), 3: (0.6, 0.5, 0.2)}  # seed 3 misses on the spike
+
+    def fake_run_heads(
+        config: Any, contenders: list[Contender], *, seed: int, **kwargs: Any
+    ) -> dict[str, Any]:
+        spike, recovery, delta = ratios[seed]
+        goal = {"spike_ratio": spike, "recovery_ratio": recovery, "accuracy_delta": delta}
+        goal["met"] = spike <= 0.5 and recovery <= 0.5 and delta >= 0
+        return {
+            "seed": seed,
+            "strategy": config.strategy.name,
+            "rows": [],
+            "goals": {"split-digits ce": goal},
+        }
+
+    monkeypatch.setattr(bench, "run_heads", fake_run_heads)
+    args = argparse.Namespace(
+        heads="random,ls", streams="split-digits", losses="ce", seed="0,3", override=[], strategy="replay"
+    )
+    result, text = bench.run(load_config(None, [], env={}), args)
+    assert result["seeds"] == [0, 3] and [r["seed"] for r in result["runs"]] == [0, 3]
+    summary = result["summary"]["split-digits ce"]
+    assert summary["seeds"] == 2 and summary["met"] == 1
+    assert summary["spike_ratio_mean"] == pytest.approx(0.5) and summary[
+        "recovery_ratio_mean"
+    ] == pytest.approx(0.4)
+    assert "split-digits ce: goal met on 1 of 2 seeds; mean spike 0.50x, recovery 0.40x" in text
+    with pytest.raises(ConfigError, match="--seed"):
+        bench.run(load_config(None, [], env={}), argparse.Namespace(**{**vars(args), "seed": "0,x"}))

@@ -227,7 +227,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--streams", default="split-mnist,split-digits", help="comma-separated built-in streams")
     p.add_argument("--losses", default="ce,mse", help="training losses to compare under (ce, mse)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        default="0",
+        help="stream seed, or a comma-separated list (e.g. 0,1,2,3,4,5): one run per seed, then how "
+        "many seeds meet the goal and the mean ratios",
+    )
     p.add_argument(
         "--override",
         action="append",
@@ -250,14 +255,69 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     # Options of one policy are not valid for another: each head starts from no options, plus its
     # own `strategy.head_options.KEY=VALUE` overrides, folded into one table.
     contenders = [Contender(h, (f"strategy.head={h}", *_head_options_table(per_head[h]))) for h in heads]
-    result = run_heads(
-        with_overrides(config, [f"strategy.name={args.strategy}"]),
-        contenders,
-        streams=tuple(s.strip() for s in args.streams.split(",")),
-        losses=tuple(s.strip() for s in args.losses.split(",")),
-        seed=args.seed,
-    )
-    return result, format_heads(result)
+    seeds = _seeds(args.seed)
+    results = [
+        run_heads(
+            with_overrides(config, [f"strategy.name={args.strategy}"]),
+            contenders,
+            streams=tuple(s.strip() for s in args.streams.split(",")),
+            losses=tuple(s.strip() for s in args.losses.split(",")),
+            seed=seed,
+        )
+        for seed in seeds
+    ]
+    if len(results) == 1:
+        return results[0], format_heads(results[0])
+    result = {
+        "strategy": results[0]["strategy"],
+        "seeds": seeds,
+        "runs": results,
+        "summary": summarize(results),
+    }
+    return result, "\n\n".join([*map(format_heads, results), format_summary(result)])
+
+
+def _seeds(value: int | str) -> list[int]:
+    """`--seed`: one seed or a comma-separated list; the error names the flag."""
+    try:
+        seeds = [int(value)] if isinstance(value, int) else [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            "--seed", f"expected a seed or a comma-separated list of seeds, got {value!r}"
+        ) from None
+    if not seeds:
+        raise ConfigError("--seed", "expected at least one seed")
+    return seeds
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stream and loss over the seeds' runs: on how many the goal is met, and the mean ratios."""
+    keys = {
+        key: [r["goals"][key] for r in results if key in r["goals"]] for r in results for key in r["goals"]
+    }
+    return {
+        key: {
+            "seeds": len(goals),
+            "met": sum(g["met"] for g in goals),
+            "spike_ratio_mean": float(sum(g["spike_ratio"] for g in goals) / len(goals)),
+            "recovery_ratio_mean": float(sum(g["recovery_ratio"] for g in goals) / len(goals)),
+            "accuracy_delta_mean": float(sum(g["accuracy_delta"] for g in goals) / len(goals)),
+        }
+        for key, goals in keys.items()
+    }
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    seeds = ",".join(map(str, result["seeds"]))
+    lines = [
+        f"over seeds {seeds} (ls against random; goal per seed: spike <=0.5x, recovery <=0.5x, avg acc >=0)"
+    ]
+    for key, s in result["summary"].items():
+        lines.append(
+            f"{key}: goal met on {s['met']} of {s['seeds']} seeds; mean spike {s['spike_ratio_mean']:.2f}x, "
+            f"recovery {s['recovery_ratio_mean']:.2f}x, avg acc {s['accuracy_delta_mean']:+.4f}"
+        )
+    return "\n".join(lines)
 
 
 def _head_options_table(overrides: list[str]) -> list[str]:

@@ -200,19 +200,21 @@ class Strategy(abc.ABC):
         cfg = self.model_config
         params = [p for p in self.model.parameters() if p.requires_grad]
 
-        def make(fused: bool | None) -> torch.optim.Optimizer:
+        def make(**fused: bool) -> torch.optim.Optimizer:
             if cfg.optimizer == "sgd":
                 return torch.optim.SGD(
-                    params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, fused=fused
+                    params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
                 )
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **fused)
 
         if not params:
-            return make(None)
+            return make()
         try:
-            return make(True)
-        except RuntimeError:  # "`fused=True` requires ... Tensors of supported devices"
-            return make(None)
+            return make(fused=True)
+        # RuntimeError: "`fused=True` requires ... Tensors of supported devices"; TypeError: a
+        # torch whose SGD takes no `fused` yet
+        except (RuntimeError, TypeError):
+            return make()
 
     def _optimizer_state_by_name(self) -> dict[str, dict[str, Any]]:
         return {
