@@ -200,7 +200,7 @@ class Strategy(abc.ABC):
         cfg = self.model_config
         params = [p for p in self.model.parameters() if p.requires_grad]
 
-        def make(**fused: bool) -> torch.optim.Optimizer:
+        def make(**fused: Any) -> torch.optim.Optimizer:
             if cfg.optimizer == "sgd":
                 return torch.optim.SGD(
                     params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, **fused
