@@ -215,3 +215,22 @@ def test_fused_optimizer_follows_the_plain_update_and_survives_a_checkpoint(opti
     restored = strategies.from_config(config, (12,))
     restored.load_state_dict(plain.state_dict())  # written by a non-fused optimizer
     assert restored.optimizer.param_groups[0]["fused"] is True
+
+
+def test_optimizer_falls_back_where_torch_has_no_fused_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device (or torch version) without fused kernels gets torch's default implementation."""
+
+    class NoFusedAdam(torch.optim.Adam):
+        def __init__(self, params: object, **kwargs: object) -> None:
+            if kwargs.get("fused"):
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors of supported devices"
+                )
+            super().__init__(params, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(torch.optim, "Adam", NoFusedAdam)
+    config = load_config(None, ["strategy.name=finetune", "strategy.head=random", "model.hidden=[8]"], env={})
+    strategy = strategies.from_config(config, (4,))
+    strategy.add_classes([0, 1], 0)
+    assert isinstance(strategy.optimizer, NoFusedAdam) and not strategy.optimizer.param_groups[0]["fused"]
+    strategy.learn(strategies.Batch(x=torch.randn(4, 4), y=torch.tensor([0, 1, 0, 1]), task=0))
