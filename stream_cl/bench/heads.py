@@ -256,16 +256,10 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     # own `strategy.head_options.KEY=VALUE` overrides, folded into one table.
     contenders = [Contender(h, (f"strategy.head={h}", *_head_options_table(per_head[h]))) for h in heads]
     seeds = _seeds(args.seed)
-    results = [
-        run_heads(
-            with_overrides(config, [f"strategy.name={args.strategy}"]),
-            contenders,
-            streams=tuple(s.strip() for s in args.streams.split(",")),
-            losses=tuple(s.strip() for s in args.losses.split(",")),
-            seed=seed,
-        )
-        for seed in seeds
-    ]
+    protected = with_overrides(config, [f"strategy.name={args.strategy}"])
+    streams = tuple(s.strip() for s in args.streams.split(","))
+    losses = tuple(s.strip() for s in args.losses.split(","))
+    results = [run_heads(protected, contenders, streams=streams, losses=losses, seed=seed) for seed in seeds]
     if len(results) == 1:
         return results[0], format_heads(results[0])
     result = {
@@ -292,18 +286,21 @@ def _seeds(value: int | str) -> list[int]:
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per stream and loss over the seeds' runs: on how many the goal is met, and the mean ratios."""
-    keys = {
-        key: [r["goals"][key] for r in results if key in r["goals"]] for r in results for key in r["goals"]
-    }
+    from statistics import fmean
+
+    by_key: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for result in results:
+        for key, goal in result["goals"].items():
+            by_key[key].append(goal)
     return {
         key: {
             "seeds": len(goals),
             "met": sum(g["met"] for g in goals),
-            "spike_ratio_mean": float(sum(g["spike_ratio"] for g in goals) / len(goals)),
-            "recovery_ratio_mean": float(sum(g["recovery_ratio"] for g in goals) / len(goals)),
-            "accuracy_delta_mean": float(sum(g["accuracy_delta"] for g in goals) / len(goals)),
+            "spike_ratio_mean": fmean(g["spike_ratio"] for g in goals),
+            "recovery_ratio_mean": fmean(g["recovery_ratio"] for g in goals),
+            "accuracy_delta_mean": fmean(g["accuracy_delta"] for g in goals),
         }
-        for key, goals in keys.items()
+        for key, goals in by_key.items()
     }
 
 
