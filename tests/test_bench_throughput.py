@@ -45,13 +45,16 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
         "strategy": "finetune",
         "batch_size": 32,
         "raw_consume_decode_samples_per_s": 50000.0,
-        "raw_train_samples_per_s": 16000.0,
+        "raw_train_samples_per_s": 16500.0,
+        "raw_stream_samples_per_s": 16000.0,
         "fetch_in_subprocess": False,
         "daemon_in_process_fetch_samples_per_s": 9000.0,
         "daemon_subprocess_fetch_samples_per_s": 9600.0,
         "daemon_in_process_fetch_vs_slower_limit": 9000 / 16000,
         "daemon_subprocess_fetch_vs_slower_limit": 9600 / 16000,
+        "daemon_vs_learn_only_step": 9000 / 16500,
         "raw_train_us_per_sample": 62.5,
+        "raw_stream_us_per_sample": 60.6,
         "cpu_us_per_sample": {
             "in_process_fetch": {"stream-cl-learner": 80.0, "stream-cl-source": 22.0},
             "subprocess_fetch": {"stream-cl-learner": 78.0, "fetcher": 25.0},
@@ -65,4 +68,51 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
     assert learner[-2:] == ["80.0", "78.0"]
     fetcher = next(line for line in text.splitlines() if "fetcher" in line.split()).split()
     assert fetcher[-2:] == ["0.0", "25.0"]  # no fetcher process in the in-process run
-    assert "raw train step: 62.5 us per sample" in text
+    assert "raw train step 62.5 us, strategy on the stream 60.6 us" in text
+    assert "learn-only step instead the daemon is at 0.55x" in text
+
+
+def test_the_stream_run_learns_every_sample_with_a_boundary_at_each_task_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The train limit does the daemon's strategy work: every task in order, each repeat, each class once."""
+    from stream_cl.bench.throughput import raw_stream_rate
+    from stream_cl.config import load_config
+    from stream_cl.datasets import load_stream
+    from stream_cl.strategies import Boundary, Strategy
+    from stream_cl.strategies.base import Batch
+
+    boundaries: list[Boundary] = []
+    added: list[tuple[int, ...]] = []
+    learned: list[int] = []
+    on_boundary, add_classes, learn = Strategy.on_boundary, Strategy.add_classes, Strategy.learn
+
+    def spy_boundary(self: Strategy, event: Boundary) -> None:
+        boundaries.append(event)
+        on_boundary(self, event)
+
+    def spy_add(self: Strategy, class_ids: list[int], task: int) -> None:
+        added.append(tuple(class_ids))
+        add_classes(self, class_ids, task)
+
+    monkeypatch.setattr(Strategy, "on_boundary", spy_boundary)
+    monkeypatch.setattr(Strategy, "add_classes", spy_add)
+    from stream_cl.strategies.finetune import Finetune
+
+    def spy_learn(self: Finetune, batch: Batch) -> object:
+        learned.append(len(batch.y))
+        return learn(self, batch)
+
+    monkeypatch.setattr(Finetune, "learn", spy_learn)
+    cfg = load_config(None, ["strategy.name=finetune", "strategy.head=random"], env={})
+    stream = load_stream("split-digits")
+    rate = raw_stream_rate(cfg, "split-digits", repeats=2)
+    n_tasks = len(stream.tasks)
+    assert rate > 0
+    assert [(b.previous_task, b.task, b.recurring) for b in boundaries] == [
+        (None if i == 0 else (i - 1) % n_tasks, i % n_tasks, i >= n_tasks) for i in range(2 * n_tasks)
+    ]
+    assert sorted(c for group in added for c in group) == sorted(
+        {int(y) for t in stream.tasks for y in t.train_y}
+    )
+    assert sum(learned) == 2 * stream.n_train

@@ -2,13 +2,19 @@
 
 1. raw consume+decode: kafka-python in its fastest configuration (partitions assigned directly, no
    group, large fetches, C crc32c) reading every message and decoding it with `decode_sample`;
-2. raw train step: the same strategy, model and batch size fed pre-built tensors in-process;
+2. raw train step: the same strategy, model and batch size fed pre-built tensors in-process,
+   learning only (every class known from the start, no boundary); and the same strategy fed the
+   stream as the daemon sees it: its tasks in order, classes added as they appear, `on_boundary`
+   at each task change (a consolidating strategy such as eidetic prunes and retrains there);
 3. the daemon end to end: broker → source thread → learner thread, counting learned samples,
    as configured, then once more with the other `kafka.fetch_in_subprocess` setting (fetch and
    decode in a child process, off the learner's GIL), so both source modes are compared in one run.
 
-Goal: daemon (as configured) ≥ 0.7 × min(raw consume, raw train). Group-join time is excluded
-from (3): the clock starts at the first learned sample.
+Goal: daemon (as configured) ≥ 0.7 × min(raw consume, raw strategy on the stream). The train
+limit includes the strategy's boundary work: it is the strategy's own, and the daemon has to do it
+too; the ratio against the learn-only step is printed beside it. For finetune the two train rates
+agree within this machine's noise. Group-join time is excluded from (3): the clock starts at the
+first learned sample.
 """
 
 from __future__ import annotations
@@ -84,6 +90,59 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
         for s in range(steps):
             strategy.learn(batches[s % len(batches)])
         return steps * bs / (time.perf_counter() - t0)
+
+
+def raw_stream_rate(config: Config, stream_name: str, repeats: int) -> float:
+    """Learned samples/s of the strategy fed the stream as the daemon sees it, in-process.
+
+    The same tasks in the same order (`repeats` times, as the topic holds them), each class added
+    when it first appears and `on_boundary` at every task change, from pre-built tensors. For a
+    strategy whose boundaries cost nothing (finetune) this is the raw train step; for one that
+    consolidates at each boundary (eidetic prunes and retrains) that work is the strategy's own,
+    and the daemon cannot go faster than this.
+    """
+    import torch
+
+    from stream_cl.datasets import load_stream
+    from stream_cl.strategies import Batch, Boundary, flush_denormals, from_config
+
+    stream = load_stream(stream_name)
+    strategy = from_config(config, stream.input_shape)
+    bs = config.model.batch_size
+    # (task index, batch) in stream order; a batch never spans two tasks
+    segments: list[tuple[int, list[Batch]]] = []
+    for index, spec in enumerate(stream.tasks):
+        x_all = torch.from_numpy(spec.train_x).reshape((-1, *stream.input_shape)).to(strategy.device)
+        y_all = torch.from_numpy(spec.train_y).long().to(strategy.device)
+        batches = [
+            Batch(x=x_all[i : i + bs], y=y_all[i : i + bs], task=index) for i in range(0, len(y_all), bs)
+        ]
+        segments.append((index, batches))
+    labels = [sorted(set(b.y.tolist())) for _, batches in segments for b in batches]
+    seen: set[int] = set()
+    noted: set[tuple[int, int]] = set()
+    learned = 0
+    previous: int | None = None
+    with flush_denormals():  # as the daemon's learner thread trains
+        t0 = time.perf_counter()
+        for r in range(repeats):
+            i = 0
+            for task, batches in segments:
+                strategy.on_boundary(Boundary(previous, task, "explicit", recurring=r > 0))
+                previous = task
+                for batch in batches:
+                    new = [c for c in labels[i] if c not in seen]
+                    if new:
+                        strategy.add_classes(new, task)
+                        seen.update(new)
+                    old = [c for c in labels[i] if (task, c) not in noted]
+                    if old:
+                        strategy.note_task(task, old)
+                        noted.update((task, c) for c in old)
+                    strategy.learn(batch)
+                    learned += len(batch.y)
+                    i += 1
+        return learned / (time.perf_counter() - t0)
 
 
 class CpuMeter:
@@ -194,13 +253,14 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
             produce_stream(broker.bootstrap_servers, topic, stream)
         consume = raw_consume_rate(broker.bootstrap_servers, topic, n)
         train = raw_train_rate(config, stream_name, n)
+        stream_run = raw_stream_rate(config, stream_name, repeats)
         run = daemon_run(config, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
         other = dataclasses.replace(
             config,
             kafka=dataclasses.replace(config.kafka, fetch_in_subprocess=not config.kafka.fetch_in_subprocess),
         )
         run_other = daemon_run(other, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
-    limit = min(consume, train)
+    limit = min(consume, stream_run)
     runs = {
         MODES[config.kafka.fetch_in_subprocess]: run,
         MODES[other.kafka.fetch_in_subprocess]: run_other,
@@ -215,6 +275,7 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
         "hidden": config.model.hidden,
         "raw_consume_decode_samples_per_s": consume,
         "raw_train_samples_per_s": train,
+        "raw_stream_samples_per_s": stream_run,
         "fetch_in_subprocess": config.kafka.fetch_in_subprocess,
         "daemon_samples_per_s": daemon,
         "daemon_vs_slower_limit": daemon / limit,
@@ -222,7 +283,9 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
         "daemon_subprocess_fetch_samples_per_s": by_mode[True],
         "daemon_subprocess_fetch_vs_slower_limit": by_mode[True] / limit,
         "daemon_in_process_fetch_vs_slower_limit": by_mode[False] / limit,
+        "daemon_vs_learn_only_step": daemon / min(consume, train),
         "raw_train_us_per_sample": 1e6 / train,
+        "raw_stream_us_per_sample": 1e6 / stream_run,
         "cpu_us_per_sample": {f"{m}_fetch": runs[m]["cpu_us_per_sample"] for m in MODES},
         "cores_busy": {f"{m}_fetch": runs[m]["cores_busy"] for m in MODES},
         "goal_daemon_vs_slower_limit": 0.7,
@@ -236,7 +299,8 @@ def format_throughput(r: dict[str, Any]) -> str:
     configured = "subprocess" if r["fetch_in_subprocess"] else "in-process"
     rows = [
         ["raw kafka-python consume + decode", r["raw_consume_decode_samples_per_s"], ""],
-        ["raw train step (in-process)", r["raw_train_samples_per_s"], ""],
+        ["raw train step, learn only (in-process)", r["raw_train_samples_per_s"], ""],
+        ["raw strategy on the stream, with boundaries", r["raw_stream_samples_per_s"], ""],
     ]
     for mode in ("in-process", "subprocess"):
         key = "in_process" if mode == "in-process" else "subprocess"
@@ -252,7 +316,9 @@ def format_throughput(r: dict[str, Any]) -> str:
     verdict = "met" if r["goal_met"] else "NOT met"
     out = (
         f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}\n"
-        f"{table}\ngoal daemon ({configured} fetch, as configured) >= 0.7 x slower limit: {verdict}"
+        f"{table}\ngoal daemon ({configured} fetch, as configured) >= 0.7 x slower limit: {verdict}\n"
+        f"(train limit: the strategy on the stream with its boundaries; against the learn-only step "
+        f"instead the daemon is at {r['daemon_vs_learn_only_step']:.2f}x)"
     )
     cpu = r.get("cpu_us_per_sample", {})
     names = sorted({name for mode in cpu.values() for name in mode})
@@ -260,7 +326,8 @@ def format_throughput(r: dict[str, Any]) -> str:
         breakdown = [[name, *(f"{cpu[f'{m}_fetch'].get(name, 0.0):.1f}" for m in MODES)] for name in names]
         breakdown.append(["cores busy (all above)", *(f"{r['cores_busy'][f'{m}_fetch']:.2f}" for m in MODES)])
         out += (
-            f"\n\nCPU us per sample taken in (raw train step: {r['raw_train_us_per_sample']:.1f} us per sample)\n"
+            f"\n\nCPU us per sample taken in (per learned sample: raw train step {r['raw_train_us_per_sample']:.1f} us, "
+            f"strategy on the stream {r['raw_stream_us_per_sample']:.1f} us)\n"
             + format_table(["thread / process", "in-process fetch", "subprocess fetch"], breakdown)
         )
     return out
