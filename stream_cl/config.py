@@ -148,6 +148,7 @@ class EvaluationConfig:
     stability_window: int = 500
     task_hint: bool = False
     history: int = 1000
+    max_cpu_share: float = 0.1
 
     def validate(self) -> None:
         if not 0.0 <= self.holdout_fraction < 1.0:
@@ -160,6 +161,10 @@ class EvaluationConfig:
             raise ConfigError(
                 "evaluation.every_samples" if self.every_samples < 0 else "evaluation.every_s",
                 "must be >= 0 (0 = off)",
+            )
+        if not 0.0 <= self.max_cpu_share <= 1.0:
+            raise ConfigError(
+                "evaluation.max_cpu_share", f"must be in [0, 1] (0 or 1 = no limit), got {self.max_cpu_share}"
             )
 
 

@@ -14,6 +14,13 @@ evaluation. From it (definitions as exported):
 - BWT (Lopez-Paz):                   mean_{j<T} (R[T][j] − R[j][j])
 - stability gap: the largest drop of an old task's accuracy, measured in the evaluations during
   the `stability_window` samples after a boundary, relative to its accuracy at the boundary.
+
+Evaluation shares the cores (and the GIL) with learning, so it has a budget: the evaluator thread
+uses at most `max_cpu_share` of one core. When scoring would use more, the next scoring of the
+latest snapshot waits, and every request that comes meanwhile is served by that one scoring.
+Boundary rows never wait: each is scored on its own boundary's snapshot as soon as it is known.
+The budget only binds when the daemon is saturated (learning as fast as it can); then fewer
+evaluations fall inside a stability window, and the gap is measured from those.
 """
 
 from __future__ import annotations
@@ -124,6 +131,7 @@ class Evaluator:
         self._stop = threading.Event()
         self._pending_boundaries: deque[tuple[int, Snapshot | None]] = deque()
         self._thread: threading.Thread | None = None
+        self._resume_at = 0.0  # monotonic time before which the budget lets no scoring start
         self.evaluations = 0
         # Scores by snapshot version, then (task, reservoir.seen, hint): a snapshot is immutable
         # and a reservoir changes only by `add` (which bumps `seen`), so a hit is exactly the score
@@ -223,6 +231,11 @@ class Evaluator:
 
     def run_once(self) -> None:
         """Finalize rows for boundaries that happened, then score the latest snapshot."""
+        self.finalize_boundaries()
+        self.score_latest()
+
+    def finalize_boundaries(self) -> None:
+        """Score each boundary's snapshot for its row of R, in order."""
         while True:
             with self._lock:
                 if not self._pending_boundaries:
@@ -233,6 +246,9 @@ class Evaluator:
                 self.final_rows[ended] = row
                 self._gap_window = (self.learned + self.config.stability_window, dict(row))
                 self.stability_gap = 0.0  # a new boundary: its own gap is measured from here
+
+    def score_latest(self) -> None:
+        """Score the latest snapshot: the current row of R, the history, the stability gap."""
         scores = self.evaluate()
         if not scores:
             return
@@ -342,15 +358,34 @@ class Evaluator:
             self._thread.join(timeout)
 
     def _loop(self) -> None:
+        due = False  # a scoring of the latest snapshot was asked for and has not run yet
         while not self._stop.is_set():
-            self._wake.wait(self.config.every_s if self.config.every_s > 0 else None)
+            now = time.monotonic()
+            if due:
+                timeout: float | None = max(0.0, self._resume_at - now)
+            else:
+                timeout = self.config.every_s if self.config.every_s > 0 else None
+            self._wake.wait(timeout)
             self._wake.clear()
             if self._stop.is_set():
                 break
+            due = True  # woken by a request, or the `every_s` timer, or the budget's rest is over
+            start = time.thread_time()
             try:
-                self.run_once()
+                self.finalize_boundaries()
+                if time.monotonic() >= self._resume_at:
+                    due = False
+                    self.score_latest()
             except Exception:  # evaluation must never take the daemon down
+                due = False
                 self.log.exception("evaluation_failed")
+            self._charge(time.thread_time() - start)
+
+    def _charge(self, cpu_s: float) -> None:
+        """Rest after `cpu_s` of CPU so that the evaluator's share of one core stays within budget."""
+        share = self.config.max_cpu_share
+        if 0 < share < 1 and cpu_s > 0:  # each CPU second buys (1/share - 1) seconds of rest
+            self._resume_at = max(self._resume_at, time.monotonic()) + cpu_s * (1 / share - 1)
 
     # -- checkpoint state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

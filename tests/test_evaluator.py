@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,3 +196,62 @@ def test_stability_gap_is_seen_with_the_evaluator_thread_and_defaults() -> None:
     finally:
         learner.evaluator.stop()
     assert learner.evaluator.stability_gap > 0.2
+
+
+def test_the_cpu_budget_spaces_scorings_but_never_delays_a_boundary_row(
+    forced_forgetting: Learner,
+) -> None:
+    """With `max_cpu_share`, requests for a scoring that come while the evaluator rests are served
+    by one later scoring of the latest snapshot; a boundary's row is scored at once all the same."""
+    import dataclasses
+    import time
+
+    ev = forced_forgetting.evaluator
+    assert ev is not None
+    snapshot = forced_forgetting.holder.get()
+    assert snapshot is not None
+
+    def evaluator(share: float) -> Evaluator:
+        config = dataclasses.replace(ev.config, max_cpu_share=share, every_samples=1, every_s=0.0)
+        fresh = Evaluator(config, forced_forgetting.holder, Metrics(), task_id_of=ev.task_id_of)
+        fresh.load_state_dict(ev.state_dict())
+        fresh.start()
+        return fresh
+
+    def wait_for(condition: Any, timeout: float = 30.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    unlimited = evaluator(0.0)
+    try:
+        for i in range(1, 6):  # each request is served before the next: five scorings
+            unlimited.on_learned(i)
+            assert wait_for(lambda i=i: unlimited.evaluations == i)
+    finally:
+        unlimited.stop()
+
+    # A share so small that the rest after one scoring (its CPU time x 1e6) outlasts the test
+    limited = evaluator(1e-6)
+    try:
+        limited.on_learned(1)
+        assert wait_for(lambda: limited.evaluations == 1)
+        assert limited._resume_at > time.monotonic() + 60
+        for i in range(2, 6):
+            limited.on_learned(i)
+        del limited.final_rows[3]
+        limited.on_boundary(3, 4, snapshot, "explicit")  # a task ends while the evaluator rests
+        assert wait_for(lambda: 3 in limited.final_rows)  # its row did not wait
+        assert limited.final_rows[3] == limited.evaluate(snapshot)
+        time.sleep(0.2)
+        assert limited.evaluations == 1  # the requests wait for the budget
+        limited._resume_at = time.monotonic()  # the rest is over: one scoring serves them all
+        limited._wake.set()
+        assert wait_for(lambda: limited.evaluations == 2)
+        time.sleep(0.2)
+        assert limited.evaluations == 2
+    finally:
+        limited.stop()
