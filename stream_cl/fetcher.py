@@ -12,10 +12,11 @@ threads are forked, and the parent's `__main__` is not re-imported):
     parent (ProcessSource.run, the source thread): Records into the learner queue, metrics
 
 - **Records** cross as one msgpack blob per poll: per message its partition, offset, key and
-  original bytes, and where its float32 `x` lies inside those bytes (the parent's `x` is read
-  from them, not decoded again), plus the decoded `y`, `task`, `id`, `ts`, `shape`. Messages the
-  child dead-lettered cross as (partition, offset, key, reason), so the learner still marks them
-  processed in order.
+  original bytes, its decoded `y`, `task`, `id`, `ts`, `shape`, and where its `x` starts in the
+  poll's one float32 block of every `x` back to back; the parent's `x` is a view of that block
+  (one aligned buffer: reading each `x` out of its message cost an unaligned copy per sample).
+  Messages the child dead-lettered cross as (partition, offset, key, reason), so the learner
+  still marks them processed in order.
 - **Rebalances** are calls: inside the child's `poll`, its listener sends `revoke`/`lost`/`assign`
   and waits; the parent runs `_SeekOnAssign` (the in-process listener, hooks included) on its
   own state and answers (for `assign`: the offsets to seek to, which the child applies). Records
@@ -158,7 +159,7 @@ class ProcessSource(KafkaSource):
     def _handle(self, message: list[Any], deliver: bool = True) -> None:
         kind = message[0]
         if kind == "records":
-            records = self._records(message[1])
+            records = self._records(message[1], message[3])
             if records and deliver:
                 self._put(records)
             self._highwater.update({int(p): int(h) for p, h in message[2].items()})
@@ -191,11 +192,11 @@ class ProcessSource(KafkaSource):
         elif kind == "closed":
             self._closed = True
 
-    def _records(self, rows: list[list[Any]]) -> list[Record]:
-        """Rebuild the batch's Records: `x` is read out of the original bytes, not decoded again."""
+    def _records(self, rows: list[list[Any]], xs: bytes) -> list[Record]:
+        """Rebuild the poll's Records; each `x` is a view of the poll's float32 block `xs`."""
         records: list[Record] = []
         append = records.append
-        f32 = np.float32
+        block = np.frombuffer(xs, dtype=np.float32)
         for row in rows:
             if len(row) == 4:  # dead-lettered by the child: forwarded so the learner marks it in order
                 partition, offset, key, reason = row
@@ -204,14 +205,8 @@ class ProcessSource(KafkaSource):
                 self.metrics.dead_letters.labels(reason=reason).inc()
                 append(Record(partition, offset, None, b"", key))
                 continue
-            partition, offset, key, raw, x_at, n, y, task, sid, ts, shape = row
-            if x_at >= 0:
-                x = np.frombuffer(raw, dtype=f32, count=n, offset=x_at)
-                if x_at % 4:
-                    x = x.copy()  # unaligned inside the message: an aligned copy for torch
-            else:  # `x` was sent as a number array: the child sends its float32 bytes
-                x = np.frombuffer(n, dtype=f32)
-            sample = Sample(x=x, y=y, task=task, id=sid, ts=ts, shape=None if shape is None else tuple(shape))
+            partition, offset, key, raw, start, end, y, task, sid, ts, shape = row
+            sample = Sample(block[start:end], y, task, sid, ts, None if shape is None else tuple(shape))
             append(Record(partition, offset, sample, raw, key))
         return records
 
@@ -361,7 +356,7 @@ class _Fetcher:
                     self.send("error", "poll")
                     time.sleep(backoff)
                     continue
-                rows = self._encode(polled)
+                rows, xs = self._encode(polled)
                 now = time.monotonic()
                 high: dict[int, int] = {}
                 if now - last_high >= 1.0:
@@ -371,7 +366,7 @@ class _Fetcher:
                         if h is not None:
                             high[tp.partition] = h
                 if rows or high:
-                    self.send("records", rows, high)
+                    self.send("records", rows, high, xs)
             while self.stash:
                 self._control(self.stash.pop(0))
             source.close()  # final commit of what the parent last sent, then leave the group
@@ -379,9 +374,12 @@ class _Fetcher:
             with contextlib.suppress(OSError):
                 self.send("closed")
 
-    def _encode(self, polled: dict[TopicPartition, list[Any]]) -> list[list[Any]]:
+    def _encode(self, polled: dict[TopicPartition, list[Any]]) -> tuple[list[list[Any]], bytes]:
+        """One row per message, and every valid message's `x` as one float32 (little-endian) block."""
         rows: list[list[Any]] = []
         append = rows.append
+        xs: list[np.ndarray] = []
+        at = 0
         expected = self.expected
         max_features = self.source.max_features
         for tp, messages in polled.items():
@@ -395,8 +393,7 @@ class _Fetcher:
                     append([partition, m.offset, m.key, e.reason])
                     continue
                 x = sample.x
-                base = x.base
-                at = raw.find(base) if type(base) is bytes and len(base) == x.nbytes else -1
+                xs.append(x)
                 append(
                     [
                         partition,
@@ -404,7 +401,7 @@ class _Fetcher:
                         m.key,
                         raw,
                         at,
-                        x.size if at >= 0 else x.astype("<f4").tobytes(),
+                        at + x.size,
                         sample.y,
                         sample.task,
                         sample.id,
@@ -412,7 +409,9 @@ class _Fetcher:
                         None if sample.shape is None else list(sample.shape),
                     ]
                 )
-        return rows
+                at += x.size
+        block = np.concatenate(xs).astype("<f4", copy=False).tobytes() if xs else b""
+        return rows, block
 
 
 def make_source(

@@ -25,7 +25,7 @@ from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # immutable by convention: a frozen dataclass cost ~1.5 µs more per sample to build
 class Record:
     partition: int
     offset: int
