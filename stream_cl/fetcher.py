@@ -11,12 +11,13 @@ threads are forked, and the parent's `__main__` is not re-imported):
       ▼
     parent (ProcessSource.run, the source thread): Records into the learner queue, metrics
 
-- **Records** cross as one msgpack blob per poll: per message its partition, offset, key and
-  original bytes, its decoded `y`, `task`, `id`, `ts`, `shape`, and where its `x` starts in the
-  poll's one float32 block of every `x` back to back; the parent's `x` is a view of that block
-  (one aligned buffer: reading each `x` out of its message cost an unaligned copy per sample).
-  Messages the child dead-lettered cross as (partition, offset, key, reason), so the learner
-  still marks them processed in order.
+- **Records** cross as one frame per poll (`_records_frame`): a msgpack header with, per message,
+  its partition, offset, key, decoded `y`, `task`, `id`, `ts`, `shape` and where its `x` and its
+  original bytes lie; then every `x` back to back as one aligned float32 block, then every
+  original message back to back. The parent's `x` and `raw` are views into the one received
+  buffer: no copy per sample, and no unaligned `x` (reading each `x` out of its message cost a
+  copy, and unpacking the bytes of each message another). Messages the child dead-lettered cross
+  as (partition, offset, key, reason), so the learner still marks them processed in order.
 - **Rebalances** are calls: inside the child's `poll`, its listener sends `revoke`/`lost`/`assign`
   and waits; the parent runs `_SeekOnAssign` (the in-process listener, hooks included) on its
   own state and answers (for `assign`: the offsets to seek to, which the child applies). Records
@@ -52,14 +53,42 @@ from stream_cl.metrics import Metrics
 from stream_cl.source import KafkaSource, QueueItem, Record, _SeekOnAssign
 
 CLOSE_TIMEOUT_S = 15.0
+PIPE_BUFFER_BYTES = 4 << 20
 
 
 def _pack(*message: Any) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-def _unpack(blob: bytes) -> Any:
+def _unpack(blob: bytes | memoryview) -> Any:
     return msgpack.unpackb(blob, raw=False, strict_map_key=False, use_list=True)
+
+
+RECORDS = b"R"  # first byte of a records frame; every other message is a msgpack array (0x9X/0xdX)
+_ALIGN = 16
+
+
+def _records_frame(
+    rows: list[list[Any]], high: dict[int, int], xs: list[np.ndarray], raws: list[bytes]
+) -> bytes:
+    """RECORDS, header length (4 bytes LE), msgpack header, padding to 16, x block, raw block."""
+    header = _pack("records", rows, high, sum(x.size for x in xs))
+    pad = -(len(RECORDS) + 4 + len(header)) % _ALIGN
+    block = np.concatenate(xs).astype("<f4", copy=False).tobytes() if xs else b""
+    return b"".join([RECORDS, len(header).to_bytes(4, "little"), header, bytes(pad), block, *raws])
+
+
+def _message(blob: bytes) -> list[Any]:
+    """A message from the fetcher; a records frame becomes ["records", rows, high, xs, raws] with
+    `xs` (float32) and `raws` views into `blob`."""
+    if blob[:1] != RECORDS:
+        return cast(list[Any], _unpack(blob))
+    view = memoryview(blob)
+    size = int.from_bytes(view[1:5], "little")
+    kind, rows, high, n = _unpack(view[5 : 5 + size])
+    start = 5 + size + (-(5 + size) % _ALIGN)
+    xs = np.frombuffer(blob, dtype="<f4", count=n, offset=start)
+    return [kind, rows, high, xs, view[start + 4 * n :]]
 
 
 class _SeekRecorder:
@@ -107,6 +136,9 @@ class ProcessSource(KafkaSource):
     def connect(self) -> None:
         c = self.config
         parent, child = socket.socketpair()
+        for sock in (parent, child):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIPE_BUFFER_BYTES)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIPE_BUFFER_BYTES)
         with child:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "stream_cl.fetcher", str(child.fileno())],
@@ -145,7 +177,7 @@ class ProcessSource(KafkaSource):
                 blob = conn.recv_bytes()
             except EOFError:
                 raise RuntimeError(f"the fetcher process exited (code {self._exit_code()})") from None
-            self._handle(_unpack(blob))
+            self._handle(_message(blob))
         elif not self._alive():
             raise RuntimeError(f"the fetcher process exited (code {self._exit_code()})")
         return True
@@ -159,10 +191,9 @@ class ProcessSource(KafkaSource):
     def _handle(self, message: list[Any], deliver: bool = True) -> None:
         kind = message[0]
         if kind == "records":
-            records = self._records(message[1], message[3])
-            if records and deliver:
-                self._put(records)
             self._highwater.update({int(p): int(h) for p, h in message[2].items()})
+            if message[1] and deliver:
+                self._put(self._records(message[1], message[3], message[4]))
         elif kind in ("revoke", "lost"):
             tps = [TopicPartition(self.config.topic, p) for p in message[1]]
             if kind == "lost":
@@ -192,11 +223,10 @@ class ProcessSource(KafkaSource):
         elif kind == "closed":
             self._closed = True
 
-    def _records(self, rows: list[list[Any]], xs: bytes) -> list[Record]:
-        """Rebuild the poll's Records; each `x` is a view of the poll's float32 block `xs`."""
+    def _records(self, rows: list[list[Any]], xs: np.ndarray, raws: memoryview) -> list[Record]:
+        """Rebuild the poll's Records: each `x` a view of the block `xs`, each `raw` of `raws`."""
         records: list[Record] = []
         append = records.append
-        block = np.frombuffer(xs, dtype=np.float32)
         for row in rows:
             if len(row) == 4:  # dead-lettered by the child: forwarded so the learner marks it in order
                 partition, offset, key, reason = row
@@ -205,9 +235,9 @@ class ProcessSource(KafkaSource):
                 self.metrics.dead_letters.labels(reason=reason).inc()
                 append(Record(partition, offset, None, b"", key))
                 continue
-            partition, offset, key, raw, start, end, y, task, sid, ts, shape = row
-            sample = Sample(block[start:end], y, task, sid, ts, None if shape is None else tuple(shape))
-            append(Record(partition, offset, sample, raw, key))
+            partition, offset, key, x0, x1, r0, r1, y, task, sid, ts, shape = row
+            sample = Sample(xs[x0:x1], y, task, sid, ts, None if shape is None else tuple(shape))
+            append(Record(partition, offset, sample, raws[r0:r1], key))
         return records
 
     def commit(self) -> None:
@@ -242,7 +272,7 @@ class ProcessSource(KafkaSource):
             while not self._closed and time.monotonic() < deadline:
                 if conn.poll(0.1):
                     try:
-                        message = _unpack(conn.recv_bytes())
+                        message = _message(conn.recv_bytes())
                     except EOFError:
                         break
                     self._handle(message, deliver=False)  # records now would never be learned
@@ -356,7 +386,7 @@ class _Fetcher:
                     self.send("error", "poll")
                     time.sleep(backoff)
                     continue
-                rows, xs = self._encode(polled)
+                rows, xs, raws = self._encode(polled)
                 now = time.monotonic()
                 high: dict[int, int] = {}
                 if now - last_high >= 1.0:
@@ -366,7 +396,7 @@ class _Fetcher:
                         if h is not None:
                             high[tp.partition] = h
                 if rows or high:
-                    self.send("records", rows, high, xs)
+                    self.conn.send_bytes(_records_frame(rows, high, xs, raws))
             while self.stash:
                 self._control(self.stash.pop(0))
             source.close()  # final commit of what the parent last sent, then leave the group
@@ -374,12 +404,15 @@ class _Fetcher:
             with contextlib.suppress(OSError):
                 self.send("closed")
 
-    def _encode(self, polled: dict[TopicPartition, list[Any]]) -> tuple[list[list[Any]], bytes]:
-        """One row per message, and every valid message's `x` as one float32 (little-endian) block."""
+    def _encode(
+        self, polled: dict[TopicPartition, list[Any]]
+    ) -> tuple[list[list[Any]], list[np.ndarray], list[bytes]]:
+        """One row per message, with where its `x` and its bytes lie in the frame's two blocks."""
         rows: list[list[Any]] = []
         append = rows.append
         xs: list[np.ndarray] = []
-        at = 0
+        raws: list[bytes] = []
+        at = raw_at = 0
         expected = self.expected
         max_features = self.source.max_features
         for tp, messages in polled.items():
@@ -394,14 +427,16 @@ class _Fetcher:
                     continue
                 x = sample.x
                 xs.append(x)
+                raws.append(raw)
                 append(
                     [
                         partition,
                         m.offset,
                         m.key,
-                        raw,
                         at,
                         at + x.size,
+                        raw_at,
+                        raw_at + len(raw),
                         sample.y,
                         sample.task,
                         sample.id,
@@ -410,8 +445,8 @@ class _Fetcher:
                     ]
                 )
                 at += x.size
-        block = np.concatenate(xs).astype("<f4", copy=False).tobytes() if xs else b""
-        return rows, block
+                raw_at += len(raw)
+        return rows, xs, raws
 
 
 def make_source(

@@ -49,7 +49,7 @@ from stream_cl.registry import SnapshotRegistry
 from stream_cl.snapshot import Snapshot
 from stream_cl.source import QueueItem, Record
 
-DeadLetter = Callable[[bytes | None, str, str, int, int], None]
+DeadLetter = Callable[[bytes | memoryview | None, str, str, int, int], None]
 
 
 class InvalidKey(ValueError):

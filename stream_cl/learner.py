@@ -43,7 +43,7 @@ class Learner(CheckpointMixin):
         holder: SnapshotHolder,
         metrics: Metrics,
         on_processed: Callable[[int, int], None] = lambda partition, offset: None,
-        dead_letter: Callable[[bytes | None, str, str, int, int], None] | None = None,
+        dead_letter: Callable[[bytes | memoryview | None, str, str, int, int], None] | None = None,
         on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
         checkpoints: CheckpointStore | None = None,
         on_checkpoint: Callable[[dict[int, int]], None] = lambda offsets: None,

@@ -30,7 +30,7 @@ class Record:
     partition: int
     offset: int
     sample: Sample | None  # None: the message was invalid and is already dead-lettered
-    raw: bytes  # the original message value, for dead letters raised later by the learner
+    raw: bytes | memoryview  # the original message value, for dead letters raised later by the learner
     key: bytes | None = None  # the Kafka message key (per-key models route by it)
 
 
@@ -205,11 +205,15 @@ class KafkaSource:
                 records.append(Record(tp.partition, m.offset, sample, m.value, m.key))
         return records
 
-    def dead_letter(self, value: bytes | None, reason: str, detail: str, partition: int, offset: int) -> None:
+    def dead_letter(
+        self, value: bytes | memoryview | None, reason: str, detail: str, partition: int, offset: int
+    ) -> None:
         """Send the original bytes and the reason to the dead-letter topic; count it."""
         assert self._dead_letters is not None, "connect() first"
         headers = dead_letter_headers(reason, detail, self.config.topic, partition, offset)
-        self._dead_letters.send(self.config.dead_letter_topic, value=value or b"", headers=headers)
+        self._dead_letters.send(
+            self.config.dead_letter_topic, value=bytes(value) if value else b"", headers=headers
+        )
         self.dead_lettered += 1
         self.metrics.samples.labels(outcome="invalid").inc()
         self.metrics.dead_letters.labels(reason=reason).inc()
