@@ -239,37 +239,61 @@ def daemon_run(
             daemon.stop()
 
 
-def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: int = 5) -> dict[str, Any]:
+def run_throughput(
+    config: Config, stream_name: str = "split-mnist", repeats: int = 5, rounds: int = 3
+) -> dict[str, Any]:
+    """Every figure `rounds` times, interleaved (each round: both limits, then the daemon in both
+    fetch modes), on one broker and topic. A round's ratios divide its own figures, so a slow
+    spell on a shared machine moves a ratio's numerator and denominator together; the printed
+    figures are medians over rounds (ratios: the median of the rounds' ratios)."""
+    import statistics
+
     from stream_cl.broker import EmbeddedBroker
     from stream_cl.datasets import load_stream
     from stream_cl.producer import produce_stream
 
     stream = load_stream(stream_name)
     n = stream.n_train * repeats
+    other = dataclasses.replace(
+        config,
+        kafka=dataclasses.replace(config.kafka, fetch_in_subprocess=not config.kafka.fetch_in_subprocess),
+    )
+    per_round: list[dict[str, Any]] = []
     with EmbeddedBroker() as broker:
         topic = f"bench-throughput-{uuid.uuid4().hex[:8]}"
         broker.create_topic(topic)
         for _ in range(repeats):
             produce_stream(broker.bootstrap_servers, topic, stream)
-        consume = raw_consume_rate(broker.bootstrap_servers, topic, n)
-        train = raw_train_rate(config, stream_name, n)
-        stream_run = raw_stream_rate(config, stream_name, repeats)
-        run = daemon_run(config, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
-        other = dataclasses.replace(
-            config,
-            kafka=dataclasses.replace(config.kafka, fetch_in_subprocess=not config.kafka.fetch_in_subprocess),
-        )
-        run_other = daemon_run(other, broker.bootstrap_servers, topic, n, broker_pid=broker.pid)
-    limit = min(consume, stream_run)
-    runs = {
-        MODES[config.kafka.fetch_in_subprocess]: run,
-        MODES[other.kafka.fetch_in_subprocess]: run_other,
-    }
-    daemon = run["samples_per_s"]
-    by_mode = {m == "subprocess": runs[m]["samples_per_s"] for m in MODES}
+        for _ in range(rounds):
+            r: dict[str, Any] = {
+                "consume": raw_consume_rate(broker.bootstrap_servers, topic, n),
+                "train": raw_train_rate(config, stream_name, n),
+                "stream": raw_stream_rate(config, stream_name, repeats),
+            }
+            for cfg in (config, other):
+                r[MODES[cfg.kafka.fetch_in_subprocess]] = daemon_run(
+                    cfg, broker.bootstrap_servers, topic, n, broker_pid=broker.pid
+                )
+            limit = min(r["consume"], r["stream"])
+            for m in MODES:
+                r[f"{m}_vs_limit"] = r[m]["samples_per_s"] / limit
+            r["vs_learn_only"] = r[MODES[config.kafka.fetch_in_subprocess]]["samples_per_s"] / min(
+                r["consume"], r["train"]
+            )
+            per_round.append(r)
+
+    def median(get: Any) -> float:
+        return statistics.median(get(r) for r in per_round)
+
+    configured = MODES[config.kafka.fetch_in_subprocess]
+    consume, train, stream_run = (median(lambda r, k=k: r[k]) for k in ("consume", "train", "stream"))
+    rate = {m: median(lambda r, m=m: r[m]["samples_per_s"]) for m in MODES}
+    ratio = {m: median(lambda r, m=m: r[f"{m}_vs_limit"]) for m in MODES}
+    cpu_names = {m: sorted({k for r in per_round for k in r[m]["cpu_us_per_sample"]}) for m in MODES}
     return {
         "stream": stream_name,
         "samples": n,
+        "rounds": rounds,
         "strategy": config.strategy.name,
         "batch_size": config.model.batch_size,
         "hidden": config.model.hidden,
@@ -277,19 +301,25 @@ def run_throughput(config: Config, stream_name: str = "split-mnist", repeats: in
         "raw_train_samples_per_s": train,
         "raw_stream_samples_per_s": stream_run,
         "fetch_in_subprocess": config.kafka.fetch_in_subprocess,
-        "daemon_samples_per_s": daemon,
-        "daemon_vs_slower_limit": daemon / limit,
-        "daemon_in_process_fetch_samples_per_s": by_mode[False],
-        "daemon_subprocess_fetch_samples_per_s": by_mode[True],
-        "daemon_subprocess_fetch_vs_slower_limit": by_mode[True] / limit,
-        "daemon_in_process_fetch_vs_slower_limit": by_mode[False] / limit,
-        "daemon_vs_learn_only_step": daemon / min(consume, train),
+        "daemon_samples_per_s": rate[configured],
+        "daemon_vs_slower_limit": ratio[configured],
+        "daemon_in_process_fetch_samples_per_s": rate["in_process"],
+        "daemon_subprocess_fetch_samples_per_s": rate["subprocess"],
+        "daemon_subprocess_fetch_vs_slower_limit": ratio["subprocess"],
+        "daemon_in_process_fetch_vs_slower_limit": ratio["in_process"],
+        "daemon_vs_learn_only_step": median(lambda r: r["vs_learn_only"]),
         "raw_train_us_per_sample": 1e6 / train,
         "raw_stream_us_per_sample": 1e6 / stream_run,
-        "cpu_us_per_sample": {f"{m}_fetch": runs[m]["cpu_us_per_sample"] for m in MODES},
-        "cores_busy": {f"{m}_fetch": runs[m]["cores_busy"] for m in MODES},
+        "per_round_vs_slower_limit": {m: [r[f"{m}_vs_limit"] for r in per_round] for m in MODES},
+        "cpu_us_per_sample": {
+            f"{m}_fetch": {
+                k: median(lambda r, m=m, k=k: r[m]["cpu_us_per_sample"].get(k, 0.0)) for k in cpu_names[m]
+            }
+            for m in MODES
+        },
+        "cores_busy": {f"{m}_fetch": median(lambda r, m=m: r[m]["cores_busy"]) for m in MODES},
         "goal_daemon_vs_slower_limit": 0.7,
-        "goal_met": daemon / limit >= 0.7,
+        "goal_met": ratio[configured] >= 0.7,
     }
 
 
@@ -314,11 +344,19 @@ def format_throughput(r: dict[str, Any]) -> str:
         )
     table = format_table(["path", "samples/s", "ratio"], [[a, round(b), c] for a, b, c in rows])
     verdict = "met" if r["goal_met"] else "NOT met"
+    rounds = r.get("per_round_vs_slower_limit", {})
+    spread = "".join(
+        f"\n  {mode.replace('_', '-')} fetch: " + ", ".join(f"{x:.2f}x" for x in rounds[mode])
+        for mode in MODES
+        if mode in rounds
+    )
     out = (
-        f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}\n"
+        f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}, "
+        f"median of {r.get('rounds', 1)} interleaved rounds\n"
         f"{table}\ngoal daemon ({configured} fetch, as configured) >= 0.7 x slower limit: {verdict}\n"
-        f"(train limit: the strategy on the stream with its boundaries; against the learn-only step "
-        f"instead the daemon is at {r['daemon_vs_learn_only_step']:.2f}x)"
+        + (f"each round's daemon vs its slower limit:{spread}\n" if spread else "")
+        + "(train limit: the strategy on the stream with its boundaries; against the learn-only step "
+        + f"instead the daemon is at {r['daemon_vs_learn_only_step']:.2f}x)"
     )
     cpu = r.get("cpu_us_per_sample", {})
     names = sorted({name for mode in cpu.values() for name in mode})
@@ -339,8 +377,13 @@ HELP = "daemon samples/s against raw consume and raw train rates"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", default="split-mnist")
     p.add_argument("--repeats", type=int, default=5, help="times the stream is replayed into the topic")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds of every measurement (medians are printed)"
+    )
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    result = run_throughput(config, args.stream, repeats=args.repeats)
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    result = run_throughput(config, args.stream, repeats=args.repeats, rounds=args.rounds)
     return result, format_throughput(result)
