@@ -7,6 +7,7 @@ the processed offsets, drain and close the socket, stop /metrics. A second signa
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import re
@@ -46,6 +47,20 @@ def checkpoint_dir(config: Config) -> Path:
     """`<checkpoint.dir>/<group_id>/<topic>`: a checkpoint only ever resumes the stream it was made on."""
     safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in (config.kafka.group_id, config.kafka.topic)]
     return Path(config.checkpoint.dir, *safe)
+
+
+def freeze_heap() -> None:
+    """Take every object alive now out of the cyclic garbage collector's reach (`gc.freeze`).
+
+    Called once, after the first records are processed: by then the model exists and torch has
+    imported what it loads lazily (its compiler stack, on the first optimizer step), ~300,000
+    objects in all. A full collection scanned them all, ~150-220 ms with every thread stopped,
+    one or two per 20,000 MNIST samples at the daemon's pace: frozen, one takes ~13 ms. Freezing
+    is O(1); no collection first (that took ~200 ms on the learner thread). Objects frozen here
+    are still freed by reference counting; cycles among them wait for `stop`, which unfreezes
+    (several daemons in one process, as in the tests, then collect each other's).
+    """
+    gc.freeze()
 
 
 class Daemon:
@@ -109,6 +124,7 @@ class Daemon:
         self._shutdown = threading.Event()
         self._signals = 0
         self._restored = False
+        self._heap_frozen = False  # see freeze_heap; undone at stop
 
     def _input_size(self) -> int | None:
         return self.learner.input_size
@@ -200,6 +216,9 @@ class Daemon:
                 records()
                 continue
             models.process(records)
+            if not self._heap_frozen and records:
+                freeze_heap()
+                self._heap_frozen = True
 
     def stop(self, deadline_s: float = 10.0) -> None:
         """Stop in order: consuming, learning (finish the step), commit, serving, metrics."""
@@ -233,6 +252,9 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        if self._heap_frozen:
+            gc.unfreeze()
+            self._heap_frozen = False
         self.log.info("daemon_stopped", **self.models.stats())
 
     @property
