@@ -79,6 +79,9 @@ class KafkaSource:
         self._processed: dict[int, int] = {}  # partition -> next offset to read (learner-owned)
         self._committed: dict[int, int] = {}
         self._seek_on_assign: dict[int, int] = {}  # offsets from a restored checkpoint
+        # partitions this member holds now, kept by the rebalance listener (with the fetcher in a
+        # child process too, where `consumer` is None here)
+        self.assigned: set[int] = set()
         self._commit_now = threading.Event()
         self._backoff = 0.0  # seconds to wait after the last failed poll (doubles, capped at 5)
         # Between a revoke and the next assignment: kafka-python 3 wedges the rejoin (it never
@@ -294,6 +297,7 @@ class _SeekOnAssign(ConsumerRebalanceListener):
         source = self.source
         source._rebalancing = True
         partitions = sorted(tp.partition for tp in revoked)
+        source.assigned.difference_update(partitions)
         source.log.info("partitions_lost" if lost else "partitions_revoked", partitions=partitions)
         if source.on_revoke is None or not partitions:
             return
@@ -308,6 +312,7 @@ class _SeekOnAssign(ConsumerRebalanceListener):
         consumer = source.consumer
         assert consumer is not None
         partitions = sorted(tp.partition for tp in assigned)
+        source.assigned.update(partitions)
         if source.on_assign is not None:
             try:
                 offsets = source.on_assign(partitions)

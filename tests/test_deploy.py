@@ -398,9 +398,7 @@ def live(
     try:
         # Learning must happen while Prometheus watches: wait for the daemon's group join and for
         # Prometheus's first scrape of it, then ~500 samples/s so every task spans several scrapes.
-        wait_until(
-            lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
-        )
+        wait_until(lambda: bool(daemon.source.assigned), 60, "the group join")
 
         def scraped() -> bool:
             with urllib.request.urlopen(f"{base}/api/v1/query?query=up", timeout=5) as r:

@@ -226,9 +226,7 @@ def following(
     try:
         daemon.start()
         sampler.start()
-        wait_until(
-            lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
-        )
+        wait_until(lambda: bool(daemon.source.assigned), 60, "the group join")
         produce_stream(broker.bootstrap_servers, topic, digits, rate=300)  # ~5 s: many intervals
         wait_until(lambda: daemon.learner.stats()["learned"] >= digits.n_train, 120, "every sample learned")
         assert daemon.wait_idle(30)
@@ -443,9 +441,7 @@ def test_keyed_daemon_publishes_every_key_to_a_keyed_replica(
     replica.start()
     keys = ("site-a", "site-b")
     try:
-        wait_until(
-            lambda: bool(daemon.source.consumer and daemon.source.consumer.assignment()), 60, "the group join"
-        )
+        wait_until(lambda: bool(daemon.source.assigned), 60, "the group join")
         for key in keys:
             produce_stream(broker.bootstrap_servers, topic, digits, limit=400, key=key)
 
