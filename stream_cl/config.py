@@ -43,7 +43,7 @@ class KafkaConfig:
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 10_485_760
     commit_interval_s: float = 5.0
-    fetch_in_subprocess: bool = False  # fetch + decode in a child process (stream_cl/fetcher.py)
+    fetch_in_subprocess: bool = True  # fetch + decode in a child process (stream_cl/fetcher.py)
 
     def validate(self) -> None:
         _choice("kafka.auto_offset_reset", self.auto_offset_reset, ("earliest", "latest"))

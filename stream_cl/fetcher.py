@@ -1,4 +1,4 @@
-"""Opt-in process-based fetcher (`kafka.fetch_in_subprocess = true`): Kafka fetch + decode off the GIL.
+"""The process-based fetcher (`kafka.fetch_in_subprocess = true`, the default): Kafka fetch + decode off the GIL.
 
 kafka-python parses record batches in pure Python and `decode_sample` validates every message:
 together ~30 µs per sample that, on the source thread, hold the GIL the learner thread needs

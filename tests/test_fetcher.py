@@ -12,6 +12,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from support import kafka_overrides, wait_until
 
@@ -180,6 +181,8 @@ def test_rebalances_are_forwarded_in_order_and_seeks_applied(broker: EmbeddedBro
         )
         second = max(i for i, e in enumerate(log) if isinstance(e, tuple) and e[0] == "assign")
         wait_until(lambda: len(records_after(second)) >= 50, 60, "a to re-read its partition from offset 50")
+        assert a.assigned == set(log[second][1])  # what each member holds, kept in the parent
+        wait_until(lambda: b.assigned == {0, 1} - a.assigned, 30, "b to hold the other partition")
         time.sleep(0.5)
         b.stop_event.set()
         thread_b.join(10)
@@ -203,10 +206,12 @@ def test_rebalances_are_forwarded_in_order_and_seeks_applied(broker: EmbeddedBro
     assert sorted(again) == [(mine, o) for o in range(50, 100)]
 
 
+@pytest.mark.parametrize("in_subprocess", [True, False], ids=["subprocess-fetch", "in-process-fetch"])
 def test_daemon_learns_every_sample_through_the_fetcher(
-    broker: EmbeddedBroker, topic: str, tmp_path: Path
+    broker: EmbeddedBroker, topic: str, tmp_path: Path, in_subprocess: bool
 ) -> None:
-    """The daemon with kafka.fetch_in_subprocess: every sample learned once, offsets committed at stop."""
+    """The daemon with either kafka.fetch_in_subprocess: every sample learned once, a learner dead
+    letter with the original bytes, offsets committed at stop."""
     stream = load_stream("split-digits", seed=0)
     n = produce_stream(broker.bootstrap_servers, topic, stream)
     producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
@@ -218,7 +223,7 @@ def test_daemon_learns_every_sample_through_the_fetcher(
         None,
         [
             *kafka_overrides(broker.bootstrap_servers, topic),
-            "kafka.fetch_in_subprocess=true",
+            f"kafka.fetch_in_subprocess={str(in_subprocess).lower()}",
             "serve.enabled=false",
             "metrics.enabled=false",
             "model.hidden=[32]",
@@ -228,7 +233,7 @@ def test_daemon_learns_every_sample_through_the_fetcher(
         env={},
     )
     daemon = Daemon(config)
-    assert isinstance(daemon.source, ProcessSource)
+    assert isinstance(daemon.source, ProcessSource) == in_subprocess
     daemon.start()
     try:
         wait_until(
