@@ -172,11 +172,17 @@ class EvaluationConfig:
 class LearnerConfig:
     snapshot_every_steps: int = 5
     snapshot_every_ms: int = 500
+    snapshot_min_interval_ms: int = 50
     prequential_window: int = 1000
 
     def validate(self) -> None:
         _positive("learner.snapshot_every_steps", self.snapshot_every_steps)
         _positive("learner.prequential_window", self.prequential_window)
+        if self.snapshot_min_interval_ms < 0:
+            raise ConfigError(
+                "learner.snapshot_min_interval_ms",
+                f"must be >= 0 (0 = no floor), got {self.snapshot_min_interval_ms}",
+            )
 
 
 @dataclass

@@ -344,13 +344,19 @@ class Learner(CheckpointMixin):
         return float(sum(window) / len(window)) if window else 0.0
 
     def _maybe_publish(self, force: bool = False) -> None:
+        """Publish when forced, or when due by steps or time and the floor between scheduled
+        snapshots (`learner.snapshot_min_interval_ms`) has passed."""
+        if force:
+            self.publish()
+            return
         cfg = self.config.learner
-        due_steps = self._steps_since_publish >= cfg.snapshot_every_steps
-        due_time = (
-            self._steps_since_publish > 0
-            and (time.monotonic() - self._last_publish) * 1000 >= cfg.snapshot_every_ms
-        )
-        if force or due_steps or due_time:
+        steps = self._steps_since_publish
+        if steps == 0:
+            return
+        since_ms = (time.monotonic() - self._last_publish) * 1000
+        if since_ms < cfg.snapshot_min_interval_ms:
+            return
+        if steps >= cfg.snapshot_every_steps or since_ms >= cfg.snapshot_every_ms:
             self.publish()
 
     def publish(self) -> Snapshot | None:

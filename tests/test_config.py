@@ -61,6 +61,7 @@ def test_overrides_parse_lists_bools_and_tables() -> None:
         ("kafka.auto_offset_reset=middle", "kafka.auto_offset_reset"),
         ("checkpoint.min_interval_s=-1", "checkpoint.min_interval_s"),
         ("evaluation.max_cpu_share=1.5", "evaluation.max_cpu_share"),
+        ("learner.snapshot_min_interval_ms=-1", "learner.snapshot_min_interval_ms"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:

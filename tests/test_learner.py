@@ -102,6 +102,29 @@ def test_snapshots_are_frozen_copies_independent_of_training() -> None:
     assert not np.array_equal(newer.predict(probe).proba, before)
 
 
+def test_scheduled_snapshots_wait_for_the_floor_and_a_quiet_stream_publishes_at_once() -> None:
+    """`snapshot_every_steps=1` publishes after every step, unless `snapshot_min_interval_ms` has not
+    passed since the last snapshot; `flush` (the stream went quiet) publishes all the same."""
+    rng = np.random.default_rng(0)
+    recs = [Record(0, i, Sample(x=rng.random(4).astype(np.float32), y=i % 2), b"") for i in range(320)]
+    versions = {}
+    for floor in (0, 600_000):
+        learner = _learner(
+            "model.batch_size=32",
+            "learner.snapshot_every_steps=1",
+            f"learner.snapshot_min_interval_ms={floor}",
+            "boundaries.new_class=false",
+        )
+        learner.process(recs)
+        versions[floor] = learner.version
+        assert learner.steps >= 9
+        learner.flush()
+        assert learner.holder.get() is not None and learner.holder.get().version == learner.version  # type: ignore[union-attr]
+        assert learner._steps_since_publish == 0  # everything learned is served
+    assert versions[0] >= 9  # one snapshot per step
+    assert versions[600_000] <= 1  # at most the first task's boundary snapshot
+
+
 def test_processed_offsets_are_reported_once_per_partition_and_step() -> None:
     """Marks are coalesced per step (one call per partition), yet cover exactly what was processed."""
     calls: list[tuple[int, int]] = []
