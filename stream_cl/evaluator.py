@@ -15,11 +15,13 @@ evaluation. From it (definitions as exported):
 - stability gap: the largest drop of an old task's accuracy, measured in the evaluations during
   the `stability_window` samples after a boundary, relative to its accuracy at the boundary.
 
-Evaluation shares the cores (and the GIL) with learning, so it has a budget: the evaluator thread
-uses at most `max_cpu_share` of one core. When scoring would use more, the next scoring of the
-latest snapshot waits, and every request that comes meanwhile is served by that one scoring.
-Boundary rows never wait: each is scored on its own boundary's snapshot as soon as it is known.
-The budget only binds when the daemon is saturated (learning as fast as it can); then fewer
+Evaluation shares the cores (and the GIL) with learning, so it has a budget: `max_cpu_share` of
+one core. Each CPU second the evaluator spends buys (1/share - 1) seconds in which no scoring of
+the latest snapshot starts; every request that comes meanwhile is served by the one scoring after.
+Boundary rows never wait: each is scored on its own boundary's snapshot as soon as it is known,
+and charged to the budget like any scoring; only they can take the evaluator over its share (when
+boundaries come faster than it allows: eidetic on the throughput bench's 800-sample tasks). The
+budget only binds when the daemon is saturated (learning as fast as it can); then fewer
 evaluations fall inside a stability window, and the gap is measured from those.
 """
 

@@ -61,8 +61,12 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
         },
         "cores_busy": {"in_process_fetch": 1.2, "subprocess_fetch": 1.4},
         "goal_met": False,
+        "rounds": 3,
+        "per_round_vs_slower_limit": {"in_process": [0.5, 0.56, 0.61], "subprocess": [0.6, 0.58, 0.66]},
     }
     text = format_throughput(r)
+    assert "median of 3 interleaved rounds" in text
+    assert "in-process fetch: 0.50x, 0.56x, 0.61x" in text and "subprocess fetch: 0.60x, 0.58x, 0.66x" in text
     assert "0.56x slower limit" in text and "0.60x slower limit" in text and "NOT met" in text
     learner = next(line for line in text.splitlines() if "stream-cl-learner" in line).split()
     assert learner[-2:] == ["80.0", "78.0"]
