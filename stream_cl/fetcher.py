@@ -65,7 +65,13 @@ def _unpack(blob: bytes | memoryview) -> Any:
 
 
 RECORDS = b"R"  # first byte of a records frame; every other message is a msgpack array (0x9X/0xdX)
-_ALIGN = 16
+_HEADER_AT = len(RECORDS) + 4  # the header's length (4 bytes LE) comes first
+
+
+def _block_at(header_size: int) -> int:
+    """Where a records frame's x block starts: after the header, at a multiple of 16."""
+    end = _HEADER_AT + header_size
+    return end + -end % 16
 
 
 def _records_frame(
@@ -73,7 +79,7 @@ def _records_frame(
 ) -> bytes:
     """RECORDS, header length (4 bytes LE), msgpack header, padding to 16, x block, raw block."""
     header = _pack("records", rows, high, sum(x.size for x in xs))
-    pad = -(len(RECORDS) + 4 + len(header)) % _ALIGN
+    pad = _block_at(len(header)) - _HEADER_AT - len(header)
     block = np.concatenate(xs).astype("<f4", copy=False).tobytes() if xs else b""
     return b"".join([RECORDS, len(header).to_bytes(4, "little"), header, bytes(pad), block, *raws])
 
@@ -84,9 +90,9 @@ def _message(blob: bytes) -> list[Any]:
     if blob[:1] != RECORDS:
         return cast(list[Any], _unpack(blob))
     view = memoryview(blob)
-    size = int.from_bytes(view[1:5], "little")
-    kind, rows, high, n = _unpack(view[5 : 5 + size])
-    start = 5 + size + (-(5 + size) % _ALIGN)
+    size = int.from_bytes(view[len(RECORDS) : _HEADER_AT], "little")
+    kind, rows, high, n = _unpack(view[_HEADER_AT : _HEADER_AT + size])
+    start = _block_at(size)
     xs = np.frombuffer(blob, dtype="<f4", count=n, offset=start)
     return [kind, rows, high, xs, view[start + 4 * n :]]
 
