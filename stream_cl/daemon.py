@@ -49,17 +49,22 @@ def checkpoint_dir(config: Config) -> Path:
     return Path(config.checkpoint.dir, *safe)
 
 
-def freeze_heap() -> None:
+def freeze_heap(collect: bool = False) -> None:
     """Take every object alive now out of the cyclic garbage collector's reach (`gc.freeze`).
 
-    Called once, after the first records are processed: by then the model exists and torch has
-    imported what it loads lazily (its compiler stack, on the first optimizer step), ~300,000
-    objects in all. A full collection scanned them all, ~150-220 ms with every thread stopped,
-    one or two per 20,000 MNIST samples at the daemon's pace: frozen, one takes ~13 ms. Freezing
-    is O(1); no collection first (that took ~200 ms on the learner thread). Objects frozen here
-    are still freed by reference counting; cycles among them wait for `stop`, which unfreezes
-    (several daemons in one process, as in the tests, then collect each other's).
+    A full collection scans every tracked object: ~150-220 ms with every thread stopped once the
+    model exists and torch has imported what it loads lazily (~300,000 objects). Frozen objects
+    are still freed by reference counting, but never scanned; cycles among them wait for
+    `Daemon.stop`, which unfreezes (several daemons in one process, as in the tests, then collect
+    each other's). The daemon freezes twice:
+    - at `start`, after one full collection (`collect`): otherwise the first full collection
+      came while the first records were learned (the source thread's allocations trigger it), a
+      ~120 ms pause of every thread in the stream's first seconds;
+    - after the first records are processed, without collecting (that took ~200 ms on the
+      learner thread): what the model and torch's first optimizer step created is frozen too.
     """
+    if collect:
+        gc.collect()
     gc.freeze()
 
 
@@ -125,6 +130,7 @@ class Daemon:
         self._signals = 0
         self._restored = False
         self._heap_frozen = False  # see freeze_heap; undone at stop
+        self._frozen_after_records = False
 
     def _input_size(self) -> int | None:
         return self.learner.input_size
@@ -179,6 +185,8 @@ class Daemon:
             self._publisher.start()  # sends the restored model's snapshot, if any, at once
         if self.learner.evaluator is not None:
             self.learner.evaluator.start()
+        freeze_heap(collect=True)
+        self._heap_frozen = True
         self.source.connect()
         self._source_thread.start()
         self._learner_thread.start()
@@ -216,9 +224,9 @@ class Daemon:
                 records()
                 continue
             models.process(records)
-            if not self._heap_frozen and records:
+            if not self._frozen_after_records and records:
                 freeze_heap()
-                self._heap_frozen = True
+                self._frozen_after_records = True
 
     def stop(self, deadline_s: float = 10.0) -> None:
         """Stop in order: consuming, learning (finish the step), commit, serving, metrics."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -171,6 +172,36 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path
         assert versions[-1] > first
     finally:
         daemon.stop()
+
+
+def test_the_heap_is_frozen_while_running_and_unfrozen_at_stop(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """`start` collects once and freezes what is alive (no full collection scans it while the
+    stream is learned); `stop` unfreezes, so cycles among those objects can be collected again."""
+    topic = f"frozen-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            *kafka_overrides(broker.bootstrap_servers, topic),
+            "serve.enabled=false",
+            "metrics.enabled=false",
+            "model.hidden=[16]",
+            f"checkpoint.dir={tmp_path}",
+        ],
+        env={},
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert gc.get_freeze_count() > 0
+        produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=100)
+        wait_until(lambda: daemon.learner.stats()["learned"] > 0, 60, "learning")
+        assert gc.get_freeze_count() > 0
+    finally:
+        daemon.stop()
+    assert gc.get_freeze_count() == 0
 
 
 def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) -> None:
