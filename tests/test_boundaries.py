@@ -403,6 +403,31 @@ def test_deferred_inputs_reach_the_signature_before_anything_reads_it() -> None:
     assert np.array_equal(state["sumsq"].numpy(), want.sumsq)
 
 
+def test_a_named_task_sums_one_input_in_eight_and_an_unnamed_one_every_input() -> None:
+    """While the stream names its tasks (trusted `task` field), its id finds a task again: the
+    signature keeps every 8th input of each visit (the first included); without the field, every
+    input. The recent window takes the same inputs."""
+    from stream_cl.boundaries import EXPLICIT_INPUT_EVERY, TaskSignature
+
+    cfg = load_config(None, ["boundaries.recurring=both"], env={}).boundaries
+    xs = np.random.default_rng(2).random((70, 6)).astype(np.float32)
+    named, unnamed = BoundaryDetector(cfg), BoundaryDetector(cfg)
+    for i, x in enumerate(xs):
+        named.observe("a", i == 0, 0, i, label=0, x=x)
+        unnamed.observe(None, i == 0, 0, i, label=0, x=x)
+    kept = xs[::EXPLICIT_INPUT_EVERY]
+    assert len(kept) == 9
+    for det, inputs in ((named, kept), (unnamed, xs)):
+        want = TaskSignature(6)
+        for x in inputs:
+            want.add(np.asarray(x, dtype=np.float64))
+        state = det.state_dict()["signatures"][0]
+        assert state["n"] == len(inputs)
+        assert np.array_equal(state["sum"].numpy(), want.sum)
+        assert np.array_equal(state["sumsq"].numpy(), want.sumsq)
+        assert np.array_equal(np.stack(det.recent_x), inputs[-cfg.recurring_window :])
+
+
 def test_detector_state_saved_as_float_lists_still_loads() -> None:
     """Checkpoints written before the state held tensors stored signatures and the recent window as
     float lists; they restore to the same detector."""
