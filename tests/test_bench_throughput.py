@@ -53,6 +53,8 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
         "daemon_in_process_fetch_vs_slower_limit": 9000 / 16000,
         "daemon_subprocess_fetch_vs_slower_limit": 9600 / 16000,
         "daemon_vs_learn_only_step": 9000 / 16500,
+        "daemon_learned_samples_per_s": 8100.0,
+        "daemon_learned_vs_slower_limit": 8100 / 16000,
         "raw_train_us_per_sample": 62.5,
         "raw_stream_us_per_sample": 60.6,
         "cpu_us_per_sample": {
@@ -74,6 +76,7 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
     assert fetcher[-2:] == ["0.0", "25.0"]  # no fetcher process in the in-process run
     assert "raw train step 62.5 us, strategy on the stream 60.6 us" in text
     assert "learn-only step instead the daemon is at 0.55x" in text
+    assert "the daemon (in-process fetch) learns 8100 samples/s, 0.51x the slower limit" in text
 
 
 def test_the_stream_run_learns_every_sample_with_a_boundary_at_each_task_change(

@@ -6,15 +6,17 @@
    learning only (every class known from the start, no boundary); and the same strategy fed the
    stream as the daemon sees it: its tasks in order, classes added as they appear, `on_boundary`
    at each task change (a consolidating strategy such as eidetic prunes and retrains there);
-3. the daemon end to end: broker → source thread → learner thread, counting learned samples,
-   as configured, then once more with the other `kafka.fetch_in_subprocess` setting (fetch and
-   decode in a child process, off the learner's GIL), so both source modes are compared in one run.
+3. the daemon end to end: broker → source thread → learner thread, counting the samples it takes
+   in (learned, or held out for evaluation: `evaluation.holdout_fraction`, 1 in 10 by default;
+   the learned ones alone are printed too), as configured, then once more with the other
+   `kafka.fetch_in_subprocess` setting (fetch and decode in a child process, off the learner's
+   GIL), so both source modes are compared in one run.
 
 Goal: daemon (as configured) ≥ 0.7 × min(raw consume, raw strategy on the stream). The train
 limit includes the strategy's boundary work: it is the strategy's own, and the daemon has to do it
 too; the ratio against the learn-only step is printed beside it. For finetune the two train rates
 agree within this machine's noise. Group-join time is excluded from (3): the clock starts at the
-first learned sample.
+first sample taken in.
 """
 
 from __future__ import annotations
@@ -204,22 +206,22 @@ def daemon_run(
         )
         daemon = Daemon(cfg)
 
-        def processed() -> int:
-            # the learner's own counters: collecting the Prometheus registry every few ms (as
-            # this loop once did) cost the daemon ~8 µs of CPU and GIL per sample
+        def counts() -> tuple[int, int]:
+            """(taken in, learned): the learner's own counters. Collecting the Prometheus registry
+            every few ms (as this loop once did) cost the daemon ~8 µs of CPU and GIL per sample."""
             stats = daemon.learner.stats()
-            return int(stats["learned"] + stats["held_out"])
+            return int(stats["learned"] + stats["held_out"]), int(stats["learned"])
 
         daemon.start()
         try:
             deadline = time.monotonic() + timeout_s
             t0: float | None = None
-            first = 0
+            first = first_learned = 0
             meter: CpuMeter | None = None
             while time.monotonic() < deadline:
-                done = processed()
+                done, learned = counts()
                 if t0 is None and done > 0:
-                    t0, first = time.perf_counter(), done
+                    t0, first, first_learned = time.perf_counter(), done, learned
                     threads = [t for t in threading.enumerate() if t.name.startswith("stream-cl-")]
                     meter = CpuMeter(
                         threads, {"fetcher": getattr(daemon.source, "pid", None), "broker": broker_pid}
@@ -230,11 +232,12 @@ def daemon_run(
                     cpu = meter.seconds()
                     return {
                         "samples_per_s": samples / elapsed,
+                        "learned_per_s": (learned - first_learned) / elapsed,
                         "cpu_us_per_sample": {k: 1e6 * v / samples for k, v in sorted(cpu.items()) if v > 0},
                         "cores_busy": sum(cpu.values()) / elapsed,
                     }
                 time.sleep(0.005)
-            raise TimeoutError(f"the daemon processed {processed()}/{n} samples in {timeout_s}s")
+            raise TimeoutError(f"the daemon processed {counts()[0]}/{n} samples in {timeout_s}s")
         finally:
             daemon.stop()
 
@@ -277,6 +280,7 @@ def run_throughput(
             limit = min(r["consume"], r["stream"])
             for m in MODES:
                 r[f"{m}_vs_limit"] = r[m]["samples_per_s"] / limit
+            r["learned_vs_limit"] = r[MODES[config.kafka.fetch_in_subprocess]]["learned_per_s"] / limit
             r["vs_learn_only"] = r[MODES[config.kafka.fetch_in_subprocess]]["samples_per_s"] / min(
                 r["consume"], r["train"]
             )
@@ -308,6 +312,9 @@ def run_throughput(
         "daemon_subprocess_fetch_vs_slower_limit": ratio["subprocess"],
         "daemon_in_process_fetch_vs_slower_limit": ratio["in_process"],
         "daemon_vs_learn_only_step": median(lambda r: r["vs_learn_only"]),
+        # the same run counting learned samples only (`evaluation.holdout_fraction` is held out)
+        "daemon_learned_samples_per_s": median(lambda r: r[configured]["learned_per_s"]),
+        "daemon_learned_vs_slower_limit": median(lambda r: r["learned_vs_limit"]),
         "raw_train_us_per_sample": 1e6 / train,
         "raw_stream_us_per_sample": 1e6 / stream_run,
         "per_round_vs_slower_limit": {m: [r[f"{m}_vs_limit"] for r in per_round] for m in MODES},
@@ -358,6 +365,12 @@ def format_throughput(r: dict[str, Any]) -> str:
         + "(train limit: the strategy on the stream with its boundaries; against the learn-only step "
         + f"instead the daemon is at {r['daemon_vs_learn_only_step']:.2f}x)"
     )
+    if "daemon_learned_samples_per_s" in r:
+        out += (
+            f"\n(samples taken in: learned and held out; learned alone, the daemon ({configured} fetch) "
+            f"learns {r['daemon_learned_samples_per_s']:.0f} samples/s, "
+            f"{r['daemon_learned_vs_slower_limit']:.2f}x the slower limit)"
+        )
     cpu = r.get("cpu_us_per_sample", {})
     names = sorted({name for mode in cpu.values() for name in mode})
     if names:  # where the time goes (Linux): CPU per sample taken in, by thread and process
