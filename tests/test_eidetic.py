@@ -146,7 +146,9 @@ def test_capacity_runs_out_loudly_and_serving_goes_on() -> None:
         _learn_task(s, 1, rng)
     assert s.free_capacity_ratio() == 0.0 and s.exhausted
     assert any(e["event"] == "capacity_exhausted" and e["log_level"] == "warning" for e in logs)
-    _learn_task(s, 2, rng)
+    with capture_logs() as later:
+        _learn_task(s, 2, rng)
+    assert not any(e["event"] == "capacity_exhausted" for e in later)  # warned once, not per task
     proba, routes = s.predict_proba(_random_inputs(1))
     assert torch.isfinite(proba).all() and all(r in (0, 1, 2) for r in routes)
 

@@ -244,13 +244,14 @@ class Eidetic(Strategy):
             free_capacity_ratio=round(free, 4),
         )
         if not bool((self.rank[-1] == FREE).any()):
+            if not self.exhausted:  # once: on a stream whose tasks recur, every boundary ends here
+                self.log.warning(
+                    "capacity_exhausted",
+                    task=task,
+                    free_capacity_ratio=round(free, 4),
+                    detail="no free neuron reaches the head; later tasks train only their head rows",
+                )
             self.exhausted = True
-            self.log.warning(
-                "capacity_exhausted",
-                task=task,
-                free_capacity_ratio=round(free, 4),
-                detail="no free neuron reaches the head; later tasks train only their head rows",
-            )
 
     def _store_task_head(self, task: int) -> None:
         """Copy the task's head rows, reading only owned features, for exact task-hinted prediction."""
