@@ -175,6 +175,8 @@ class BoundaryDetector:
         self._unfolded: list[np.ndarray] = []
         self._scratch: np.ndarray | None = None  # float64 rows for folding, reused (not state)
         self.explicit_stream = False  # the last sample carried a trusted task field
+        # a task's classes are the labels of its first this many samples of a visit (`_remember`)
+        self._label_window = max(config.min_task_length, config.recurring_window)
 
     # -- evidence ---------------------------------------------------------------------------------
     def observe(
@@ -310,7 +312,7 @@ class BoundaryDetector:
         assert self.current is not None
         if label is not None:
             self.recent_labels.append(label)
-            if self.samples_in_task <= max(self.config.min_task_length, self.config.recurring_window):
+            if self.samples_in_task <= self._label_window:
                 self.task_labels[self.current].add(label)
         if x is not None and self.use_inputs:
             if self.explicit_stream and (self.samples_in_task - 1) % EXPLICIT_INPUT_EVERY:

@@ -47,9 +47,7 @@ from stream_cl.metrics import Metrics
 from stream_cl.model_store import KeyCheckpointStore, PartitionManifest, SharedModelStore
 from stream_cl.registry import SnapshotRegistry
 from stream_cl.snapshot import Snapshot
-from stream_cl.source import QueueItem, Record
-
-DeadLetter = Callable[[bytes | memoryview | None, str, str, int, int], None]
+from stream_cl.source import DeadLetter, QueueItem, Record
 
 
 class InvalidKey(ValueError):

@@ -27,7 +27,7 @@ from stream_cl.evaluator import Evaluator
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
-from stream_cl.source import Record
+from stream_cl.source import DeadLetter, Record
 from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
 from stream_cl.transfer import TrajectoryRecorder
 
@@ -43,7 +43,7 @@ class Learner(CheckpointMixin):
         holder: SnapshotHolder,
         metrics: Metrics,
         on_processed: Callable[[int, int], None] = lambda partition, offset: None,
-        dead_letter: Callable[[bytes | memoryview | None, str, str, int, int], None] | None = None,
+        dead_letter: DeadLetter | None = None,
         on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
         checkpoints: CheckpointStore | None = None,
         on_checkpoint: Callable[[dict[int, int]], None] = lambda offsets: None,

@@ -38,6 +38,8 @@ class Record:
 # (e.g. a rebalance handover: checkpoint the models of revoked partitions).
 LearnerTask = Callable[[], None]
 QueueItem = list[Record] | LearnerTask
+# Sends one message to the dead-letter topic: (original bytes, reason, detail, partition, offset).
+DeadLetter = Callable[[bytes | memoryview | None, str, str, int, int], None]
 
 
 def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list:

@@ -27,7 +27,7 @@ import time
 import uuid
 from typing import Any
 
-from stream_cl.config import Config
+from stream_cl.config import Config, ConfigError
 
 # Heavy imports (torch, kafka, the daemon) live inside the functions: building the CLI parser
 # imports this module for every `stream-cl` command.
@@ -257,6 +257,7 @@ def run_throughput(
 
     stream = load_stream(stream_name)
     n = stream.n_train * repeats
+    configured = MODES[config.kafka.fetch_in_subprocess]
     other = dataclasses.replace(
         config,
         kafka=dataclasses.replace(config.kafka, fetch_in_subprocess=not config.kafka.fetch_in_subprocess),
@@ -280,16 +281,13 @@ def run_throughput(
             limit = min(r["consume"], r["stream"])
             for m in MODES:
                 r[f"{m}_vs_limit"] = r[m]["samples_per_s"] / limit
-            r["learned_vs_limit"] = r[MODES[config.kafka.fetch_in_subprocess]]["learned_per_s"] / limit
-            r["vs_learn_only"] = r[MODES[config.kafka.fetch_in_subprocess]]["samples_per_s"] / min(
-                r["consume"], r["train"]
-            )
+            r["learned_vs_limit"] = r[configured]["learned_per_s"] / limit
+            r["vs_learn_only"] = r[configured]["samples_per_s"] / min(r["consume"], r["train"])
             per_round.append(r)
 
     def median(get: Any) -> float:
         return statistics.median(get(r) for r in per_round)
 
-    configured = MODES[config.kafka.fetch_in_subprocess]
     consume, train, stream_run = (median(lambda r, k=k: r[k]) for k in ("consume", "train", "stream"))
     rate = {m: median(lambda r, m=m: r[m]["samples_per_s"]) for m in MODES}
     ratio = {m: median(lambda r, m=m: r[f"{m}_vs_limit"]) for m in MODES}
@@ -401,6 +399,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
+        raise ConfigError("--rounds", f"must be >= 1, got {args.rounds}")
     result = run_throughput(config, args.stream, repeats=args.repeats, rounds=args.rounds)
     return result, format_throughput(result)
