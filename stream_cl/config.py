@@ -148,7 +148,7 @@ class EvaluationConfig:
     stability_window: int = 500
     task_hint: bool = False
     history: int = 1000
-    max_cpu_share: float = 0.1
+    max_cpu_share: float = 0.05
 
     def validate(self) -> None:
         if not 0.0 <= self.holdout_fraction < 1.0:

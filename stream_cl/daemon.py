@@ -238,6 +238,8 @@ class Daemon:
         self._learner_thread.join(max(0.1, t_end - time.monotonic()))
         if not self._learner_thread.is_alive():
             self.learner.flush()
+            if self.learner.evaluator is not None:
+                self.learner.evaluator.stop()  # scores the rows still waiting: they are checkpointed
             if self.learner.strategy is not None:
                 self.learner.checkpoint()
             if self.keyed is not None:

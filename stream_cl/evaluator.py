@@ -16,13 +16,16 @@ evaluation. From it (definitions as exported):
   the `stability_window` samples after a boundary, relative to its accuracy at the boundary.
 
 Evaluation shares the cores (and the GIL) with learning, so it has a budget: `max_cpu_share` of
-one core. Each CPU second the evaluator spends buys (1/share - 1) seconds in which no scoring of
-the latest snapshot starts; every request that comes meanwhile is served by the one scoring after.
-Boundary rows never wait: each is scored on its own boundary's snapshot as soon as it is known,
-and charged to the budget like any scoring; only they can take the evaluator over its share (when
-boundaries come faster than it allows: eidetic on the throughput bench's 800-sample tasks). The
-budget only binds when the daemon is saturated (learning as fast as it can); then fewer
-evaluations fall inside a stability window, and the gap is measured from those.
+one core. Each CPU second the evaluator spends buys (1/share - 1) seconds in which no scoring
+starts; every request for the latest snapshot that comes meanwhile is served by the one scoring
+after. A boundary's row waits too, on its own boundary's snapshot, and is scored first when the
+rest is over. R holds one row per task, so a row still waiting when the same task ends again (a
+recurring task) is superseded by the later one: the matrix ends up as if every row had been
+scored, and the waiting rows are bounded by the number of tasks. Beyond `MAX_WAITING_ROWS` (a
+stream of new tasks faster than the budget allows), the oldest is scored at once, over budget.
+`stop` scores whatever still waits. The budget only binds when the daemon is saturated (learning
+as fast as it can); then fewer evaluations fall inside a stability window, and the gap is
+measured from those.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from stream_cl.metrics import Metrics
 from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
 
 MATRIX_TASKS = 16  # tasks exported in stream_cl_accuracy_matrix (bounded label cardinality)
+MAX_WAITING_ROWS = 8  # boundary rows (each holding its snapshot) that may wait for the CPU budget
 
 
 @dataclass
@@ -175,7 +179,12 @@ class Evaluator:
                 {"t": time.time(), "samples": self.learned, "task": self.task_id_of(task), "reason": reason}
             )
             if previous_task is not None:
-                self._pending_boundaries.append((previous_task, snapshot))
+                pending = self._pending_boundaries
+                for i, (ended, _) in enumerate(pending):
+                    if ended == previous_task:  # not scored yet: this later end supersedes it
+                        del pending[i]
+                        break
+                pending.append((previous_task, snapshot))
             self.current_task = task
         self._wake.set()
 
@@ -236,11 +245,11 @@ class Evaluator:
         self.finalize_boundaries()
         self.score_latest()
 
-    def finalize_boundaries(self) -> None:
-        """Score each boundary's snapshot for its row of R, in order."""
+    def finalize_boundaries(self, keep: int = 0) -> None:
+        """Score each boundary's snapshot for its row of R, in order, until `keep` rows wait."""
         while True:
             with self._lock:
-                if not self._pending_boundaries:
+                if len(self._pending_boundaries) <= keep:
                     break
                 ended, snap = self._pending_boundaries.popleft()
             row = self.evaluate(snap)
@@ -358,6 +367,9 @@ class Evaluator:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                return  # still scoring: the rows it has not reached are left out
+        self.finalize_boundaries()  # rows still waiting for the budget
 
     def _loop(self) -> None:
         due = False  # a scoring of the latest snapshot was asked for and has not run yet
@@ -374,10 +386,12 @@ class Evaluator:
             due = True  # woken by a request, or the `every_s` timer, or the budget's rest is over
             start = time.thread_time()
             try:
-                self.finalize_boundaries()
                 if time.monotonic() >= self._resume_at:
+                    self.finalize_boundaries()
                     due = False
                     self.score_latest()
+                else:  # resting: rows wait (and `due` stays set) unless too many do
+                    self.finalize_boundaries(keep=MAX_WAITING_ROWS)
             except Exception:  # evaluation must never take the daemon down
                 due = False
                 self.log.exception("evaluation_failed")

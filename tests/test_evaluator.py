@@ -198,22 +198,31 @@ def test_stability_gap_is_seen_with_the_evaluator_thread_and_defaults() -> None:
     assert learner.evaluator.stability_gap > 0.2
 
 
-def test_the_cpu_budget_spaces_scorings_but_never_delays_a_boundary_row(
+def test_the_cpu_budget_spaces_scorings_and_boundary_rows(
     forced_forgetting: Learner,
 ) -> None:
     """With `max_cpu_share`, requests for a scoring that come while the evaluator rests are served
-    by one later scoring of the latest snapshot; a boundary's row is scored at once all the same."""
+    by one later scoring of the latest snapshot. A boundary's row waits too, on its own snapshot; a
+    later end of the same task supersedes it; past `MAX_WAITING_ROWS` the oldest is scored at once,
+    and `stop` scores the rest."""
     import dataclasses
     import time
+
+    from stream_cl.evaluator import MAX_WAITING_ROWS
 
     ev = forced_forgetting.evaluator
     assert ev is not None
     snapshot = forced_forgetting.holder.get()
     assert snapshot is not None
+    blank = dataclasses.replace(snapshot, version=snapshot.version + 1, labels=())  # scores 0.0
+    assert all(a == 0.0 for a in ev.evaluate(blank).values())
+    assert any(a > 0.5 for a in ev.evaluate(snapshot).values())
 
     def evaluator(share: float) -> Evaluator:
         config = dataclasses.replace(ev.config, max_cpu_share=share, every_samples=1, every_s=0.0)
-        fresh = Evaluator(config, forced_forgetting.holder, Metrics(), task_id_of=ev.task_id_of)
+        # tasks 100+ stand for a stream of new tasks: their ids are their indices
+        task_id_of = lambda i: ev.task_id_of(i) if i < 100 else i  # noqa: E731
+        fresh = Evaluator(config, forced_forgetting.holder, Metrics(), task_id_of=task_id_of)
         fresh.load_state_dict(ev.state_dict())
         fresh.start()
         return fresh
@@ -231,6 +240,9 @@ def test_the_cpu_budget_spaces_scorings_but_never_delays_a_boundary_row(
         for i in range(1, 6):  # each request is served before the next: five scorings
             unlimited.on_learned(i)
             assert wait_for(lambda i=i: unlimited.evaluations == i)
+        del unlimited.final_rows[3]
+        unlimited.on_boundary(3, 4, snapshot, "explicit")  # no budget: the row is scored at once
+        assert wait_for(lambda: 3 in unlimited.final_rows)
     finally:
         unlimited.stop()
 
@@ -243,15 +255,30 @@ def test_the_cpu_budget_spaces_scorings_but_never_delays_a_boundary_row(
         for i in range(2, 6):
             limited.on_learned(i)
         del limited.final_rows[3]
-        limited.on_boundary(3, 4, snapshot, "explicit")  # a task ends while the evaluator rests
-        assert wait_for(lambda: 3 in limited.final_rows)  # its row did not wait
+        limited.on_boundary(3, 4, blank, "explicit")  # a task ends while the evaluator rests
+        time.sleep(0.2)
+        assert 3 not in limited.final_rows and limited.evaluations == 1  # the row and requests wait
+        limited.on_boundary(3, 4, snapshot, "explicit")  # the same task ends again: supersedes it
+        for task in range(100, 100 + MAX_WAITING_ROWS - 1):  # as many waiting rows as allowed
+            limited.on_boundary(task, task + 1, blank, "explicit")
+        time.sleep(0.2)
+        assert 3 not in limited.final_rows  # one row for task 3 waits, not two
+        # one more than allowed: the oldest (task 3's, on `snapshot`) is scored at once
+        limited.on_boundary(99 + MAX_WAITING_ROWS, 100 + MAX_WAITING_ROWS, blank, "explicit")
+        assert wait_for(lambda: 3 in limited.final_rows)
         assert limited.final_rows[3] == limited.evaluate(snapshot)
         time.sleep(0.2)
-        assert limited.evaluations == 1  # the requests wait for the budget
-        limited._resume_at = time.monotonic()  # the rest is over: one scoring serves them all
+        assert not any(t in limited.final_rows for t in range(100, 100 + MAX_WAITING_ROWS))  # wait
+        limited._resume_at = time.monotonic()  # the rest is over: every row, then one scoring
         limited._wake.set()
         assert wait_for(lambda: limited.evaluations == 2)
+        assert all(t in limited.final_rows for t in range(100, 100 + MAX_WAITING_ROWS))
         time.sleep(0.2)
         assert limited.evaluations == 2
+        limited._resume_at = time.monotonic() + 3600  # resting again: `stop` scores what waits
+        limited.on_boundary(200, 201, blank, "explicit")
+        time.sleep(0.1)
+        assert 200 not in limited.final_rows
     finally:
         limited.stop()
+    assert 200 in limited.final_rows
