@@ -37,7 +37,6 @@ learner exports it as `stream_cl_free_capacity_ratio`); when no free neuron reac
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -45,6 +44,7 @@ import torch
 
 from stream_cl.config import ModelConfig
 from stream_cl.log import get_logger
+from stream_cl.snapshot import frozen_copy
 from stream_cl.strategies.base import (
     Batch,
     Boundary,
@@ -283,9 +283,7 @@ class Eidetic(Strategy):
         if self.router.stale():
             self.router.solve()
         router, weight = self.router.scores_fn(), self.router_weight
-        model = copy.deepcopy(self.model).eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
+        model = frozen_copy(self.model)
         task_classes = [list(c) for c in self.task_classes]
         heads = {t: (list(c), w.clone(), b.clone()) for t, (c, w, b) in self.task_heads.items()}
 
