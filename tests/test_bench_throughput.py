@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 
@@ -69,57 +70,70 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
     text = format_throughput(r)
     assert "median of 3 interleaved rounds" in text
     assert "in-process fetch: 0.50x, 0.56x, 0.61x" in text and "subprocess fetch: 0.60x, 0.58x, 0.66x" in text
-    assert "0.56x slower limit" in text and "0.60x slower limit" in text and "NOT met" in text
+    assert "0.56x slower limit" in text and "0.60x slower limit" in text
+    assert "learned samples/s >= 0.7 x slower limit: NOT met (0.51x)" in text
     learner = next(line for line in text.splitlines() if "stream-cl-learner" in line).split()
     assert learner[-2:] == ["80.0", "78.0"]
     fetcher = next(line for line in text.splitlines() if "fetcher" in line.split()).split()
     assert fetcher[-2:] == ["0.0", "25.0"]  # no fetcher process in the in-process run
-    assert "raw train step 62.5 us, strategy on the stream 60.6 us" in text
+    assert "raw train step 62.5 us, strategy replaying the daemon's calls 60.6 us" in text
     assert "learn-only step instead the daemon is at 0.55x" in text
     assert "the daemon (in-process fetch) learns 8100 samples/s, 0.51x the slower limit" in text
 
 
-def test_the_stream_run_learns_every_sample_with_a_boundary_at_each_task_change(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The train limit does the daemon's strategy work: every task in order, each repeat, each class once."""
-    from stream_cl.bench.throughput import raw_stream_rate
+def test_the_train_limit_replays_the_daemons_own_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The train limit does the daemon's strategy work: the calls a learner made (here fed the
+    stream in-process, held-out samples skipped) are recorded, and a fresh strategy replaying them
+    makes the same calls and ends with the same weights."""
+    import torch
+
+    from stream_cl import strategies
+    from stream_cl.bench.throughput import record_calls, replay_rate
     from stream_cl.config import load_config
     from stream_cl.datasets import load_stream
-    from stream_cl.strategies import Boundary, Strategy
-    from stream_cl.strategies.base import Batch
+    from stream_cl.learner import Learner
+    from stream_cl.metrics import Metrics
+    from stream_cl.offline import stream_records
+    from stream_cl.snapshot import SnapshotHolder
+    from stream_cl.strategies import from_config
 
-    boundaries: list[Boundary] = []
-    added: list[tuple[int, ...]] = []
-    learned: list[int] = []
-    on_boundary, add_classes, learn = Strategy.on_boundary, Strategy.add_classes, Strategy.learn
-
-    def spy_boundary(self: Strategy, event: Boundary) -> None:
-        boundaries.append(event)
-        on_boundary(self, event)
-
-    def spy_add(self: Strategy, class_ids: list[int], task: int) -> None:
-        added.append(tuple(class_ids))
-        add_classes(self, class_ids, task)
-
-    monkeypatch.setattr(Strategy, "on_boundary", spy_boundary)
-    monkeypatch.setattr(Strategy, "add_classes", spy_add)
-    from stream_cl.strategies.finetune import Finetune
-
-    def spy_learn(self: Finetune, batch: Batch) -> object:
-        learned.append(len(batch.y))
-        return learn(self, batch)
-
-    monkeypatch.setattr(Finetune, "learn", spy_learn)
-    cfg = load_config(None, ["strategy.name=finetune", "strategy.head=random"], env={})
-    stream = load_stream("split-digits")
-    rate = raw_stream_rate(cfg, "split-digits", repeats=2)
-    n_tasks = len(stream.tasks)
-    assert rate > 0
-    assert [(b.previous_task, b.task, b.recurring) for b in boundaries] == [
-        (None if i == 0 else (i - 1) % n_tasks, i % n_tasks, i >= n_tasks) for i in range(2 * n_tasks)
-    ]
-    assert sorted(c for group in added for c in group) == sorted(
-        {int(y) for t in stream.tasks for y in t.train_y}
+    cfg = load_config(
+        None, ["strategy.name=finetune", "strategy.head=random", "checkpoint.enabled=false"], env={}
     )
-    assert sum(learned) == 2 * stream.n_train
+    stream = load_stream("split-digits")
+    shape = tuple(stream.input_shape)
+    calls: list[Any] = []
+    learner = Learner(cfg, SnapshotHolder(), Metrics())
+    strategy = from_config(cfg, shape)
+    record_calls(strategy, calls)
+    learner.strategy, learner.input_shape = strategy, shape
+    for chunk in stream_records(stream):
+        learner.process(chunk)
+    learner.flush()
+
+    names = [name for name, _, _ in calls]
+    n_tasks = len(stream.tasks)
+    assert names.count("on_boundary") == n_tasks
+    assert [args[0].task for name, args, _ in calls if name == "on_boundary"] == list(range(n_tasks))
+    added = sorted(c for name, args, _ in calls if name == "add_classes" for c in args[0])
+    assert added == sorted({int(y) for t in stream.tasks for y in t.train_y})
+    learned = sum(len(args[0].y) for name, args, _ in calls if name == "learn")
+    assert learned == learner.learned and 0 < learner.held_out < 0.2 * stream.n_train
+    assert learned + learner.held_out == stream.n_train
+
+    replayed: list[Any] = []
+    built: list[Any] = []
+
+    def recording_from_config(config: Any, input_shape: Any) -> Any:
+        fresh = from_config(config, input_shape)
+        record_calls(fresh, replayed)
+        built.append(fresh)
+        return fresh
+
+    monkeypatch.setattr(strategies, "from_config", recording_from_config)
+    rate = replay_rate(cfg, shape, calls)
+    assert rate > 0
+    assert [(n, len(a)) for n, a, _ in replayed] == [(n, len(a)) for n, a, _ in calls]
+    weights = zip(strategy.model.state_dict().values(), built[0].model.state_dict().values(), strict=True)
+    for theirs, ours in weights:
+        assert torch.equal(theirs, ours)  # the same seed and the same calls: the same weights

@@ -3,19 +3,22 @@
 1. raw consume+decode: kafka-python in its fastest configuration (partitions assigned directly, no
    group, large fetches, C crc32c) reading every message and decoding it with `decode_sample`;
 2. raw train step: the same strategy, model and batch size fed pre-built tensors in-process,
-   learning only (every class known from the start, no boundary); and the same strategy fed the
-   stream as the daemon sees it: its tasks in order, classes added as they appear, `on_boundary`
-   at each task change (a consolidating strategy such as eidetic prunes and retrains there);
+   learning only (every class known from the start, no boundary); and the same strategy making
+   exactly the calls the configured daemon's learner made on it in the same round (recorded, then
+   replayed: `replay_rate`): the same samples learned (the held-out ones skipped), in the same
+   batches, classes added and `on_boundary` run at the same points (a consolidating strategy
+   such as eidetic prunes and retrains there);
 3. the daemon end to end: broker → source thread → learner thread, counting the samples it takes
    in (learned, or held out for evaluation: `evaluation.holdout_fraction`, 1 in 10 by default;
    the learned ones alone are printed too), as configured, then once more with the other
    `kafka.fetch_in_subprocess` setting (fetch and decode in a child process, off the learner's
    GIL), so both source modes are compared in one run.
 
-Goal: daemon (as configured) ≥ 0.7 × min(raw consume, raw strategy on the stream). The train
-limit includes the strategy's boundary work: it is the strategy's own, and the daemon has to do it
-too; the ratio against the learn-only step is printed beside it. For finetune the two train rates
-agree within this machine's noise. Group-join time is excluded from (3): the clock starts at the
+Goal: the daemon's learned samples/s (as configured) ≥ 0.7 × min(raw consume, raw strategy
+replaying the daemon's calls); the ratio for samples taken in (learned + held out) is printed
+beside it. The train limit includes the strategy's boundary work: it is the strategy's own, and
+the daemon has to do it too; the ratio against the learn-only step is printed beside it. For
+finetune the two train rates agree within this machine's noise. Group-join time is excluded from (3): the clock starts at the
 first sample taken in.
 """
 
@@ -94,56 +97,45 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
         return steps * bs / (time.perf_counter() - t0)
 
 
-def raw_stream_rate(config: Config, stream_name: str, repeats: int) -> float:
-    """Learned samples/s of the strategy fed the stream as the daemon sees it, in-process.
+STRATEGY_CALLS = ("learn", "on_boundary", "add_classes", "note_task")  # what the learner asks of it
 
-    The same tasks in the same order (`repeats` times, as the topic holds them), each class added
-    when it first appears and `on_boundary` at every task change, from pre-built tensors. For a
-    strategy whose boundaries cost nothing (finetune) this is the raw train step; for one that
-    consolidates at each boundary (eidetic prunes and retrains) that work is the strategy's own,
-    and the daemon cannot go faster than this.
+
+def record_calls(strategy: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
+    """Make `strategy` write down every learning call made on it (name, args, kwargs), in order."""
+
+    def recorded(name: str, method: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls.append((name, args, kwargs))
+            return method(*args, **kwargs)
+
+        return call
+
+    for name in STRATEGY_CALLS:
+        setattr(strategy, name, recorded(name, getattr(strategy, name)))
+
+
+def replay_rate(
+    config: Config, input_shape: tuple[int, ...], calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]
+) -> float:
+    """Learned samples/s of a fresh strategy making `calls` (a daemon run's own) in-process.
+
+    The daemon's learner decides what its strategy sees: which samples are held out for evaluation
+    (never learned), where batches end (at each boundary, before each new class, when the stream
+    goes quiet), when classes are added and `on_boundary` runs. Replaying the calls it made (the
+    same batch tensors) gives the strategy exactly the daemon's work, with nothing of the daemon
+    around it. That matters for a strategy whose boundary work depends on what it learned: eidetic
+    prunes and retrains until a task's buffer accuracy recovers, and how much it prunes changes
+    every later consolidation (the same stream, learned with and without the held-out samples, took
+    9,260 and 11,483 train steps). For finetune this is the raw train step.
     """
-    import torch
+    from stream_cl.strategies import flush_denormals, from_config
 
-    from stream_cl.datasets import load_stream
-    from stream_cl.strategies import Batch, Boundary, flush_denormals, from_config
-
-    stream = load_stream(stream_name)
-    strategy = from_config(config, stream.input_shape)
-    bs = config.model.batch_size
-    # (task index, batch) in stream order; a batch never spans two tasks
-    segments: list[tuple[int, list[Batch]]] = []
-    for index, spec in enumerate(stream.tasks):
-        x_all = torch.from_numpy(spec.train_x).reshape((-1, *stream.input_shape)).to(strategy.device)
-        y_all = torch.from_numpy(spec.train_y).long().to(strategy.device)
-        batches = [
-            Batch(x=x_all[i : i + bs], y=y_all[i : i + bs], task=index) for i in range(0, len(y_all), bs)
-        ]
-        segments.append((index, batches))
-    labels = [sorted(set(b.y.tolist())) for _, batches in segments for b in batches]
-    seen: set[int] = set()
-    noted: set[tuple[int, int]] = set()
-    learned = 0
-    previous: int | None = None
+    strategy = from_config(config, input_shape)
+    learned = sum(len(args[0].y) for name, args, _ in calls if name == "learn")
     with flush_denormals():  # as the daemon's learner thread trains
         t0 = time.perf_counter()
-        for r in range(repeats):
-            i = 0
-            for task, batches in segments:
-                strategy.on_boundary(Boundary(previous, task, "explicit", recurring=r > 0))
-                previous = task
-                for batch in batches:
-                    new = [c for c in labels[i] if c not in seen]
-                    if new:
-                        strategy.add_classes(new, task)
-                        seen.update(new)
-                    old = [c for c in labels[i] if (task, c) not in noted]
-                    if old:
-                        strategy.note_task(task, old)
-                        noted.update((task, c) for c in old)
-                    strategy.learn(batch)
-                    learned += len(batch.y)
-                    i += 1
+        for name, args, kwargs in calls:
+            getattr(strategy, name)(*args, **kwargs)
         return learned / (time.perf_counter() - t0)
 
 
@@ -185,10 +177,15 @@ def daemon_run(
     n: int,
     timeout_s: float = 300.0,
     broker_pid: int | None = None,
+    record: tuple[tuple[int, ...], list[Any]] | None = None,
 ) -> dict[str, Any]:
     """Samples/s the daemon takes in (learned + held out), as configured, checkpoints to a temp dir,
     with the CPU µs per sample of each daemon thread alive when the clock starts (short-lived
-    checkpoint writers are not counted), of the fetcher process and of the broker."""
+    checkpoint writers are not counted), of the fetcher process and of the broker.
+
+    `record` = (input shape, a list): the daemon's strategy is made up front for that shape (as its
+    learner would at the first sample) and every learning call made on it goes into the list
+    (`record_calls`), for `replay_rate`."""
     import tempfile
     import threading
 
@@ -205,6 +202,13 @@ def daemon_run(
             checkpoint=dataclasses.replace(config.checkpoint, dir=ckpt),
         )
         daemon = Daemon(cfg)
+        if record is not None:
+            from stream_cl.strategies import from_config
+
+            shape, calls = record
+            strategy = from_config(cfg, shape)
+            record_calls(strategy, calls)
+            daemon.learner.strategy, daemon.learner.input_shape = strategy, shape
 
         def counts() -> tuple[int, int]:
             """(taken in, learned): the learner's own counters. Collecting the Prometheus registry
@@ -272,12 +276,17 @@ def run_throughput(
             r: dict[str, Any] = {
                 "consume": raw_consume_rate(broker.bootstrap_servers, topic, n),
                 "train": raw_train_rate(config, stream_name, n),
-                "stream": raw_stream_rate(config, stream_name, repeats),
             }
-            for cfg in (config, other):
-                r[MODES[cfg.kafka.fetch_in_subprocess]] = daemon_run(
-                    cfg, broker.bootstrap_servers, topic, n, broker_pid=broker.pid
-                )
+            calls: list[Any] = []  # the configured daemon's strategy calls, replayed for the limit
+            shape = tuple(stream.input_shape)
+            r[configured] = daemon_run(
+                config, broker.bootstrap_servers, topic, n, broker_pid=broker.pid, record=(shape, calls)
+            )
+            r["stream"] = replay_rate(config, shape, calls)
+            del calls
+            r[MODES[other.kafka.fetch_in_subprocess]] = daemon_run(
+                other, broker.bootstrap_servers, topic, n, broker_pid=broker.pid
+            )
             limit = min(r["consume"], r["stream"])
             for m in MODES:
                 r[f"{m}_vs_limit"] = r[m]["samples_per_s"] / limit
@@ -324,7 +333,7 @@ def run_throughput(
         },
         "cores_busy": {f"{m}_fetch": median(lambda r, m=m: r[m]["cores_busy"]) for m in MODES},
         "goal_daemon_vs_slower_limit": 0.7,
-        "goal_met": ratio[configured] >= 0.7,
+        "goal_met": median(lambda r: r["learned_vs_limit"]) >= 0.7,  # the issue's measure: learned
     }
 
 
@@ -335,7 +344,7 @@ def format_throughput(r: dict[str, Any]) -> str:
     rows = [
         ["raw kafka-python consume + decode", r["raw_consume_decode_samples_per_s"], ""],
         ["raw train step, learn only (in-process)", r["raw_train_samples_per_s"], ""],
-        ["raw strategy on the stream, with boundaries", r["raw_stream_samples_per_s"], ""],
+        ["raw strategy replaying the daemon's calls", r["raw_stream_samples_per_s"], ""],
     ]
     for mode in ("in-process", "subprocess"):
         key = "in_process" if mode == "in-process" else "subprocess"
@@ -349,6 +358,7 @@ def format_throughput(r: dict[str, Any]) -> str:
         )
     table = format_table(["path", "samples/s", "ratio"], [[a, round(b), c] for a, b, c in rows])
     verdict = "met" if r["goal_met"] else "NOT met"
+    learned = r["daemon_learned_vs_slower_limit"]
     rounds = r.get("per_round_vs_slower_limit", {})
     spread = "".join(
         f"\n  {mode.replace('_', '-')} fetch: " + ", ".join(f"{x:.2f}x" for x in rounds[mode])
@@ -358,9 +368,11 @@ def format_throughput(r: dict[str, Any]) -> str:
     out = (
         f"throughput on {r['stream']} x{r['samples']} samples, strategy {r['strategy']}, batch {r['batch_size']}, "
         f"median of {r.get('rounds', 1)} interleaved rounds\n"
-        f"{table}\ngoal daemon ({configured} fetch, as configured) >= 0.7 x slower limit: {verdict}\n"
+        f"{table}\ngoal daemon ({configured} fetch, as configured), learned samples/s >= 0.7 x slower "
+        f"limit: {verdict} ({learned:.2f}x)\n"
         + (f"each round's daemon vs its slower limit:{spread}\n" if spread else "")
-        + "(train limit: the strategy on the stream with its boundaries; against the learn-only step "
+        + "(train limit: a fresh strategy replaying the daemon's own learning calls, boundaries included; "
+        + "against the learn-only step "
         + f"instead the daemon is at {r['daemon_vs_learn_only_step']:.2f}x)"
     )
     if "daemon_learned_samples_per_s" in r:
@@ -376,7 +388,7 @@ def format_throughput(r: dict[str, Any]) -> str:
         breakdown.append(["cores busy (all above)", *(f"{r['cores_busy'][f'{m}_fetch']:.2f}" for m in MODES)])
         out += (
             f"\n\nCPU us per sample taken in (per learned sample: raw train step {r['raw_train_us_per_sample']:.1f} us, "
-            f"strategy on the stream {r['raw_stream_us_per_sample']:.1f} us)\n"
+            f"strategy replaying the daemon's calls {r['raw_stream_us_per_sample']:.1f} us)\n"
             + format_table(["thread / process", "in-process fetch", "subprocess fetch"], breakdown)
         )
     return out
