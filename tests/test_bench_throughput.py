@@ -83,12 +83,12 @@ def test_the_report_shows_both_fetch_modes_and_the_breakdown() -> None:
 
 def test_the_train_limit_replays_the_daemons_own_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     """The train limit does the daemon's strategy work: the calls a learner made (here fed the
-    stream in-process, held-out samples skipped) are recorded, and a fresh strategy replaying them
-    makes the same calls and ends with the same weights."""
+    stream in-process, held-out samples skipped) are recorded, batches copied into a store, and a
+    fresh strategy replaying them makes the same calls and ends with the same weights."""
     import torch
 
     from stream_cl import strategies
-    from stream_cl.bench.throughput import record_calls, replay_rate
+    from stream_cl.bench.throughput import BatchStore, record_calls, replay_rate
     from stream_cl.config import load_config
     from stream_cl.datasets import load_stream
     from stream_cl.learner import Learner
@@ -105,7 +105,8 @@ def test_the_train_limit_replays_the_daemons_own_calls(monkeypatch: pytest.Monke
     calls: list[Any] = []
     learner = Learner(cfg, SnapshotHolder(), Metrics())
     strategy = from_config(cfg, shape)
-    record_calls(strategy, calls)
+    store = BatchStore(stream.n_train, shape)
+    record_calls(strategy, calls, store)
     learner.strategy, learner.input_shape = strategy, shape
     for chunk in stream_records(stream):
         learner.process(chunk)
@@ -120,6 +121,10 @@ def test_the_train_limit_replays_the_daemons_own_calls(monkeypatch: pytest.Monke
     learned = sum(len(args[0].y) for name, args, _ in calls if name == "learn")
     assert learned == learner.learned and 0 < learner.held_out < 0.2 * stream.n_train
     assert learned + learner.held_out == stream.n_train
+    assert store.used == learned  # every batch was copied into the store, in order
+    kept = [args[0].x for name, args, _ in calls if name == "learn"]
+    assert all(x.untyped_storage().data_ptr() == store.block.untyped_storage().data_ptr() for x in kept)
+    assert torch.equal(torch.cat(kept), store.block[:learned])
 
     replayed: list[Any] = []
     built: list[Any] = []
@@ -137,3 +142,20 @@ def test_the_train_limit_replays_the_daemons_own_calls(monkeypatch: pytest.Monke
     weights = zip(strategy.model.state_dict().values(), built[0].model.state_dict().values(), strict=True)
     for theirs, ours in weights:
         assert torch.equal(theirs, ours)  # the same seed and the same calls: the same weights
+
+
+def test_a_batch_the_store_cannot_hold_is_kept_as_it_is() -> None:
+    import torch
+
+    from stream_cl.bench.throughput import BatchStore
+
+    store = BatchStore(3, (2,))
+    first = torch.ones(2, 2)
+    kept = store.keep(first)
+    assert torch.equal(kept, first) and kept.data_ptr() == store.block.data_ptr()
+    too_many = torch.full((2, 2), 2.0)
+    assert store.keep(too_many) is too_many  # 2 more rows do not fit in the 1 left
+    other_shape = torch.zeros(1, 3)
+    assert store.keep(other_shape) is other_shape
+    assert store.keep(torch.full((1, 2), 3.0)).data_ptr() == store.block[2].data_ptr()
+    assert store.used == 3

@@ -100,12 +100,49 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
 STRATEGY_CALLS = ("learn", "on_boundary", "add_classes", "note_task")  # what the learner asks of it
 
 
-def record_calls(strategy: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]]) -> None:
-    """Make `strategy` write down every learning call made on it (name, args, kwargs), in order."""
+class BatchStore:
+    """Memory written in full up front that recorded batches are copied into (one row per sample).
+
+    Keeping the learner's own batch tensors alive for the replay put every new batch on fresh
+    pages: ~0.5 page faults per sample on the learner thread, which costs it ~1.5 µs of CPU per
+    sample (64.4 against 62.8 µs, 5 of 5 interleaved runs slower) that an unrecorded daemon does
+    not pay. Copying into pages already faulted in costs a memcpy of the batch instead, and the
+    learner's batch memory is freed and reused as it is when nothing records it.
+    """
+
+    def __init__(self, samples: int, input_shape: tuple[int, ...]) -> None:
+        import torch
+
+        self.block = torch.empty((samples, *input_shape)).zero_()  # zero_: fault every page in now
+        self.used = 0
+
+    def keep(self, x: Any) -> Any:
+        """`x` itself where it does not fit (another device, dtype or shape, or the store is full)."""
+        n = len(x)
+        block = self.block
+        if x.device != block.device or x.dtype != block.dtype or x.shape[1:] != block.shape[1:]:
+            return x
+        if self.used + n > len(block):
+            return x
+        kept = block[self.used : self.used + n]
+        kept.copy_(x)
+        self.used += n
+        return kept
+
+
+def record_calls(
+    strategy: Any, calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]], store: BatchStore | None = None
+) -> None:
+    """Make `strategy` write down every learning call made on it (name, args, kwargs), in order;
+    with `store`, each learned batch's inputs are kept as a copy in it instead of the batch's own."""
 
     def recorded(name: str, method: Any) -> Any:
         def call(*args: Any, **kwargs: Any) -> Any:
-            calls.append((name, args, kwargs))
+            kept = args
+            if store is not None and name == "learn":
+                batch = args[0]
+                kept = (dataclasses.replace(batch, x=store.keep(batch.x)), *args[1:])
+            calls.append((name, kept, kwargs))
             return method(*args, **kwargs)
 
         return call
@@ -185,7 +222,7 @@ def daemon_run(
 
     `record` = (input shape, a list): the daemon's strategy is made up front for that shape (as its
     learner would at the first sample) and every learning call made on it goes into the list
-    (`record_calls`), for `replay_rate`."""
+    (`record_calls`, batches copied into a `BatchStore` sized for `n` samples), for `replay_rate`."""
     import tempfile
     import threading
 
@@ -207,7 +244,8 @@ def daemon_run(
 
             shape, calls = record
             strategy = from_config(cfg, shape)
-            record_calls(strategy, calls)
+            # room for the chunk the learner may take in past `n` before the loop below sees it
+            record_calls(strategy, calls, BatchStore(n + cfg.kafka.max_poll_records, shape))
             daemon.learner.strategy, daemon.learner.input_shape = strategy, shape
 
         def counts() -> tuple[int, int]:
