@@ -174,10 +174,16 @@ class LearnerConfig:
     snapshot_every_ms: int = 500
     snapshot_min_interval_ms: int = 50
     prequential_window: int = 1000
+    gil_switch_interval_us: int = 50
 
     def validate(self) -> None:
         _positive("learner.snapshot_every_steps", self.snapshot_every_steps)
         _positive("learner.prequential_window", self.prequential_window)
+        if self.gil_switch_interval_us < 0:
+            raise ConfigError(
+                "learner.gil_switch_interval_us",
+                f"must be >= 0 (0 = Python's default), got {self.gil_switch_interval_us}",
+            )
         if self.snapshot_min_interval_ms < 0:
             raise ConfigError(
                 "learner.snapshot_min_interval_ms",

@@ -12,6 +12,7 @@ import os
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -66,6 +67,29 @@ def freeze_heap(collect: bool = False) -> None:
     if collect:
         gc.collect()
     gc.freeze()
+
+
+class _SwitchInterval:
+    """`sys.setswitchinterval` while at least one daemon in the process runs (they share it)."""
+
+    lock = threading.Lock()
+    holders = 0
+    saved = 0.005
+
+    @classmethod
+    def hold(cls, seconds: float) -> None:
+        with cls.lock:
+            if cls.holders == 0:
+                cls.saved = sys.getswitchinterval()
+            cls.holders += 1
+            sys.setswitchinterval(seconds)
+
+    @classmethod
+    def release(cls) -> None:
+        with cls.lock:
+            cls.holders -= 1
+            if cls.holders == 0:
+                sys.setswitchinterval(cls.saved)
 
 
 class Daemon:
@@ -130,6 +154,7 @@ class Daemon:
         self._signals = 0
         self._restored = False
         self._heap_frozen = False  # see freeze_heap; undone at stop
+        self._switch_interval_held = False  # learner.gil_switch_interval_us applies until stop
         self._frozen_after_records = False
 
     def _input_size(self) -> int | None:
@@ -187,6 +212,9 @@ class Daemon:
             self.learner.evaluator.start()
         freeze_heap(collect=True)
         self._heap_frozen = True
+        if cfg.learner.gil_switch_interval_us:  # see config.toml, [learner]
+            _SwitchInterval.hold(cfg.learner.gil_switch_interval_us / 1e6)
+            self._switch_interval_held = True
         self.source.connect()
         self._source_thread.start()
         self._learner_thread.start()
@@ -265,6 +293,9 @@ class Daemon:
         if self._heap_frozen:
             gc.unfreeze()
             self._heap_frozen = False
+        if self._switch_interval_held:
+            _SwitchInterval.release()
+            self._switch_interval_held = False
         self.log.info("daemon_stopped", **self.models.stats())
 
     @property

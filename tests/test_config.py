@@ -62,6 +62,7 @@ def test_overrides_parse_lists_bools_and_tables() -> None:
         ("checkpoint.min_interval_s=-1", "checkpoint.min_interval_s"),
         ("evaluation.max_cpu_share=1.5", "evaluation.max_cpu_share"),
         ("learner.snapshot_min_interval_ms=-1", "learner.snapshot_min_interval_ms"),
+        ("learner.gil_switch_interval_us=-5", "learner.gil_switch_interval_us"),
     ],
 )
 def test_bad_values_name_the_key(override: str, key: str) -> None:

@@ -174,11 +174,12 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path
         daemon.stop()
 
 
-def test_the_heap_is_frozen_while_running_and_unfrozen_at_stop(
+def test_the_heap_is_frozen_and_the_gil_switch_interval_set_while_running(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     """`start` collects once and freezes what is alive (no full collection scans it while the
-    stream is learned); `stop` unfreezes, so cycles among those objects can be collected again."""
+    stream is learned); `stop` unfreezes, so cycles among those objects can be collected again.
+    The GIL switch interval is `learner.gil_switch_interval_us` while it runs, Python's again after."""
     topic = f"frozen-{time.monotonic_ns()}"
     broker.create_topic(topic)
     config = load_config(
@@ -189,19 +190,35 @@ def test_the_heap_is_frozen_while_running_and_unfrozen_at_stop(
             "metrics.enabled=false",
             "model.hidden=[16]",
             f"checkpoint.dir={tmp_path}",
+            "learner.gil_switch_interval_us=70",
         ],
         env={},
     )
+    before = sys.getswitchinterval()
     daemon = Daemon(config)
     daemon.start()
     try:
         assert gc.get_freeze_count() > 0
+        assert sys.getswitchinterval() == pytest.approx(70e-6)
         produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=100)
         wait_until(lambda: daemon.learner.stats()["learned"] > 0, 60, "learning")
         assert gc.get_freeze_count() > 0
     finally:
         daemon.stop()
     assert gc.get_freeze_count() == 0
+    assert sys.getswitchinterval() == before
+
+
+def test_daemons_in_one_process_share_the_switch_interval_until_the_last_stops() -> None:
+    from stream_cl.daemon import _SwitchInterval
+
+    before = sys.getswitchinterval()
+    _SwitchInterval.hold(50e-6)
+    _SwitchInterval.hold(50e-6)
+    _SwitchInterval.release()
+    assert sys.getswitchinterval() == pytest.approx(50e-6)  # the other daemon still runs
+    _SwitchInterval.release()
+    assert sys.getswitchinterval() == before
 
 
 def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) -> None:
