@@ -332,6 +332,36 @@ def test_class_balanced_buffer_keeps_a_late_class_and_stays_bounded() -> None:
     assert torch.equal(other.inputs(), buffer.inputs()) and other.seen == {0: 200, 1: 200, 2: 12}
 
 
+def test_class_balanced_buffer_mirror_matches_its_tensors_through_replacements() -> None:
+    """The held labels and slots the buffer keeps in Python agree with its tensors after batches
+    whose items replace each other (several writes to one slot in a batch: the last one is kept),
+    and after a checkpoint round trip; each held input is one that was offered with its label."""
+    from stream_cl.strategies.class_buffer import ClassBalancedBuffer
+
+    buffer = ClassBalancedBuffer(8, (3,), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(1)
+    offered: dict[tuple[float, ...], int] = {}
+    for step in range(60):
+        y = torch.randint(0, 1 + step // 10, (16,), generator=generator)
+        x = torch.rand(16, 3, generator=generator)
+        offered.update({tuple(row): int(label) for row, label in zip(x.tolist(), y.tolist(), strict=True)})
+        buffer.add(x, y, generator)
+        assert buffer._label_at == buffer.labels().tolist()
+        for label, slots in buffer._slots_of.items():
+            assert slots == [i for i, held in enumerate(buffer._label_at) if held == label]
+            assert buffer._held[label] == len(slots)
+        assert all(
+            offered[tuple(row)] == label
+            for row, label in zip(buffer.inputs().tolist(), buffer._label_at, strict=True)
+        )
+    assert len(buffer) == 8 and len(buffer._held) > 3
+    other = ClassBalancedBuffer(8, (3,), torch.device("cpu"))
+    other.load_state_dict(buffer.state_dict())
+    assert other._label_at == buffer._label_at
+    assert other._slots_of == {c: slots for c, slots in buffer._slots_of.items() if slots}
+    assert other._held == {c: n for c, n in buffer._held.items() if n}
+
+
 def test_heads_bench_folds_head_options_overrides_into_one_table(monkeypatch: pytest.MonkeyPatch) -> None:
     """`--override ls:strategy.head_options.lam=0.01` (the help text's own form) reaches the head
     as its options, not a config error, and other heads keep no options; every head runs under
