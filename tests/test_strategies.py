@@ -118,6 +118,33 @@ def test_reservoir_is_bounded_and_uniform() -> None:
     assert 700 < held.float().mean().item() < 1300  # uniform over 0..1999 has mean 999.5
 
 
+def test_reservoir_batch_writes_equal_writing_the_items_one_by_one() -> None:
+    """A batch is written with one indexed copy; what is held equals algorithm R writing each item
+    in turn with the same draws (where items of one batch land on one slot, the last one wins)."""
+    capacity, batch = 5, 16
+    buffer = ReservoirBuffer(capacity, (1,), torch.device("cpu"))
+    g, reference_g = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    held: list[int] = []
+    seen = 0
+    for start in range(0, 400, batch):
+        ids = torch.arange(start, start + batch)
+        buffer.add(ids[:, None].float(), ids, g)
+        draws: list[float] | None = None
+        for i, item in enumerate(ids.tolist()):
+            seen += 1
+            if len(held) < capacity:
+                held.append(item)
+                continue
+            if draws is None:  # one draw per item of the batch, made once the buffer is full
+                draws = torch.rand(batch, generator=reference_g, dtype=torch.float64).tolist()
+            slot = int(draws[i] * seen)
+            if slot < capacity:
+                held[slot] = item
+        assert buffer.y[: len(buffer)].tolist() == held
+        assert buffer.x[: len(buffer), 0].tolist() == [float(item) for item in held]
+    assert buffer.seen == seen == 400
+
+
 def test_replay_mixes_a_buffer_batch_into_each_step() -> None:
     """After the first step, every forward pass sees the stream batch plus a replayed batch."""
     s = checks.factory_for(Replay)()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
@@ -15,21 +15,44 @@ class _Reservoir(Protocol):
     seen: int
 
 
-def reservoir_slots(buffer: _Reservoir, n: int, generator: torch.Generator) -> Iterator[tuple[int, int]]:
-    """Vitter's algorithm R over `n` newly offered items: yields (item index, slot) for each kept.
+def reservoir_slots(buffer: _Reservoir, n: int, generator: torch.Generator) -> dict[int, int]:
+    """Vitter's algorithm R over `n` newly offered items: {slot: item index} for the items kept.
 
-    Updates `buffer.size` and `buffer.seen`; the caller writes the item into the slot.
+    An item replaces slot k < capacity when its draw k from [0, items seen) lands there. Several
+    items of one batch can land on one slot: only the last is held then, as if they had been
+    written one after another. The draws for a batch are made at once (one torch op, not one per
+    item). Updates `buffer.size` and `buffer.seen`; the caller writes the items (`write_rows`).
     """
+    writes: dict[int, int] = {}
+    draws: list[float] | None = None
     for i in range(n):
         buffer.seen += 1
         if buffer.size < buffer.capacity:
             slot = buffer.size
             buffer.size += 1
         else:
-            slot = int(torch.randint(buffer.seen, (1,), generator=generator))
+            if draws is None:
+                draws = torch.rand(n, generator=generator, dtype=torch.float64).tolist()
+            slot = int(draws[i] * buffer.seen)
             if slot >= buffer.capacity:
                 continue
-        yield i, slot
+        writes[slot] = i
+    return writes
+
+
+def write_rows(writes: dict[int, int], pairs: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """For each (store, source) pair: `store[slot] = source[item]` for every {slot: item} of
+    `writes`, as one indexed copy; a `None` source writes `False` (a flag tensor to clear)."""
+    if not writes:
+        return
+    slots = list(writes)
+    items = list(writes.values())
+    for store, source in pairs:
+        at = torch.tensor(slots, device=store.device)
+        if source is None:
+            store[at] = False
+        else:
+            store[at] = source[torch.tensor(items, device=source.device)].to(store.device)
 
 
 class SampleStore:
@@ -93,9 +116,7 @@ class ReservoirBuffer(SampleStore):
 
     def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch; items are copied, the caller's tensors are never kept or changed."""
-        for i, slot in reservoir_slots(self, x.shape[0], generator):
-            self.x[slot] = x[i]
-            self.y[slot] = y[i]
+        write_rows(reservoir_slots(self, x.shape[0], generator), [(self.x, x), (self.y, y)])
 
     def sample(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Up to `k` distinct held items, drawn uniformly."""

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from stream_cl.strategies.buffers import SampleStore
+from stream_cl.strategies.buffers import SampleStore, write_rows
 
 
 class ClassBalancedBuffer(SampleStore):
@@ -60,11 +60,7 @@ class ClassBalancedBuffer(SampleStore):
             self._held[label] = self._held.get(label, 0) + 1
             bisect.insort(self._slots_of.setdefault(label, []), slot)
             writes[slot] = i
-        if writes:
-            slots = torch.tensor(list(writes), device=self.x.device)
-            items = torch.tensor(list(writes.values()), device=x.device)
-            self.x[slots] = x[items].to(self.x.device)
-            self.y[slots] = y[items].to(self.y.device)
+        write_rows(writes, [(self.x, x), (self.y, y)])
 
     def _slot(self, label: int, draws: Iterator[float]) -> int | None:
         if self.size < self.capacity:

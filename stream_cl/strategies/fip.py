@@ -35,7 +35,7 @@ from stream_cl.strategies.base import (
     check_int_options,
     check_number_options,
 )
-from stream_cl.strategies.buffers import reservoir_slots
+from stream_cl.strategies.buffers import reservoir_slots, write_rows
 
 EPS = 1e-8
 
@@ -95,9 +95,7 @@ class InputMemory:
 
     def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch of inputs; they are copied, never kept by reference."""
-        for i, slot in reservoir_slots(self, x.shape[0], generator):
-            self.x[slot] = x[i]
-            self.valid[slot] = False
+        write_rows(reservoir_slots(self, x.shape[0], generator), [(self.x, x), (self.valid, None)])
 
     def snapshot(self, model: nn.Module, chunk: int = 256, keep: bool = False) -> None:
         """Store `model`'s softmax outputs on the held inputs as their targets: on every input, or
