@@ -70,26 +70,27 @@ def freeze_heap(collect: bool = False) -> None:
 
 
 class _SwitchInterval:
-    """`sys.setswitchinterval` while at least one daemon in the process runs (they share it)."""
+    """`sys.setswitchinterval` while daemons run in this process (the tests run several at once):
+    the value of the daemon that started last among those still running, Python's own after the
+    last one stops."""
 
     lock = threading.Lock()
-    holders = 0
+    held: list[float] = []  # one entry per running daemon, in start order
     saved = 0.005
 
     @classmethod
     def hold(cls, seconds: float) -> None:
         with cls.lock:
-            if cls.holders == 0:
+            if not cls.held:
                 cls.saved = sys.getswitchinterval()
-            cls.holders += 1
+            cls.held.append(seconds)
             sys.setswitchinterval(seconds)
 
     @classmethod
-    def release(cls) -> None:
+    def release(cls, seconds: float) -> None:
         with cls.lock:
-            cls.holders -= 1
-            if cls.holders == 0:
-                sys.setswitchinterval(cls.saved)
+            cls.held.remove(seconds)
+            sys.setswitchinterval(cls.held[-1] if cls.held else cls.saved)
 
 
 class Daemon:
@@ -154,7 +155,7 @@ class Daemon:
         self._signals = 0
         self._restored = False
         self._heap_frozen = False  # see freeze_heap; undone at stop
-        self._switch_interval_held = False  # learner.gil_switch_interval_us applies until stop
+        self._switch_interval: float | None = None  # learner.gil_switch_interval_us, held until stop
         self._frozen_after_records = False
 
     def _input_size(self) -> int | None:
@@ -213,8 +214,8 @@ class Daemon:
         freeze_heap(collect=True)
         self._heap_frozen = True
         if cfg.learner.gil_switch_interval_us:  # see config.toml, [learner]
-            _SwitchInterval.hold(cfg.learner.gil_switch_interval_us / 1e6)
-            self._switch_interval_held = True
+            self._switch_interval = cfg.learner.gil_switch_interval_us / 1e6
+            _SwitchInterval.hold(self._switch_interval)
         self.source.connect()
         self._source_thread.start()
         self._learner_thread.start()
@@ -293,9 +294,9 @@ class Daemon:
         if self._heap_frozen:
             gc.unfreeze()
             self._heap_frozen = False
-        if self._switch_interval_held:
-            _SwitchInterval.release()
-            self._switch_interval_held = False
+        if self._switch_interval is not None:
+            _SwitchInterval.release(self._switch_interval)
+            self._switch_interval = None
         self.log.info("daemon_stopped", **self.models.stats())
 
     @property

@@ -210,14 +210,16 @@ def test_the_heap_is_frozen_and_the_gil_switch_interval_set_while_running(
 
 
 def test_daemons_in_one_process_share_the_switch_interval_until_the_last_stops() -> None:
+    """The interval is the latest running daemon's; each stop hands it back to the one before."""
     from stream_cl.daemon import _SwitchInterval
 
-    before = sys.getswitchinterval()
+    before = sys.getswitchinterval()  # Python's, or a daemon's that another test keeps running
     _SwitchInterval.hold(50e-6)
-    _SwitchInterval.hold(50e-6)
-    _SwitchInterval.release()
-    assert sys.getswitchinterval() == pytest.approx(50e-6)  # the other daemon still runs
-    _SwitchInterval.release()
+    _SwitchInterval.hold(60e-6)
+    assert sys.getswitchinterval() == pytest.approx(60e-6)
+    _SwitchInterval.release(60e-6)
+    assert sys.getswitchinterval() == pytest.approx(50e-6)  # the first daemon still runs
+    _SwitchInterval.release(50e-6)
     assert sys.getswitchinterval() == before
 
 
