@@ -40,19 +40,16 @@ def reservoir_slots(buffer: _Reservoir, n: int, generator: torch.Generator) -> d
     return writes
 
 
-def write_rows(writes: dict[int, int], pairs: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+def write_rows(writes: dict[int, int], pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """For each (store, source) pair: `store[slot] = source[item]` for every {slot: item} of
-    `writes`, as one indexed copy; a `None` source writes `False` (a flag tensor to clear)."""
+    `writes`, as one indexed copy per pair."""
     if not writes:
         return
-    slots = list(writes)
-    items = list(writes.values())
+    device = pairs[0][0].device  # one buffer's stores share a device
+    slots = torch.tensor(list(writes), device=device)
+    items = torch.tensor(list(writes.values()), device=device)
     for store, source in pairs:
-        at = torch.tensor(slots, device=store.device)
-        if source is None:
-            store[at] = False
-        else:
-            store[at] = source[torch.tensor(items, device=source.device)].to(store.device)
+        store[slots] = source.to(device)[items]
 
 
 class SampleStore:

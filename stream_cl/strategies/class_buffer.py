@@ -35,9 +35,13 @@ class ClassBalancedBuffer(SampleStore):
     def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
         super().__init__(capacity, input_shape, device)
         self.seen: dict[int, int] = {}  # items offered per class
-        self._held: dict[int, int] = {}  # items held per class, kept with every write
         self._label_at: list[int] = []  # the label in each filled slot (mirrors `y[:size]`)
         self._slots_of: dict[int, list[int]] = {}  # each class's slots, ascending
+
+    @property
+    def _held(self) -> dict[int, int]:
+        """Items held per class."""
+        return {label: len(slots) for label, slots in self._slots_of.items()}
 
     def add(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch; items are copied, the caller's tensors are never kept or changed."""
@@ -51,13 +55,10 @@ class ClassBalancedBuffer(SampleStore):
             if slot is None:
                 continue
             if slot < len(self._label_at):  # a replacement: the slot's old item leaves
-                old = self._label_at[slot]
-                self._held[old] -= 1
-                self._slots_of[old].remove(slot)
+                self._slots_of[self._label_at[slot]].remove(slot)
                 self._label_at[slot] = label
             else:
                 self._label_at.append(label)
-            self._held[label] = self._held.get(label, 0) + 1
             bisect.insort(self._slots_of.setdefault(label, []), slot)
             writes[slot] = i
         write_rows(writes, [(self.x, x), (self.y, y)])
@@ -66,13 +67,14 @@ class ClassBalancedBuffer(SampleStore):
         if self.size < self.capacity:
             self.size += 1
             return self.size - 1
-        held = self._held
-        largest = max(held.values())
-        if held.get(label, 0) < largest:
-            victims = sorted(c for c, n in held.items() if n == largest)
+        slots_of = self._slots_of
+        largest = max(map(len, slots_of.values()))
+        held = len(slots_of.get(label, ()))
+        if held < largest:
+            victims = sorted(c for c, slots in slots_of.items() if len(slots) == largest)
             victim = victims[int(next(draws) * len(victims))]
             return self._random_slot_of(victim, next(draws))
-        if int(next(draws) * self.seen[label]) >= held[label]:
+        if int(next(draws) * self.seen[label]) >= held:
             return None
         return self._random_slot_of(label, next(draws))
 
@@ -82,9 +84,8 @@ class ClassBalancedBuffer(SampleStore):
 
     def _load_seen(self, seen: Any) -> None:
         self._label_at = self.labels().tolist()
-        self._held, self._slots_of = {}, {}
+        self._slots_of = {}
         for slot, label in enumerate(self._label_at):
-            self._held[label] = self._held.get(label, 0) + 1
             self._slots_of.setdefault(label, []).append(slot)
         if isinstance(seen, int):  # a uniform reservoir's state (older checkpoints): counts held
             seen = dict(self._held)

@@ -95,7 +95,9 @@ class InputMemory:
 
     def add(self, x: torch.Tensor, generator: torch.Generator) -> None:
         """Offer a batch of inputs; they are copied, never kept by reference."""
-        write_rows(reservoir_slots(self, x.shape[0], generator), [(self.x, x), (self.valid, None)])
+        writes = reservoir_slots(self, x.shape[0], generator)
+        write_rows(writes, [(self.x, x)])
+        self.valid[list(writes)] = False  # a new input has no target yet
 
     def snapshot(self, model: nn.Module, chunk: int = 256, keep: bool = False) -> None:
         """Store `model`'s softmax outputs on the held inputs as their targets: on every input, or
