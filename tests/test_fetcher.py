@@ -258,3 +258,34 @@ def test_daemon_learns_every_sample_through_the_fetcher(
     dead = consume_all(broker.bootstrap_servers, f"{topic}.dlq")
     assert [dict(r.headers)["stream_cl.reason"] for r in dead] == [b"bad_length"]
     assert dead[0].value == wrong  # the original bytes, out of the frame the fetcher sent
+
+
+def test_recv_frame_reads_what_send_bytes_sent_and_stops_at_eof() -> None:
+    """The parent's direct read (no BytesIO) speaks `Connection.send_bytes`' format: messages of
+    any size in order, the 8-byte length form, a read-only buffer, EOF at a closed or cut peer."""
+    import socket
+    import struct
+    from multiprocessing.connection import Connection
+
+    from stream_cl.fetcher import recv_frame
+
+    a, b = socket.socketpair()
+    reader, writer = Connection(a.detach()), Connection(b.detach())
+    big = np.random.default_rng(0).integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()  # > socket buffer
+    received: list[bytes] = []
+    thread = threading.Thread(target=lambda: received.extend(bytes(recv_frame(reader)) for _ in range(3)))
+    thread.start()
+    writer.send_bytes(b"first")
+    writer.send_bytes(big)
+    writer.send_bytes(b"")
+    thread.join(10)
+    assert received == [b"first", big, b""]
+    # the form Connection uses past 2 GiB: -1, then the length in 8 bytes
+    writer._send(struct.pack("!i", -1) + struct.pack("!Q", 3) + b"xyz")  # type: ignore[attr-defined]
+    frame = recv_frame(reader)
+    assert bytes(frame) == b"xyz" and frame.readonly
+    writer._send(struct.pack("!i", 10) + b"cut")  # type: ignore[attr-defined]
+    writer.close()
+    with pytest.raises(EOFError):
+        recv_frame(reader)
+    reader.close()
