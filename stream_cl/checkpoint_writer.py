@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stream_cl.affinity import helper_cpus, move_to
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.config import Config
 from stream_cl.metrics import Metrics
@@ -60,10 +61,12 @@ class BackgroundWrite:
         self._state: dict[str, Any] | None = state
         self._path: Path | None = None
         self._error: OSError | None = None
+        self._cpus = helper_cpus()  # started by a pinned learner thread: run off its cores
         self._thread = threading.Thread(target=self._run, name="stream-cl-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        move_to(self._cpus)
         try:
             assert self._state is not None
             self._path = self._store.save(self._state)

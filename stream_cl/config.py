@@ -175,9 +175,15 @@ class LearnerConfig:
     snapshot_min_interval_ms: int = 50
     prequential_window: int = 1000
     gil_switch_interval_us: int = 50
+    cpu_affinity: str = "auto"
 
     def validate(self) -> None:
+        from stream_cl import affinity
+
         _positive("learner.snapshot_every_steps", self.snapshot_every_steps)
+        problem = affinity.validate(self.cpu_affinity)
+        if problem is not None:
+            raise ConfigError(affinity.KEY, problem)
         _positive("learner.prequential_window", self.prequential_window)
         if self.gil_switch_interval_us < 0:
             raise ConfigError(

@@ -7,6 +7,7 @@ the processed offsets, drain and close the socket, stop /metrics. A second signa
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import queue
@@ -23,6 +24,7 @@ import msgpack
 from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
+from stream_cl.affinity import CpuPlan, cpu_plan
 from stream_cl.checkpoint import CheckpointStore
 from stream_cl.codec import Sample
 from stream_cl.config import Config
@@ -157,6 +159,7 @@ class Daemon:
         self._heap_frozen = False  # see freeze_heap; undone at stop
         self._switch_interval: float | None = None  # learner.gil_switch_interval_us, held until stop
         self._frozen_after_records = False
+        self._cpus: CpuPlan | None = None  # learner.cpu_affinity, decided at start
 
     def _input_size(self) -> int | None:
         return self.learner.input_size
@@ -196,6 +199,25 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         self.restore()
+        self._cpus, why = cpu_plan(cfg.learner.cpu_affinity, cfg.model.torch_threads)
+        if self._cpus is not None:
+            self.log.info("cpu_affinity", learner=sorted(self._cpus.learner), rest=sorted(self._cpus.rest))
+        else:
+            self.log.info("cpu_affinity_off", setting=cfg.learner.cpu_affinity, reason=why)
+        # every thread and process started below runs off the learner's cores (see affinity.py)
+        with self._cpus.starting_threads() if self._cpus is not None else contextlib.nullcontext():
+            self._start_components()
+        self.log.info(
+            "daemon_started",
+            topic=cfg.kafka.topic,
+            group_id=cfg.kafka.group_id,
+            strategy=cfg.strategy.name,
+            serve_port=self.serve_port,
+            metrics_port=self.metrics_port,
+        )
+
+    def _start_components(self) -> None:
+        cfg = self.config
         if cfg.metrics.enabled:
             self._metrics_server, self.metrics_port = start_metrics_server(
                 self.metrics, cfg.metrics.host, cfg.metrics.port
@@ -216,20 +238,14 @@ class Daemon:
         if cfg.learner.gil_switch_interval_us:  # see config.toml, [learner]
             self._switch_interval = cfg.learner.gil_switch_interval_us / 1e6
             _SwitchInterval.hold(self._switch_interval)
-        self.source.connect()
+        self.source.connect()  # with kafka.fetch_in_subprocess, starts the fetcher process
         self._source_thread.start()
         self._learner_thread.start()
-        self.log.info(
-            "daemon_started",
-            topic=cfg.kafka.topic,
-            group_id=cfg.kafka.group_id,
-            strategy=cfg.strategy.name,
-            serve_port=self.serve_port,
-            metrics_port=self.metrics_port,
-        )
 
     def _learn_loop(self) -> None:
         models = self.models
+        if self._cpus is not None:
+            self._cpus.pin_learner()
         try:
             with flush_denormals():  # the learner thread trains: see strategies.flush_denormals
                 self._learn_until_stopped(models)

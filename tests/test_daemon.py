@@ -223,6 +223,80 @@ def test_daemons_in_one_process_share_the_switch_interval_until_the_last_stops()
     assert sys.getswitchinterval() == before
 
 
+def _cpus_of(tid: int) -> frozenset[int]:
+    return frozenset(os.sched_getaffinity(tid))
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores (Linux)"
+)
+def test_cpu_affinity_puts_the_learner_on_its_own_core_and_the_rest_elsewhere(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """`learner.cpu_affinity = auto`: the learner thread on the last core, the source and
+    evaluator threads and the fetcher process on the others; the thread that called `start`
+    keeps its cores. Learning works pinned."""
+    topic = f"pinned-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            *kafka_overrides(broker.bootstrap_servers, topic),
+            "serve.enabled=false",
+            "metrics.enabled=false",
+            "model.hidden=[16]",
+            f"checkpoint.dir={tmp_path}",
+            "learner.cpu_affinity=auto",
+            "model.torch_threads=1",
+        ],
+        env={},
+    )
+    allowed = frozenset(os.sched_getaffinity(0))
+    last = max(allowed)
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert frozenset(os.sched_getaffinity(0)) == allowed
+        produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=200)
+        wait_until(lambda: daemon.learner.stats()["learned"] > 0, 60, "learning")
+        threads = {t.name: t.native_id for t in threading.enumerate() if t.name.startswith("stream-cl-")}
+        assert _cpus_of(threads["stream-cl-learner"]) == {last}
+        for name in ("stream-cl-source", "stream-cl-evaluator"):
+            assert _cpus_of(threads[name]) == allowed - {last}, name
+        assert config.kafka.fetch_in_subprocess
+        fetcher = daemon.source.pid  # type: ignore[attr-defined]
+        assert fetcher is not None and _cpus_of(fetcher) == allowed - {last}
+    finally:
+        daemon.stop()
+
+
+def test_cpu_affinity_off_leaves_every_thread_where_it_was(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    topic = f"unpinned-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    config = load_config(
+        None,
+        [
+            *kafka_overrides(broker.bootstrap_servers, topic),
+            "serve.enabled=false",
+            "metrics.enabled=false",
+            "model.hidden=[16]",
+            f"checkpoint.dir={tmp_path}",
+            "learner.cpu_affinity=off",
+        ],
+        env={},
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=100)
+        wait_until(lambda: daemon.learner.stats()["learned"] > 0, 60, "learning")
+        learner = next(t for t in threading.enumerate() if t.name == "stream-cl-learner")
+        assert learner.native_id is not None
+        assert _cpus_of(learner.native_id) == frozenset(os.sched_getaffinity(0))
+    finally:
+        daemon.stop()
+
+
 def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) -> None:
     """A real HTTP scrape of /metrics returns the design.md series with live values."""
     daemon, _ = running

@@ -1,0 +1,103 @@
+"""`learner.cpu_affinity`: parsing, validation naming the key, the plan, helpers off the learner's cores."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_cl import affinity
+from stream_cl.config import ConfigError, load_config
+
+needs_two_cores = pytest.mark.skipif(
+    not affinity.SUPPORTED or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores (Linux)"
+)
+
+
+def test_cpu_lists_parse_like_taskset() -> None:
+    assert affinity.parse_cpus("3") == {3}
+    assert affinity.parse_cpus("0-2, 5") == {0, 1, 2, 5}
+    for bad in ("", "a", "3-1", "-1", "1,,2"):
+        with pytest.raises(ValueError):
+            affinity.parse_cpus(bad)
+
+
+@pytest.mark.parametrize("value", ["fast", "1-", "x,2"])
+def test_a_malformed_value_is_an_error_naming_the_key(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"learner\.cpu_affinity.*expected 'auto', 'off'") as e:
+        load_config(None, [f"learner.cpu_affinity={value}"], env={})
+    assert e.value.key == "learner.cpu_affinity"
+
+
+@pytest.mark.skipif(not affinity.SUPPORTED, reason="Linux only")
+def test_a_cpu_this_process_may_not_use_is_an_error_naming_it() -> None:
+    missing = max(os.sched_getaffinity(0)) + 1
+    with pytest.raises(ConfigError, match=rf"learner\.cpu_affinity.*CPUs \[{missing}\] are not available"):
+        load_config(None, [f"learner.cpu_affinity={missing}"], env={})
+
+
+@pytest.mark.skipif(not affinity.SUPPORTED, reason="Linux only")
+def test_the_plan_gives_the_learner_the_last_cores_and_the_rest_the_others() -> None:
+    allowed = frozenset(os.sched_getaffinity(0))
+    plan, why = affinity.cpu_plan("auto", torch_threads=len(allowed))
+    assert plan is None and "needed by the learner" in why  # nothing left for the rest
+    assert affinity.cpu_plan("off", 1) == (None, "off")
+    if len(allowed) >= 2:
+        plan, _ = affinity.cpu_plan("auto", torch_threads=1)
+        assert plan is not None
+        assert plan.learner == {max(allowed)} and plan.rest == allowed - {max(allowed)}
+        plan, _ = affinity.cpu_plan(str(min(allowed)), torch_threads=1)
+        assert plan is not None and plan.learner == {min(allowed)} and plan.rest == allowed - {min(allowed)}
+    only, _ = affinity.cpu_plan(",".join(map(str, sorted(allowed))), torch_threads=1)
+    assert only is not None and only.rest == allowed  # no core left over: the rest may run anywhere
+
+
+@needs_two_cores
+def test_threads_started_in_the_block_inherit_the_rest_and_the_caller_gets_its_cores_back() -> None:
+    plan, _ = affinity.cpu_plan("auto", torch_threads=1)
+    assert plan is not None
+    before = frozenset(os.sched_getaffinity(0))
+    seen: dict[str, Any] = {}
+
+    def learner() -> None:
+        plan.pin_learner()
+        seen["learner"] = frozenset(os.sched_getaffinity(0))
+        seen["helper"] = affinity.helper_cpus()
+
+    with plan.starting_threads():
+        started = threading.Thread(target=lambda: seen.update(other=frozenset(os.sched_getaffinity(0))))
+        started.start()
+        pinned = threading.Thread(target=learner)
+        pinned.start()
+    started.join()
+    pinned.join()
+    assert frozenset(os.sched_getaffinity(0)) == before
+    assert seen == {"other": plan.rest, "learner": plan.learner, "helper": plan.rest}
+    assert affinity.helper_cpus() is None  # this thread is no pinned learner
+
+
+@needs_two_cores
+def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: Path) -> None:
+    from stream_cl.checkpoint_writer import BackgroundWrite
+
+    plan, _ = affinity.cpu_plan("auto", torch_threads=1)
+    assert plan is not None
+    where: list[frozenset[int]] = []
+
+    class Store:  # records where `save` ran
+        def save(self, state: dict[str, Any]) -> Path:
+            where.append(frozenset(os.sched_getaffinity(0)))
+            return tmp_path / "ckpt"
+
+    def learner() -> None:
+        plan.pin_learner()
+        path, error = BackgroundWrite(Store(), {}, {}, 0).result()  # type: ignore[arg-type]
+        assert path == tmp_path / "ckpt" and error is None
+
+    thread = threading.Thread(target=learner)
+    thread.start()
+    thread.join()
+    assert where == [plan.rest]
