@@ -38,7 +38,7 @@ from stream_cl.registry import DEFAULT_KEY, SnapshotRegistry
 from stream_cl.replica import SnapshotPublisher
 from stream_cl.serve import PredictionServer
 from stream_cl.snapshot import Snapshot, SnapshotHolder
-from stream_cl.source import QueueItem
+from stream_cl.source import Chunk, QueueItem
 from stream_cl.strategies import flush_denormals
 
 EXIT_OK = 0
@@ -258,18 +258,18 @@ class Daemon:
     def _learn_until_stopped(self, models: Learner | KeyedModels) -> None:
         while not self._learner_stop.is_set():
             try:
-                records = self.queue.get(timeout=0.05)
+                item = self.queue.get(timeout=0.05)
             except queue.Empty:
                 models.flush()  # the stream went quiet: learn the partial batch, publish
                 self._publish_idle()
                 if self.source.stop_event.is_set():
                     break
                 continue
-            if not isinstance(records, list):  # a task in stream order (a rebalance handover)
-                records()
+            if not isinstance(item, Chunk):  # a task in stream order (a rebalance handover)
+                item()
                 continue
-            models.process(records)
-            if not self._frozen_after_records and records:
+            models.process(item)
+            if not self._frozen_after_records and item.rows:
                 freeze_heap()
                 self._frozen_after_records = True
 

@@ -9,15 +9,16 @@ threads are forked, and the parent's `__main__` is not re-imported):
     child: KafkaSource (consumer + its dead-letter producer) ─ poll, decode, dead-letter invalid
       │  one pipe, in stream order: record batches, rebalance calls, commit results, high watermarks
       ▼
-    parent (ProcessSource.run, the source thread): Records into the learner queue, metrics
+    parent (ProcessSource.run, the source thread): Chunks into the learner queue, metrics
 
-- **Records** cross as one frame per poll (`_records_frame`): a msgpack header with, per message,
-  its partition, offset, key, decoded `y`, `task`, `id`, `ts`, `shape` and where its `x` and its
-  original bytes lie; then every `x` back to back as one aligned float32 block, then every
-  original message back to back. The parent's `x` and `raw` are views into the one received
-  buffer: no copy per sample, and no unaligned `x` (reading each `x` out of its message cost a
-  copy, and unpacking the bytes of each message another). Messages the child dead-lettered cross
-  as (partition, offset, key, reason), so the learner still marks them processed in order.
+- **Records** cross as one frame per poll (`_records_frame`): a msgpack header with the poll's
+  `Chunk` rows (per message its partition, offset, key, where its `x` and its original bytes lie,
+  decoded `y`, `task`, `id`, `ts`, `shape`); then every `x` back to back as one aligned float32
+  block, then every original message back to back. The parent hands the learner a `Chunk` over
+  the one received buffer: nothing is built or copied per message on the source thread, and no
+  `x` is unaligned (reading each `x` out of its message cost a copy, and unpacking the bytes of
+  each message another). Messages the child dead-lettered cross as (partition, offset, key,
+  reason), so the learner still marks them processed in order.
 - **Rebalances** are calls: inside the child's `poll`, its listener sends `revoke`/`lost`/`assign`
   and waits; the parent runs `_SeekOnAssign` (the in-process listener, hooks included) on its
   own state and answers (for `assign`: the offsets to seek to, which the child applies). Records
@@ -49,10 +50,10 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from stream_cl.codec import InvalidSample, Sample, decode_sample
+from stream_cl.codec import InvalidSample, decode_sample
 from stream_cl.config import Config, KafkaConfig
 from stream_cl.metrics import Metrics
-from stream_cl.source import KafkaSource, QueueItem, Record, _SeekOnAssign
+from stream_cl.source import INVALID_ROW, Chunk, ChunkBuilder, KafkaSource, QueueItem, _SeekOnAssign
 
 CLOSE_TIMEOUT_S = 15.0
 PIPE_BUFFER_BYTES = 4 << 20
@@ -76,14 +77,12 @@ def _block_at(header_size: int) -> int:
     return end + -end % 16
 
 
-def _records_frame(
-    rows: list[list[Any]], high: dict[int, int], xs: list[np.ndarray], raws: list[bytes]
-) -> bytes:
+def _records_frame(decoded: ChunkBuilder, high: dict[int, int]) -> bytes:
     """RECORDS, header length (4 bytes LE), msgpack header, padding to 16, x block, raw block."""
-    header = _pack("records", rows, high, sum(x.size for x in xs))
+    header = _pack("records", decoded.rows, high, decoded.x_size)
     pad = _block_at(len(header)) - _HEADER_AT - len(header)
-    block = np.concatenate(xs).astype("<f4", copy=False).tobytes() if xs else b""
-    return b"".join([RECORDS, len(header).to_bytes(4, "little"), header, bytes(pad), block, *raws])
+    block = decoded.x_block().tobytes()
+    return b"".join([RECORDS, len(header).to_bytes(4, "little"), header, bytes(pad), block, *decoded.raws])
 
 
 def recv_frame(conn: Connection) -> memoryview:
@@ -120,7 +119,10 @@ def _message(blob: bytes | memoryview) -> list[Any]:
         return cast(list[Any], _unpack(blob))
     view = memoryview(blob)
     size = int.from_bytes(view[len(RECORDS) : _HEADER_AT], "little")
-    kind, rows, high, n = _unpack(view[_HEADER_AT : _HEADER_AT + size])
+    # rows as tuples (each shape a tuple): untracked by the garbage collector once it sees them
+    kind, rows, high, n = msgpack.unpackb(
+        view[_HEADER_AT : _HEADER_AT + size], raw=False, strict_map_key=False, use_list=False
+    )
     start = _block_at(size)
     xs = np.frombuffer(blob, dtype="<f4", count=n, offset=start)
     return [kind, rows, high, xs, view[start + 4 * n :]]
@@ -228,7 +230,7 @@ class ProcessSource(KafkaSource):
         if kind == "records":
             self._highwater.update({int(p): int(h) for p, h in message[2].items()})
             if message[1] and deliver:
-                self._put(self._records(message[1], message[3], message[4]))
+                self._put(self._chunk(message[1], message[3], message[4]))
         elif kind in ("revoke", "lost"):
             tps = [TopicPartition(self.config.topic, p) for p in message[1]]
             if kind == "lost":
@@ -258,22 +260,14 @@ class ProcessSource(KafkaSource):
         elif kind == "closed":
             self._closed = True
 
-    def _records(self, rows: list[list[Any]], xs: np.ndarray, raws: memoryview) -> list[Record]:
-        """Rebuild the poll's Records: each `x` a view of the block `xs`, each `raw` of `raws`."""
-        records: list[Record] = []
-        append = records.append
+    def _chunk(self, rows: list[Any], xs: np.ndarray, raws: memoryview) -> Chunk:
+        """The poll's Chunk over the received blocks; the child's dead letters are counted here."""
         for row in rows:
-            if len(row) == 4:  # dead-lettered by the child: forwarded so the learner marks it in order
-                partition, offset, key, reason = row
+            if len(row) == INVALID_ROW:
                 self.dead_lettered += 1
                 self.metrics.samples.labels(outcome="invalid").inc()
-                self.metrics.dead_letters.labels(reason=reason).inc()
-                append(Record(partition, offset, None, b"", key))
-                continue
-            partition, offset, key, x0, x1, r0, r1, y, task, sid, ts, shape = row
-            sample = Sample(xs[x0:x1], y, task, sid, ts, None if shape is None else tuple(shape))
-            append(Record(partition, offset, sample, raws[r0:r1], key))
-        return records
+                self.metrics.dead_letters.labels(reason=row[3]).inc()
+        return Chunk(rows, xs, raws)
 
     def commit(self) -> None:
         """Ask the child to commit the processed offsets (after the learner's dead letters are durable)."""
@@ -421,7 +415,7 @@ class _Fetcher:
                     self.send("error", "poll")
                     time.sleep(backoff)
                     continue
-                rows, xs, raws = self._encode(polled)
+                decoded = self._encode(polled)
                 now = time.monotonic()
                 high: dict[int, int] = {}
                 if now - last_high >= 1.0:
@@ -430,8 +424,8 @@ class _Fetcher:
                         h = consumer.highwater(tp)
                         if h is not None:
                             high[tp.partition] = h
-                if rows or high:
-                    self.conn.send_bytes(_records_frame(rows, high, xs, raws))
+                if decoded.rows or high:
+                    self.conn.send_bytes(_records_frame(decoded, high))
             while self.stash:
                 self._control(self.stash.pop(0))
             source.close()  # final commit of what the parent last sent, then leave the group
@@ -439,15 +433,9 @@ class _Fetcher:
             with contextlib.suppress(OSError):
                 self.send("closed")
 
-    def _encode(
-        self, polled: dict[TopicPartition, list[Any]]
-    ) -> tuple[list[list[Any]], list[np.ndarray], list[bytes]]:
-        """One row per message, with where its `x` and its bytes lie in the frame's two blocks."""
-        rows: list[list[Any]] = []
-        append = rows.append
-        xs: list[np.ndarray] = []
-        raws: list[bytes] = []
-        at = raw_at = 0
+    def _encode(self, polled: dict[TopicPartition, list[Any]]) -> ChunkBuilder:
+        """Decode a poll into rows and block pieces; invalid messages are dead-lettered here."""
+        builder = ChunkBuilder()
         expected = self.expected
         max_features = self.source.max_features
         for tp, messages in polled.items():
@@ -458,30 +446,10 @@ class _Fetcher:
                     sample = decode_sample(raw, expected, max_features)
                 except InvalidSample as e:
                     self.source.dead_letter(raw, e.reason, e.detail, partition, m.offset)
-                    append([partition, m.offset, m.key, e.reason])
+                    builder.add_invalid(partition, m.offset, m.key, e.reason)
                     continue
-                x = sample.x
-                xs.append(x)
-                raws.append(raw)
-                append(
-                    [
-                        partition,
-                        m.offset,
-                        m.key,
-                        at,
-                        at + x.size,
-                        raw_at,
-                        raw_at + len(raw),
-                        sample.y,
-                        sample.task,
-                        sample.id,
-                        sample.ts,
-                        None if sample.shape is None else list(sample.shape),
-                    ]
-                )
-                at += x.size
-                raw_at += len(raw)
-        return rows, xs, raws
+                builder.add(partition, m.offset, m.key, sample, raw)
+        return builder
 
 
 def make_source(

@@ -47,7 +47,7 @@ from stream_cl.metrics import Metrics
 from stream_cl.model_store import KeyCheckpointStore, PartitionManifest, SharedModelStore
 from stream_cl.registry import SnapshotRegistry
 from stream_cl.snapshot import Snapshot
-from stream_cl.source import DeadLetter, QueueItem, Record
+from stream_cl.source import INVALID_ROW, Chunk, DeadLetter, QueueItem, Record, Row
 
 
 class InvalidKey(ValueError):
@@ -176,49 +176,51 @@ class KeyedModels:
             self.handovers.labels(direction=direction)
 
     # -- the learner thread -----------------------------------------------------------------------
-    def process(self, records: list[Record]) -> None:
+    def process(self, chunk: Chunk | list[Record]) -> None:
         """Route one polled chunk to the keys' models (each key's records in stream order)."""
-        by_key: dict[str, list[Record]] = {}
+        if not isinstance(chunk, Chunk):
+            chunk = Chunk.of(chunk)
+        by_key: dict[str, list[Row]] = {}
         revoked = self._revoked
         on_routed = self.on_routed
-        for rec in records:
-            p = rec.partition
+        for row in chunk.rows:
+            p, offset = row[0], row[1]
             if p in revoked:  # its handover was abandoned: the new owner learns it
                 continue
-            if rec.offset < self._accepted.get(p, 0):
+            if offset < self._accepted.get(p, 0):
                 continue  # routed already (a re-delivery after a seek)
-            self._accepted[p] = rec.offset + 1
-            if rec.sample is None:  # dead-lettered by the source
+            self._accepted[p] = offset + 1
+            if len(row) == INVALID_ROW:  # dead-lettered by the source
                 continue
             try:
-                key = model_key(rec.key)
+                key = model_key(row[2])
             except InvalidKey as e:
-                self.dead_letter(rec.raw, e.reason, e.detail, p, rec.offset)
+                self.dead_letter(chunk.raw(row), e.reason, e.detail, p, offset)
                 continue
             model = self._models.get(key)
             if model is None:
                 model = self._activate(key)
                 if model is None:
                     self.dead_letter(
-                        rec.raw,
+                        chunk.raw(row),
                         "too_many_keys",
                         f"key {key[:100]!r} would be model {self.max_keys + 1} here (models.max_keys)",
                         p,
-                        rec.offset,
+                        offset,
                     )
                     continue
-            if rec.offset < model.taken.get(p, 0):
+            if offset < model.taken.get(p, 0):
                 continue  # in the model already (its checkpoint's offsets, or learned here)
-            model.taken[p] = rec.offset + 1
+            model.taken[p] = offset + 1
             if p not in model.partitions:
                 model.partitions.add(p)
                 self._partition_keys.setdefault(p, set()).add(key)
-            model.unsaved_from.setdefault(p, rec.offset)
-            by_key.setdefault(key, []).append(rec)
+            model.unsaved_from.setdefault(p, offset)
+            by_key.setdefault(key, []).append(row)
             if on_routed is not None:
-                on_routed(key, p, rec.offset)
-        for key, recs in by_key.items():
-            self._models[key].learner.process(recs)
+                on_routed(key, p, offset)
+        for key, rows in by_key.items():
+            self._models[key].learner.process(chunk.select(rows))
             self._touched.add(key)
         self._housekeeping()
 

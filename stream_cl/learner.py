@@ -27,7 +27,7 @@ from stream_cl.evaluator import Evaluator
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.snapshot import Label, Snapshot, SnapshotHolder, TaskId
-from stream_cl.source import DeadLetter, Record
+from stream_cl.source import INVALID_ROW, Chunk, DeadLetter, Record
 from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
 from stream_cl.transfer import TrajectoryRecorder
 
@@ -87,8 +87,10 @@ class Learner(CheckpointMixin):
         self.boundaries: list[BoundaryEvent] = []
         self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
-        self._pending: list[tuple[np.ndarray, int, Record]] = []
-        self._deferred: list[Record] = []  # processed records waiting for the pending batch's step
+        self._pending: list[tuple[np.ndarray, int, int, int]] = []  # (x, class, partition, offset)
+        self._deferred: list[
+            tuple[int, int]
+        ] = []  # processed (partition, offset) waiting for the pending batch's step
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
         self._learned_at_checkpoint = 0
@@ -121,10 +123,10 @@ class Learner(CheckpointMixin):
         self._input_shape = shape
         self.input_size: int | None = int(np.prod(shape)) if shape else None
 
-    def _ensure_strategy(self, sample: Sample) -> Strategy:
+    def _ensure_strategy(self, x: np.ndarray, shape: Any) -> Strategy:
         if self.strategy is None:
             if self.input_shape is None:
-                self.input_shape = sample.shape or (sample.x.size,)
+                self.input_shape = tuple(shape) if shape else (x.size,)
             cfg = self.config
             self.strategy = from_config(cfg, self.input_shape)
             self.log.info(
@@ -135,36 +137,41 @@ class Learner(CheckpointMixin):
             )
         return self.strategy
 
-    def process(self, records: list[Record]) -> None:
-        """Handle one polled chunk of records in stream order."""
+    def process(self, chunk: Chunk | list[Record]) -> None:
+        """Handle one polled chunk of records in stream order (a list of Records is made a Chunk)."""
+        if not isinstance(chunk, Chunk):
+            chunk = Chunk.of(chunk)
         accepted = self._accepted
         label_index = self.label_index
         detector = self.detector
         evaluator = self.evaluator
         batch_size = self.config.model.batch_size
-        for rec in records:
-            partition, offset = rec.partition, rec.offset
+        xs = chunk.xs
+        for row in chunk.rows:
+            partition, offset = row[0], row[1]
             if offset < accepted.get(partition, 0):
                 continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
             accepted[partition] = offset + 1
-            sample = rec.sample
-            if sample is None:  # dead-lettered by the source
-                self._done_without_learning(rec)
+            if len(row) == INVALID_ROW:  # dead-lettered by the source
+                self._done_without_learning(partition, offset)
                 continue
-            x = sample.x
-            if self.input_size is not None and x.size != self.input_size:
-                self._reject(rec, "bad_length", f"'x' has {x.size} features, expected {self.input_size}")
+            x0, x1 = row[3], row[4]
+            if self.input_size is not None and x1 - x0 != self.input_size:
+                detail = f"'x' has {x1 - x0} features, expected {self.input_size}"
+                self._reject(partition, offset, chunk.raw(row), "bad_length", detail)
                 continue
-            strategy = self.strategy if self.strategy is not None else self._ensure_strategy(sample)
-            y = sample.y
+            x = xs[x0:x1]
+            strategy = self.strategy if self.strategy is not None else self._ensure_strategy(x, row[11])
+            y = row[7]
             if y is None:
-                self._unlabeled(rec, sample)
+                self._unlabeled(partition, offset, chunk.sample(row))
                 continue
             cls = label_index.get(y)
             if cls is None and len(self.labels) >= self.config.model.max_classes:
-                self._reject(rec, "too_many_classes", f"label {y!r} beyond model.max_classes")
+                detail = f"label {y!r} beyond model.max_classes"
+                self._reject(partition, offset, chunk.raw(row), "too_many_classes", detail)
                 continue
-            event = detector.observe(sample.task, cls is None, partition, offset, label=y, x=x)
+            event = detector.observe(row[8], cls is None, partition, offset, label=y, x=x)
             if event is not None:
                 self._learn_pending()
                 self._boundary(event)
@@ -182,12 +189,12 @@ class Learner(CheckpointMixin):
                 evaluator.add(task, x, y)
                 self._held_out_unreported += 1
                 self.held_out += 1
-                self._done_without_learning(rec)
+                self._done_without_learning(partition, offset)
                 continue
             elif (task, cls) not in self._noted:
                 strategy.note_task(task, [cls])
                 self._noted.add((task, cls))
-            self._pending.append((x, cls, rec))
+            self._pending.append((x, cls, partition, offset))
             if len(self._pending) >= batch_size:
                 self._learn_pending()
         self._report_held_out()
@@ -236,20 +243,20 @@ class Learner(CheckpointMixin):
         # Processed up to the last record of each partition (offsets only grow within one): one
         # report per partition and step, not one per record.
         upto: dict[int, int] = {}
-        for _, _, rec in pending:
-            upto[rec.partition] = rec.offset
-        for rec in self._deferred:
-            if rec.offset > upto.get(rec.partition, -1):
-                upto[rec.partition] = rec.offset
+        for _, _, partition, offset in pending:
+            upto[partition] = offset
+        for partition, offset in self._deferred:
+            if offset > upto.get(partition, -1):
+                upto[partition] = offset
         self._deferred.clear()
         for partition, offset in upto.items():
             self._mark_offset(partition, offset)
         self._maybe_publish()  # per step, so a big polled chunk cannot leave serving on a stale model
         if self.evaluator is not None:
             self.evaluator.on_learned(self.learned)
-        last = pending[-1][2]
+        _, _, last_partition, last_offset = pending[-1]
         event = self.detector.observe_outcome(
-            result.sample_losses, result.correct, last.partition, last.offset
+            result.sample_losses, result.correct, last_partition, last_offset
         )
         if event is not None:
             self._boundary(event)
@@ -294,7 +301,7 @@ class Learner(CheckpointMixin):
             self.metrics.free_capacity_ratio.set(ratio())
             self.metrics.capacity_exhausted.set(float(getattr(self.strategy, "exhausted", False)))
 
-    def _unlabeled(self, rec: Record, sample: Sample) -> None:
+    def _unlabeled(self, partition: int, offset: int, sample: Sample) -> None:
         self.metrics.samples.labels(outcome="unlabeled").inc()
         if self.on_unlabeled is not None:
             snap = self.holder.get()
@@ -310,27 +317,24 @@ class Learner(CheckpointMixin):
                         "model_version": snap.version,
                     },
                 )
-        self._done_without_learning(rec)
+        self._done_without_learning(partition, offset)
 
-    def _reject(self, rec: Record, reason: str, detail: str) -> None:
+    def _reject(self, partition: int, offset: int, raw: bytes | memoryview, reason: str, detail: str) -> None:
         if self.dead_letter is not None:
-            self.dead_letter(rec.raw, reason, detail, rec.partition, rec.offset)
+            self.dead_letter(raw, reason, detail, partition, offset)
         else:
             self.metrics.samples.labels(outcome="invalid").inc()
-        self._done_without_learning(rec)
+        self._done_without_learning(partition, offset)
 
-    def _done_without_learning(self, rec: Record) -> None:
+    def _done_without_learning(self, partition: int, offset: int) -> None:
         """Unlabeled, held-out or invalid: processed once the pending batch before it is learned.
 
         Marking it at once would let a commit cover earlier, still unlearned records.
         """
         if self._pending:
-            self._deferred.append(rec)
+            self._deferred.append((partition, offset))
         else:
-            self._mark(rec)
-
-    def _mark(self, rec: Record) -> None:
-        self._mark_offset(rec.partition, rec.offset)
+            self._mark_offset(partition, offset)
 
     def _mark_offset(self, partition: int, offset: int) -> None:
         if offset + 1 > self.offsets.get(partition, 0):

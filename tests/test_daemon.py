@@ -223,7 +223,8 @@ def test_daemons_in_one_process_share_the_switch_interval_until_the_last_stops()
     assert sys.getswitchinterval() == before
 
 
-def _cpus_of(tid: int) -> frozenset[int]:
+def _cpus_of(tid: int | None) -> frozenset[int]:
+    assert tid is not None, "the thread runs"
     return frozenset(os.sched_getaffinity(tid))
 
 
@@ -259,10 +260,12 @@ def test_cpu_affinity_puts_the_learner_on_its_own_core_and_the_rest_elsewhere(
         assert frozenset(os.sched_getaffinity(0)) == allowed
         produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=200)
         wait_until(lambda: daemon.learner.stats()["learned"] > 0, 60, "learning")
-        threads = {t.name: t.native_id for t in threading.enumerate() if t.name.startswith("stream-cl-")}
-        assert _cpus_of(threads["stream-cl-learner"]) == {last}
-        for name in ("stream-cl-source", "stream-cl-evaluator"):
-            assert _cpus_of(threads[name]) == allowed - {last}, name
+        assert daemon.learner.evaluator is not None
+        evaluator = daemon.learner.evaluator._thread
+        assert evaluator is not None  # the daemon's own threads: other tests' daemons may run too
+        assert _cpus_of(daemon._learner_thread.native_id) == {last}
+        for thread in (daemon._source_thread, evaluator):
+            assert _cpus_of(thread.native_id) == allowed - {last}, thread.name
         assert config.kafka.fetch_in_subprocess
         fetcher = daemon.source.pid  # type: ignore[attr-defined]
         assert fetcher is not None and _cpus_of(fetcher) == allowed - {last}
@@ -290,9 +293,7 @@ def test_cpu_affinity_off_leaves_every_thread_where_it_was(broker: EmbeddedBroke
     try:
         produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=100)
         wait_until(lambda: daemon.learner.stats()["learned"] > 0, 60, "learning")
-        learner = next(t for t in threading.enumerate() if t.name == "stream-cl-learner")
-        assert learner.native_id is not None
-        assert _cpus_of(learner.native_id) == frozenset(os.sched_getaffinity(0))
+        assert _cpus_of(daemon._learner_thread.native_id) == frozenset(os.sched_getaffinity(0))
     finally:
         daemon.stop()
 

@@ -24,7 +24,7 @@ from stream_cl.datasets import load_stream
 from stream_cl.fetcher import ProcessSource
 from stream_cl.metrics import Metrics
 from stream_cl.producer import consume_all, produce_stream
-from stream_cl.source import QueueItem, Record
+from stream_cl.source import Chunk, KafkaSource, QueueItem, Record
 
 
 class Drain:
@@ -42,25 +42,31 @@ class Drain:
                 item = self.out.get(timeout=0.05)
             except queue.Empty:
                 continue
-            if not isinstance(item, list):
+            if not isinstance(item, Chunk):
                 item()
                 continue
-            for rec in item:
+            for rec in item.records():
                 self.log.append(rec)
                 self.source.mark_processed(rec.partition, rec.offset)
 
 
-def _source(bootstrap: str, topic: str, **kwargs: Any) -> tuple[ProcessSource, queue.Queue[QueueItem]]:
+def _source(
+    bootstrap: str, topic: str, kind: type[KafkaSource] = ProcessSource, **kwargs: Any
+) -> tuple[Any, queue.Queue[QueueItem]]:
     config = load_config(
         None, [*kafka_overrides(bootstrap, topic), "kafka.commit_interval_s=0.5"], env={}
     ).kafka
     out: queue.Queue[QueueItem] = queue.Queue(maxsize=8)
-    return ProcessSource(config, out, Metrics(), **kwargs), out
+    return kind(config, out, Metrics(), **kwargs), out
 
 
-def test_every_message_arrives_once_decoded_like_in_process(broker: EmbeddedBroker, topic: str) -> None:
-    """Three partitions, valid and malformed messages: each offset arrives exactly once, valid ones
-    with exactly the in-process decode, invalid ones dead-lettered; processed offsets get committed."""
+@pytest.mark.parametrize("kind", [ProcessSource, KafkaSource], ids=["subprocess", "in_process"])
+def test_every_message_arrives_once_decoded_like_in_process(
+    broker: EmbeddedBroker, topic: str, kind: type[KafkaSource]
+) -> None:
+    """Three partitions, valid and malformed messages: each offset arrives exactly once (in the
+    learner's chunks), valid ones with exactly `decode_sample`'s result and their original bytes,
+    invalid ones dead-lettered; processed offsets get committed. Both fetch modes."""
     broker.create_topic(f"{topic}-p3", partitions=3)
     topic = f"{topic}-p3"
     rng = np.random.default_rng(0)
@@ -81,7 +87,7 @@ def test_every_message_arrives_once_decoded_like_in_process(broker: EmbeddedBrok
         sent[(meta.partition, meta.offset)] = value
     producer.close()
 
-    source, out = _source(broker.bootstrap_servers, topic)
+    source, out = _source(broker.bootstrap_servers, topic, kind)
     got: list[Record] = []
     drain = Drain(out, source, got)
     source.connect()

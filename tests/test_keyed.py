@@ -27,7 +27,7 @@ from stream_cl.metrics import Metrics
 from stream_cl.model_store import PartitionManifest, SharedModelStore, key_dir_name
 from stream_cl.registry import SnapshotRegistry
 from stream_cl.replica_server import Replica
-from stream_cl.source import QueueItem, Record
+from stream_cl.source import Chunk, QueueItem, Record
 
 DIM = 4
 
@@ -77,7 +77,7 @@ class Harness:
                 item = self.queue.get_nowait()
             except queue.Empty:
                 return
-            assert not isinstance(item, list)
+            assert not isinstance(item, Chunk)
             item()
 
     def revoke(self, partitions: list[int]) -> None:
@@ -85,7 +85,7 @@ class Harness:
         waiting = threading.Thread(target=self.models.on_revoke, args=(partitions, False))
         waiting.start()
         item = self.queue.get(timeout=10)
-        assert not isinstance(item, list)
+        assert not isinstance(item, Chunk)
         item()
         waiting.join(10)
         assert not waiting.is_alive()

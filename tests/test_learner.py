@@ -252,3 +252,28 @@ def test_a_failed_background_write_is_counted_and_retried(tmp_path: Path) -> Non
     assert not learner.checkpoint()
     assert learner.learned == 200
     assert learner.metrics.sample_value("stream_cl_checkpoint_failures_total") >= 2
+
+
+def _fields(rec: Record) -> tuple[object, ...]:
+    s = rec.sample
+    sample = None if s is None else (s.x.tolist(), s.y, s.task, s.id, s.ts, s.shape)
+    return (rec.partition, rec.offset, rec.key, bytes(rec.raw) if s is not None else b"", sample)
+
+
+def test_a_chunk_holds_its_records_and_a_selection_shares_its_blocks() -> None:
+    """What the source hands the learner: rows over one x block and one bytes block; the records
+    come back out field for field (dead-lettered ones without a sample), in any selection."""
+    from stream_cl.source import Chunk
+
+    records = [
+        Record(0, 5, Sample(np.arange(4, dtype=np.float32), 1, "t", 7, 1.5, (2, 2)), b"raw-a", b"k1"),
+        Record(1, 9, None, b"", b"k2"),  # dead-lettered by the source
+        Record(0, 6, Sample(np.full(3, 0.5, np.float32), "cat"), b"raw-bb"),
+        Record(2, 0, Sample(np.ones(4, np.float32)), memoryview(b"raw-ccc"), None),
+    ]
+    chunk = Chunk.of(records)
+    assert len(chunk) == 4 and chunk.xs.dtype == np.float32 and chunk.xs.size == 11
+    assert [_fields(r) for r in chunk.records()] == [_fields(r) for r in records]
+    picked = chunk.select([chunk.rows[3], chunk.rows[0]])
+    assert picked.xs is chunk.xs
+    assert [_fields(r) for r in picked.records()] == [_fields(records[3]), _fields(records[0])]
