@@ -22,7 +22,7 @@ from support import kafka_overrides, wait_until
 
 from stream_cl.broker import EmbeddedBroker
 from stream_cl.client import PredictionClient
-from stream_cl.config import load_config
+from stream_cl.config import Config, load_config
 from stream_cl.daemon import Daemon
 from stream_cl.datasets import BenchmarkStream, load_stream
 from stream_cl.producer import consume_all, produce_stream
@@ -174,26 +174,28 @@ def test_model_version_increases_while_learning(broker: EmbeddedBroker, tmp_path
         daemon.stop()
 
 
+def _small_daemon_config(broker: EmbeddedBroker, tmp_path: Path, *overrides: str) -> tuple[Config, str]:
+    """A small model on a fresh topic, without serving or /metrics."""
+    topic = f"small-{time.monotonic_ns()}"
+    broker.create_topic(topic)
+    sets = [
+        *kafka_overrides(broker.bootstrap_servers, topic),
+        "serve.enabled=false",
+        "metrics.enabled=false",
+        "model.hidden=[16]",
+        f"checkpoint.dir={tmp_path}",
+        *overrides,
+    ]
+    return load_config(None, sets, env={}), topic
+
+
 def test_the_heap_is_frozen_and_the_gil_switch_interval_set_while_running(
     broker: EmbeddedBroker, tmp_path: Path
 ) -> None:
     """`start` collects once and freezes what is alive (no full collection scans it while the
     stream is learned); `stop` unfreezes, so cycles among those objects can be collected again.
     The GIL switch interval is `learner.gil_switch_interval_us` while it runs, Python's again after."""
-    topic = f"frozen-{time.monotonic_ns()}"
-    broker.create_topic(topic)
-    config = load_config(
-        None,
-        [
-            *kafka_overrides(broker.bootstrap_servers, topic),
-            "serve.enabled=false",
-            "metrics.enabled=false",
-            "model.hidden=[16]",
-            f"checkpoint.dir={tmp_path}",
-            "learner.gil_switch_interval_us=70",
-        ],
-        env={},
-    )
+    config, topic = _small_daemon_config(broker, tmp_path, "learner.gil_switch_interval_us=70")
     before = sys.getswitchinterval()
     daemon = Daemon(config)
     daemon.start()
@@ -237,20 +239,8 @@ def test_cpu_affinity_puts_the_learner_on_its_own_core_and_the_rest_elsewhere(
     """`learner.cpu_affinity = auto`: the learner thread on the last core, the source and
     evaluator threads and the fetcher process on the others; the thread that called `start`
     keeps its cores. Learning works pinned."""
-    topic = f"pinned-{time.monotonic_ns()}"
-    broker.create_topic(topic)
-    config = load_config(
-        None,
-        [
-            *kafka_overrides(broker.bootstrap_servers, topic),
-            "serve.enabled=false",
-            "metrics.enabled=false",
-            "model.hidden=[16]",
-            f"checkpoint.dir={tmp_path}",
-            "learner.cpu_affinity=auto",
-            "model.torch_threads=1",
-        ],
-        env={},
+    config, topic = _small_daemon_config(
+        broker, tmp_path, "learner.cpu_affinity=auto", "model.torch_threads=1"
     )
     allowed = frozenset(os.sched_getaffinity(0))
     last = max(allowed)
@@ -274,20 +264,7 @@ def test_cpu_affinity_puts_the_learner_on_its_own_core_and_the_rest_elsewhere(
 
 
 def test_cpu_affinity_off_leaves_every_thread_where_it_was(broker: EmbeddedBroker, tmp_path: Path) -> None:
-    topic = f"unpinned-{time.monotonic_ns()}"
-    broker.create_topic(topic)
-    config = load_config(
-        None,
-        [
-            *kafka_overrides(broker.bootstrap_servers, topic),
-            "serve.enabled=false",
-            "metrics.enabled=false",
-            "model.hidden=[16]",
-            f"checkpoint.dir={tmp_path}",
-            "learner.cpu_affinity=off",
-        ],
-        env={},
-    )
+    config, topic = _small_daemon_config(broker, tmp_path, "learner.cpu_affinity=off")
     daemon = Daemon(config)
     daemon.start()
     try:
