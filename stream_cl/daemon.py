@@ -313,6 +313,9 @@ class Daemon:
         if self._switch_interval is not None:
             _SwitchInterval.release(self._switch_interval)
             self._switch_interval = None
+        if self._cpus is not None:
+            self._cpus.release()  # the learner's cores, for the next daemon's `auto`
+            self._cpus = None
         self.log.info("daemon_stopped", **self.models.stats())
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -40,25 +41,65 @@ def test_a_cpu_this_process_may_not_use_is_an_error_naming_it() -> None:
 
 
 @pytest.mark.skipif(not affinity.SUPPORTED, reason="Linux only")
-def test_the_plan_gives_the_learner_the_last_cores_and_the_rest_the_others() -> None:
+def test_the_plan_gives_the_learner_the_last_free_cores_and_the_rest_the_others(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own core claims
+    monkeypatch.setattr(affinity, "cpu_quota", lambda: None)  # as on a machine of its own
     allowed = frozenset(os.sched_getaffinity(0))
     plan, why = affinity.cpu_plan("auto", torch_threads=len(allowed))
-    assert plan is None and "needed by the learner" in why  # nothing left for the rest
+    assert plan is None and "none left over for the rest" in why
     assert affinity.cpu_plan("off", 1) == (None, "off")
     if len(allowed) >= 2:
-        plan, _ = affinity.cpu_plan("auto", torch_threads=1)
-        assert plan is not None
-        assert plan.learner == {max(allowed)} and plan.rest == allowed - {max(allowed)}
+        first, _ = affinity.cpu_plan("auto", torch_threads=1)
+        assert first is not None
+        assert first.learner == {max(allowed)} and first.rest == allowed - {max(allowed)}
+        # a second daemon on this machine does not take the same core: the next one, or none
+        second, why = affinity.cpu_plan("auto", torch_threads=1)
+        if len(allowed) == 2:
+            assert second is None and "held by other daemons' learners" in why
+        else:
+            assert second is not None and second.learner == {sorted(allowed)[-2]}
+            assert not second.rest & (first.learner | second.learner)
+            second.release()
+        first.release()  # the core is free again
+        again, _ = affinity.cpu_plan("auto", torch_threads=1)
+        assert again is not None and again.learner == first.learner
+        again.release()
         plan, _ = affinity.cpu_plan(str(min(allowed)), torch_threads=1)
         assert plan is not None and plan.learner == {min(allowed)} and plan.rest == allowed - {min(allowed)}
     only, _ = affinity.cpu_plan(",".join(map(str, sorted(allowed))), torch_threads=1)
     assert only is not None and only.rest == allowed  # no core left over: the rest may run anywhere
 
 
+@pytest.mark.skipif(not affinity.SUPPORTED, reason="Linux only")
+def test_auto_leaves_cores_shared_under_a_cpu_quota_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A container limited by a CPU quota sees the host's cores: pinning would pile every such
+    container's learner onto the same one."""
+    monkeypatch.setattr(affinity, "cpu_quota", lambda: 0.5)
+    plan, why = affinity.cpu_plan("auto", torch_threads=1)
+    assert plan is None and "CPU quota of 0.5 cores" in why
+
+
+def test_the_cgroup_cpu_quota_is_read_from_v2_or_v1_files(tmp_path: Path) -> None:
+    assert affinity.cpu_quota(str(tmp_path)) is None  # no cgroup files: no limit known
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert affinity.cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
+    assert affinity.cpu_quota(str(tmp_path)) == 2.5
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 wins where present
+    assert affinity.cpu_quota(str(tmp_path)) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert affinity.cpu_quota(str(tmp_path)) == 1.5
+
+
 @needs_two_cores
 def test_threads_started_in_the_block_inherit_the_rest_and_the_caller_gets_its_cores_back() -> None:
-    plan, _ = affinity.cpu_plan("auto", torch_threads=1)
-    assert plan is not None
+    plan = affinity.CpuPlan(
+        frozenset({max(os.sched_getaffinity(0))}), frozenset({min(os.sched_getaffinity(0))})
+    )
     before = frozenset(os.sched_getaffinity(0))
     seen: dict[str, Any] = {}
 
@@ -83,8 +124,9 @@ def test_threads_started_in_the_block_inherit_the_rest_and_the_caller_gets_its_c
 def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: Path) -> None:
     from stream_cl.checkpoint_writer import BackgroundWrite
 
-    plan, _ = affinity.cpu_plan("auto", torch_threads=1)
-    assert plan is not None
+    plan = affinity.CpuPlan(
+        frozenset({max(os.sched_getaffinity(0))}), frozenset({min(os.sched_getaffinity(0))})
+    )
     where: list[frozenset[int]] = []
 
     class Store:  # records where `save` ran
