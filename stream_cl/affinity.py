@@ -137,19 +137,24 @@ def _claim_last(allowed: frozenset[int], count: int) -> tuple[CpuPlan | None, st
     least one core for the rest; the rest also keep off the other learners' cores where they can."""
     claims: dict[int, int] = {}  # core -> its lock file
     taken: set[int] = set()  # cores other learners hold
-    for cpu in sorted(allowed, reverse=True):
-        if len(claims) == count or len(allowed) - len(taken) - len(claims) <= 1:
-            break  # enough, or the next claim would leave the rest no core of its own
-        fd = _try_lock(cpu)
-        if fd is None:
-            taken.add(cpu)
-        else:
-            claims[cpu] = fd
+    try:
+        for cpu in sorted(allowed, reverse=True):
+            if len(claims) == count or len(allowed) - len(taken) - len(claims) <= 1:
+                break  # enough, or the next claim would leave the rest no core of its own
+            fd = _try_lock(cpu)
+            if fd is None:
+                taken.add(cpu)
+            else:
+                claims[cpu] = fd
+    except OSError as e:  # no lock file (a read-only temp directory, ...): pin nothing
+        why = f"cannot claim cores: {e}"
+    else:
+        held = "held by other daemons' learners" if taken else "none left over for the rest"
+        why = f"{len(allowed)} cores available, {count} needed by the learner ({len(taken)} {held})"
     if len(claims) < count:
         for fd in claims.values():
             os.close(fd)
-        why = "held by other daemons' learners" if taken else "none left over for the rest"
-        return None, f"{len(allowed)} cores available, {count} needed by the learner ({len(taken)} {why})"
+        return None, why
     learner = frozenset(claims)
     rest = (allowed - learner - taken) or (allowed - learner)
     return CpuPlan(learner, rest, tuple(claims.values())), "pinned"

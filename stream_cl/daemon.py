@@ -245,7 +245,10 @@ class Daemon:
     def _learn_loop(self) -> None:
         models = self.models
         if self._cpus is not None:
-            self._cpus.pin_learner()
+            try:
+                self._cpus.pin_learner()
+            except OSError as e:  # the cores went away since start (a changed cpuset): run anywhere
+                self.log.warning("cpu_affinity_failed", error=str(e))
         try:
             with flush_denormals():  # the learner thread trains: see strategies.flush_denormals
                 self._learn_until_stopped(models)

@@ -143,3 +143,16 @@ def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: 
     thread.start()
     thread.join()
     assert where == [plan.rest]
+
+
+@pytest.mark.skipif(not affinity.SUPPORTED, reason="Linux only")
+def test_auto_pins_nothing_when_no_core_can_be_claimed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A temp directory the daemon cannot write: no lock file, so no claim and no pinning (the
+    daemon still starts)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    monkeypatch.setattr(affinity, "cpu_quota", lambda: None)
+    plan, why = affinity.cpu_plan("auto", torch_threads=1)
+    assert plan is None
+    assert len(os.sched_getaffinity(0)) < 2 or why.startswith("cannot claim cores")
