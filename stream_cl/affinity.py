@@ -199,10 +199,8 @@ def validate(setting: str) -> str | None:
         return f"expected 'auto', 'off' or CPU ids like '3', '2,3' or '2-3', got {setting!r}"
     if not SUPPORTED:
         return "CPU affinity is not supported on this platform: use 'auto' or 'off'"
-    missing = cpus - available_cpus()
+    available = available_cpus()
+    missing = cpus - available
     if missing:
-        return (
-            f"CPUs {sorted(missing)} are not available to this process "
-            f"(available: {sorted(available_cpus())})"
-        )
+        return f"CPUs {sorted(missing)} are not available to this process (available: {sorted(available)})"
     return None

@@ -50,7 +50,6 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from stream_cl.codec import InvalidSample, decode_sample
 from stream_cl.config import Config, KafkaConfig
 from stream_cl.metrics import Metrics
 from stream_cl.source import INVALID_ROW, Chunk, ChunkBuilder, KafkaSource, QueueItem, _SeekOnAssign
@@ -63,8 +62,8 @@ def _pack(*message: Any) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
 
 
-def _unpack(blob: bytes | memoryview) -> Any:
-    return msgpack.unpackb(blob, raw=False, strict_map_key=False, use_list=True)
+def _unpack(blob: bytes | memoryview, use_list: bool = True) -> Any:
+    return msgpack.unpackb(blob, raw=False, strict_map_key=False, use_list=use_list)
 
 
 RECORDS = b"R"  # first byte of a records frame; every other message is a msgpack array (0x9X/0xdX)
@@ -120,9 +119,7 @@ def _message(blob: bytes | memoryview) -> list[Any]:
     view = memoryview(blob)
     size = int.from_bytes(view[len(RECORDS) : _HEADER_AT], "little")
     # rows as tuples (each shape a tuple): untracked by the garbage collector once it sees them
-    kind, rows, high, n = msgpack.unpackb(
-        view[_HEADER_AT : _HEADER_AT + size], raw=False, strict_map_key=False, use_list=False
-    )
+    kind, rows, high, n = _unpack(view[_HEADER_AT : _HEADER_AT + size], use_list=False)
     start = _block_at(size)
     xs = np.frombuffer(blob, dtype="<f4", count=n, offset=start)
     return [kind, rows, high, xs, view[start + 4 * n :]]
@@ -349,6 +346,7 @@ class _Fetcher:
             config,
             queue.Queue(),
             Metrics(),  # private: the parent counts from what is sent
+            expected_size=lambda: self.expected,  # as the parent last said
             max_features=max_features,
             on_revoke=self._revoke,
             on_assign=self._assign,
@@ -415,7 +413,7 @@ class _Fetcher:
                     self.send("error", "poll")
                     time.sleep(backoff)
                     continue
-                decoded = self._encode(polled)
+                decoded = source._decode(polled)  # dead-letters invalid messages here
                 now = time.monotonic()
                 high: dict[int, int] = {}
                 if now - last_high >= 1.0:
@@ -432,24 +430,6 @@ class _Fetcher:
         finally:
             with contextlib.suppress(OSError):
                 self.send("closed")
-
-    def _encode(self, polled: dict[TopicPartition, list[Any]]) -> ChunkBuilder:
-        """Decode a poll into rows and block pieces; invalid messages are dead-lettered here."""
-        builder = ChunkBuilder()
-        expected = self.expected
-        max_features = self.source.max_features
-        for tp, messages in polled.items():
-            partition = tp.partition
-            for m in messages:
-                raw = m.value
-                try:
-                    sample = decode_sample(raw, expected, max_features)
-                except InvalidSample as e:
-                    self.source.dead_letter(raw, e.reason, e.detail, partition, m.offset)
-                    builder.add_invalid(partition, m.offset, m.key, e.reason)
-                    continue
-                builder.add(partition, m.offset, m.key, sample, raw)
-        return builder
 
 
 def make_source(

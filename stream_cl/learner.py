@@ -88,9 +88,8 @@ class Learner(CheckpointMixin):
         self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
         self._pending: list[tuple[np.ndarray, int, int, int]] = []  # (x, class, partition, offset)
-        self._deferred: list[
-            tuple[int, int]
-        ] = []  # processed (partition, offset) waiting for the pending batch's step
+        # processed (partition, offset) waiting for the pending batch's step
+        self._deferred: list[tuple[int, int]] = []
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
         self._learned_at_checkpoint = 0
