@@ -176,8 +176,11 @@ class Learner(CheckpointMixin):
                 self._boundary(event)
             task = detector.current or 0
             if cls is None:
-                self._learn_pending()
-                task = detector.current or 0  # after learning: a drift boundary may have opened
+                # The head grows now, before any sample of the class is learned; the batch being
+                # filled is not cut here. It joins this task's samples, so the step that brings the
+                # class learns, and a head policy writes its row from, a full batch: cut at every
+                # new label, the first class of a task got a step of its own with 1-3 samples
+                # (the next class arrives that soon), and its row was solved from those.
                 cls = len(self.labels)
                 self.labels.append(y)
                 label_index[y] = cls

@@ -15,6 +15,7 @@ from stream_cl.metrics import Metrics
 from stream_cl.offline import learn_offline, stream_records
 from stream_cl.snapshot import SnapshotHolder
 from stream_cl.source import Record
+from stream_cl.strategies import Batch, StepResult
 
 
 def _learner(*overrides: str) -> Learner:
@@ -60,6 +61,31 @@ def test_string_labels_and_a_wrong_length_sample() -> None:
     assert learner.learned == 30
     assert learner.metrics.sample_value("stream_cl_samples_total", {"outcome": "invalid"}) == 1
     assert learner.offsets == {0: 31}
+
+
+def test_a_new_label_joins_the_batch_being_filled() -> None:
+    """A label never seen grows the head at once but does not cut the mini-batch: the step that
+    brings a class learns a full batch with it (before, a new label learned the batch so far on
+    its own, and the first class of a task got a step of 1-3 samples, its `ls` row solved from
+    those), and the class's row is written in that step."""
+    learner = _learner("model.batch_size=8", "strategy.name=finetune", "strategy.head=ls")
+    labels = [0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2]  # new labels at samples 3 and 10
+    rng = np.random.default_rng(0)
+    records = [Record(0, i, Sample(x=rng.random(4, np.float32), y=y), b"") for i, y in enumerate(labels)]
+    learner.process(records[:1])
+    strategy = learner.strategy
+    assert strategy is not None
+    steps: list[list[int]] = []
+    learn = strategy.learn
+
+    def recorded(batch: Batch) -> StepResult:
+        steps.append(batch.y.tolist())
+        return learn(batch)
+
+    strategy.learn = recorded  # type: ignore[method-assign]
+    learner.process(records[1:])
+    assert steps == [[0, 0, 0, 1, 1, 1, 1, 1], [1, 1, 2, 2, 2, 2, 2, 2]]
+    assert strategy.head_policy.pending == []  # every class's row written in the step that brought it
 
 
 def test_class_cap_rejects_labels_beyond_it() -> None:
