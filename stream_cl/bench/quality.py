@@ -46,6 +46,7 @@ REFERENCES = ("joint", "iid-online")
 _CHUNK = 500  # records per `Learner.process` call, like one Kafka poll
 
 StepHook = Callable[["Strategy", "Batch", "StepResult"], None]
+BeforeStepHook = Callable[["Strategy", "Batch"], None]
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,16 @@ class StreamRun:
 
 
 def learn_stream(
-    config: Config, stream: BenchmarkStream, scenario: str, on_step: StepHook | None = None
+    config: Config,
+    stream: BenchmarkStream,
+    scenario: str,
+    on_step: StepHook | None = None,
+    before_step: BeforeStepHook | None = None,
 ) -> StreamRun:
     """Learn `stream` task by task through the daemon's `Learner`, scoring after each task.
 
-    `on_step(strategy, batch, result)` (optional) sees every learn step as the learner makes it;
+    `on_step(strategy, batch, result)` (optional) sees every learn step as the learner makes it,
+    and `before_step(strategy, batch)` (optional, with `on_step`) the model just before it;
     it needs `model.batch_size` > 1, since it is attached after the first sample created the model.
     The daemon's held-out evaluator is switched off: the harness scores the stream's own test
     splits, so every training sample is learned, as by the references.
@@ -121,7 +127,7 @@ def learn_stream(
         for k, chunk in enumerate(chunks):
             if on_step is not None and learner.strategy is None:
                 learner.process(chunk[:1])
-                _attach(learner, on_step)
+                _attach(learner, on_step, before_step)
                 chunk = chunk[1:]
             if k == 0 and ends:
                 # This task's first record opens the boundary that ends the previous task. Like the
@@ -181,7 +187,7 @@ def route_accuracy(snapshot: Snapshot, stream: BenchmarkStream) -> float:
     return float(np.mean(per_task))
 
 
-def _attach(learner: Learner, on_step: StepHook) -> None:
+def _attach(learner: Learner, on_step: StepHook, before_step: BeforeStepHook | None = None) -> None:
     strategy = learner.strategy
     assert strategy is not None
     if learner.steps:
@@ -189,6 +195,8 @@ def _attach(learner: Learner, on_step: StepHook) -> None:
     learn = strategy.learn
 
     def observed(batch: Batch) -> StepResult:
+        if before_step is not None:
+            before_step(strategy, batch)
         result = learn(batch)
         on_step(strategy, batch, result)
         return result
