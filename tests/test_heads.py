@@ -56,30 +56,56 @@ def _feed_three_classes(policy: LSHead) -> tuple[torch.Tensor, torch.Tensor, Hea
     return torch.cat(hs), torch.cat(ys), solved[0]
 
 
+def _ridge(a: np.ndarray, targets: np.ndarray, lam: float, weights: np.ndarray | None = None) -> np.ndarray:
+    """numpy's lstsq of min_W Σ_i w_i ||a_i W - t_i||² + λ ||W||² (w_i = 1/N by default):
+    the rows [A √w; √λ I] against [T √w; 0]."""
+    sw = np.sqrt(np.full(len(a), 1.0 / len(a)) if weights is None else weights)[:, None]
+    stacked_a = np.vstack([a * sw, np.sqrt(lam) * np.eye(a.shape[1])])
+    stacked_t = np.vstack([targets * sw, np.zeros((a.shape[1], targets.shape[1]))])
+    return np.linalg.lstsq(stacked_a, stacked_t, rcond=None)[0]
+
+
 def test_ls_solve_matches_numpy_ridge_least_squares() -> None:
-    """Unbalanced, unscaled: the new row is numpy's lstsq of the ridge problem on the same features."""
+    """Unbalanced, mse: the new row is numpy's lstsq of the ridge problem on the same features,
+    bias-free (the field guide's closed form): its bias is 0."""
     lam = 0.05
     policy = _ls(balance=False, lam=lam, min_samples=5)
     h, y, rows = _feed_three_classes(policy)
-    n = len(y)
-    a = np.hstack([h.numpy(), np.ones((n, 1))])  # bias as the last feature
-    targets = np.eye(3)[y.numpy()]
-    # min_W ||A W - Y||² / N + λ ||W||²  ==  lstsq of [A / √N; √λ I] against [Y / √N; 0]
-    stacked_a = np.vstack([a / np.sqrt(n), np.sqrt(lam) * np.eye(D + 1)])
-    stacked_y = np.vstack([targets / np.sqrt(n), np.zeros((D + 1, 3))])
-    w = np.linalg.lstsq(stacked_a, stacked_y, rcond=None)[0][:, 2]
+    w = _ridge(h.numpy(), np.eye(3)[y.numpy()], lam)[:, 2]
     assert rows.classes == (2,)
-    np.testing.assert_allclose(rows.weight[0].numpy(), w[:D], rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(rows.bias[0].item(), w[D], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rows.weight[0].numpy(), w, rtol=1e-4, atol=1e-6)
+    assert rows.bias[0].item() == 0.0
+
+
+def test_ls_solve_under_cross_entropy_has_an_intercept() -> None:
+    """Under ce, rows solved with no old row to calibrate against (the first classes) are numpy's
+    ridge fit with the bias as the last feature, λ on it too."""
+    lam = 0.05
+    policy = make_head_policy(
+        "ls",
+        {"refresh_buffer": 0, "balance": False, "lam": lam, "min_samples": 5},
+        loss="ce",
+        feature_dim=D,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    assert isinstance(policy, LSHead)
+    policy.on_new_classes([0, 1])
+    y = torch.tensor([0, 1] * 5)
+    h = _features(len(y), 0) + torch.nn.functional.one_hot(y, D).double()
+    rows = policy.observe(_model(2), torch.zeros(len(y), 4), h, y)
+    assert rows is not None and rows.classes == (0, 1)
+    w = _ridge(np.hstack([h.numpy(), np.ones((len(y), 1))]), np.eye(2)[y.numpy()], lam)
+    np.testing.assert_allclose(rows.weight.numpy(), w[:D].T, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(rows.bias.numpy(), w[D], rtol=1e-4, atol=1e-6)
 
 
 def test_ls_solve_with_tiny_lambda_is_plain_least_squares() -> None:
     """With λ → 0 the solve is numpy's ordinary least squares of one-hot targets on the features."""
     policy = _ls(balance=False, lam=1e-10, min_samples=5)
     h, y, rows = _feed_three_classes(policy)
-    a = np.hstack([h.numpy(), np.ones((len(y), 1))])
-    w = np.linalg.lstsq(a, np.eye(3)[y.numpy()], rcond=None)[0][:, 2]
-    np.testing.assert_allclose(rows.weight[0].numpy(), w[:D], rtol=1e-3, atol=1e-5)
+    w = np.linalg.lstsq(h.numpy(), np.eye(3)[y.numpy()], rcond=None)[0][:, 2]
+    np.testing.assert_allclose(rows.weight[0].numpy(), w, rtol=1e-3, atol=1e-5)
 
 
 def test_balanced_solve_is_ridge_on_reweighted_samples() -> None:
@@ -88,14 +114,10 @@ def test_balanced_solve_is_ridge_on_reweighted_samples() -> None:
     lam = 0.05
     policy = _ls(balance=True, lam=lam, min_samples=5)
     h, y, rows = _feed_three_classes(policy)
-    a = np.hstack([h.numpy(), np.ones((len(y), 1))])
     counts = np.bincount(y.numpy())
     weights = 1.0 / (len(counts) * counts[y.numpy()])  # every class sums to 1 / C
-    sw = np.sqrt(weights)[:, None]
-    stacked_a = np.vstack([a * sw, np.sqrt(lam) * np.eye(D + 1)])
-    stacked_y = np.vstack([np.eye(3)[y.numpy()] * sw, np.zeros((D + 1, 3))])
-    w = np.linalg.lstsq(stacked_a, stacked_y, rcond=None)[0][:, 2]
-    np.testing.assert_allclose(rows.weight[0].numpy(), w[:D], rtol=1e-4, atol=1e-6)
+    w = _ridge(h.numpy(), np.eye(3)[y.numpy()], lam, weights)[:, 2]
+    np.testing.assert_allclose(rows.weight[0].numpy(), w, rtol=1e-4, atol=1e-6)
 
 
 def test_rows_wait_for_min_samples_and_only_new_rows_are_written() -> None:
