@@ -228,9 +228,9 @@ class BoundaryDetector:
         """Feed one learning step's pre-update outcomes (stream order) to the drift detector.
 
         Returns the drift boundary if the detector fired on a rise past the guard rails. It applies
-        from the next sample observed (`sample_index`); a sample observed but not yet learned (the
-        new label that forced this step) is learned in the new task too. `partition`/`offset` are
-        the batch's last record's, recorded on the event.
+        from the next sample observed (`sample_index`): the learner's steps hold every sample
+        observed since the last one. `partition`/`offset` are the batch's last record's, recorded
+        on the event.
         """
         monitor = self.monitor
         if self.old_task_tail:

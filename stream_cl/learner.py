@@ -176,11 +176,10 @@ class Learner(CheckpointMixin):
                 self._boundary(event)
             task = detector.current or 0
             if cls is None:
-                # The head grows now, before any sample of the class is learned; the batch being
-                # filled is not cut here. It joins this task's samples, so the step that brings the
-                # class learns, and a head policy writes its row from, a full batch: cut at every
-                # new label, the first class of a task got a step of its own with 1-3 samples
-                # (the next class arrives that soon), and its row was solved from those.
+                # The head grows before any sample of the class is learned, and the class joins the
+                # batch being filled. Cutting the batch here gave the first class of a task a step
+                # of its own, with the 1-3 samples before the next new label, and a head policy
+                # solved its row from those.
                 cls = len(self.labels)
                 self.labels.append(y)
                 label_index[y] = cls

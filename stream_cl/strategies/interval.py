@@ -195,9 +195,10 @@ class Interval(Strategy):
         self.weight_importance: torch.Tensor | None = None
         self.head_importance: tuple[torch.Tensor, torch.Tensor] | None = None
         self.trained = [False] * max_tasks
-        # Samples learned per slot: drives the ε/κ ramp. Samples, not steps, since the learner's first
-        # steps of a task can be batches of one or two (a flush at each new label), which as full steps
-        # ramped ε up before anything was learned and let the worst case kill every ReLU.
+        # Samples learned per slot: drives the ε/κ ramp. Samples, not steps, since a step can be a
+        # batch of one or two (a partial batch learned when the stream goes quiet or a task ends;
+        # earlier also at each new label), which as full steps ramped ε up before anything was
+        # learned and let the worst case kill every ReLU.
         self.slot_samples = [0] * max_tasks
         self.active = 0
         self._sync_backbone(self._centre_weights(0))
