@@ -19,9 +19,9 @@ For each class arrival (the first class of a stream excluded: alone in the head,
   no task hint) first reaches 90% of its accuracy at the end of its task;
 - old rows (`mse` only): the part of the spike that comes from the rows of earlier tasks' classes,
   the peak over the same steps of sum_j z_j^2 over those rows, on the same samples. Squared error
-  is a sum over rows, so this part is what is left of the spike with this task's rows fitting
-  their classes exactly; it shows how low writing those rows alone could bring it (under `ce`
-  the loss does not split by row, and it is not measured).
+  is a sum over rows, and this task's rows are not in this part: it is what the spike would be,
+  the rest of the model as it was, if they fitted their classes exactly (under `ce` the loss
+  does not split by row, and it is not measured).
 
 Plus the final average accuracy and average forgetting of the run (R matrix after each task).
 Everything runs under each training loss (`ce`, `mse`): ridge rows are least-squares rows, so
@@ -199,7 +199,7 @@ def _goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         recovery = ls["recovery_samples"] / rnd["recovery_samples"] if rnd["recovery_samples"] else math.nan
         goals[key] = {
             "spike_ratio": spike,
-            # mse: ls's spike with this task's rows fitting exactly, against random's spike
+            # mse: the part of ls's spike from earlier tasks' rows, against random's whole spike
             "old_rows_ratio": ls["old_rows_spike"] / rnd["spike"],
             "recovery_ratio": recovery,
             "accuracy_delta": ls["average_accuracy"] - rnd["average_accuracy"],

@@ -319,7 +319,7 @@ class LSHead(_DeferredHead):
       so when the next task's classes arrive the earlier rows' outputs on them are larger; those
       outputs are about half of a new class's loss spike (`stream-cl bench heads` reports them
       as "old rows"). Without the intercept, ls against random over seeds 0-5 under `replay`:
-      spike 0.73x -> 0.66x on split-mnist, 0.44x -> 0.40x on split-digits, final accuracy no
+      spike 0.73x -> 0.65x on split-mnist, 0.44x -> 0.40x on split-digits, final accuracy no
       lower. Under ce the intercept stays: the calibration reads the ridge outputs, and without
       it the spike on split-mnist went from 0.27x to 0.51x random's (seeds 0-2).
     """
