@@ -89,8 +89,8 @@ class ArrivalTracker:
         import torch
 
         self.old_rows = None
-        if strategy.loss != "mse" or not self.traces:
-            return
+        if strategy.loss != "mse" or all(t.scored >= SPIKE_SAMPLES for t in self.traces.values()):
+            return  # no class in its spike window (an arrival step itself is not part of a spike)
         old = [c for c in range(strategy.n_classes) if c not in strategy.task_classes[batch.task]]
         if not old:
             self.old_rows = np.zeros(batch.y.shape[0], dtype=np.float32)
