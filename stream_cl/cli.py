@@ -35,7 +35,7 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from stream_cl.daemon import Daemon
+    from stream_cl.runtime.daemon import Daemon
 
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
@@ -43,7 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from stream_cl.replica_server import Replica
+    from stream_cl.runtime.replica import Replica
 
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
@@ -59,7 +59,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from stream_cl.broker import EmbeddedBroker
+    from stream_cl.tools.broker import EmbeddedBroker
 
     config = _load(args)
     configure_logging(config.log.level, config.log.format)
@@ -79,8 +79,8 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_produce(args: argparse.Namespace) -> int:
-    from stream_cl.datasets import load_stream
-    from stream_cl.producer import produce_file, produce_stream
+    from stream_cl.tools.datasets import load_stream
+    from stream_cl.tools.producer import produce_file, produce_stream
 
     config = _load(args)
     bootstrap = args.bootstrap or config.kafka.bootstrap_servers
@@ -122,7 +122,7 @@ def _progress(done: int, total: int) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from stream_cl.client import PredictionClient, PredictionError
+    from stream_cl.serve.client import PredictionClient, PredictionError
 
     config = _load(args)
     host = args.host or config.serve.host
@@ -162,7 +162,7 @@ def _predict_stream(client: Any, args: argparse.Namespace) -> int:
     """Predict a built-in stream's held-out samples over the socket and print the accuracy."""
     import numpy as np
 
-    from stream_cl.datasets import load_stream
+    from stream_cl.tools.datasets import load_stream
 
     stream = load_stream(args.stream, seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -179,7 +179,7 @@ def _predict_stream(client: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stream_cl.demo import run_demo
+    from stream_cl.tools.demo import run_demo
 
     config = _load(args, extra=[f"log.level={args.log_level}"])
     configure_logging(config.log.level, config.log.format)
@@ -187,7 +187,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from stream_cl import report
+    from stream_cl.tools import report
 
     if args.checkpoint:
         source = args.checkpoint
@@ -217,7 +217,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_transfer(args: argparse.Namespace) -> int:
-    from stream_cl.transfer import run_command
+    from stream_cl.tools.transfer import run_command
 
     config = _load(args, extra=["log.level=warning"])
     configure_logging(config.log.level, config.log.format)
@@ -226,7 +226,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from stream_cl.compress import run_command
+    from stream_cl.tools.compress import run_command
 
     config = _load(args, extra=["log.level=warning"])
     configure_logging(config.log.level, config.log.format)

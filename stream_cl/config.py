@@ -110,7 +110,7 @@ class StrategyConfig:
 
 @dataclass
 class BoundariesConfig:
-    """Task-boundary evidence, guard rails and recurring-task matching (see `stream_cl.boundaries`).
+    """Task-boundary evidence, guard rails and recurring-task matching (see `stream_cl.detect.boundaries`).
 
     Detector names and parameters are checked against river when the detector is built (importing
     river here would slow every CLI command).
@@ -178,7 +178,7 @@ class LearnerConfig:
     cpu_affinity: str = "auto"
 
     def validate(self) -> None:
-        from stream_cl import affinity
+        from stream_cl.runtime import affinity
 
         _positive("learner.snapshot_every_steps", self.snapshot_every_steps)
         problem = affinity.validate(self.cpu_affinity)

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from stream_cl.broker import EmbeddedBroker
+from stream_cl.tools.broker import EmbeddedBroker
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from stream_cl import affinity
 from stream_cl.config import ConfigError, load_config
+from stream_cl.runtime import affinity
 
 needs_two_cores = pytest.mark.skipif(
     not affinity.SUPPORTED or len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores (Linux)"
@@ -122,7 +122,7 @@ def test_threads_started_in_the_block_inherit_the_rest_and_the_caller_gets_its_c
 
 @needs_two_cores
 def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: Path) -> None:
-    from stream_cl.checkpoint_writer import BackgroundWrite
+    from stream_cl.learn.checkpointing import BackgroundWrite
 
     plan = affinity.CpuPlan(
         frozenset({max(os.sched_getaffinity(0))}), frozenset({min(os.sched_getaffinity(0))})

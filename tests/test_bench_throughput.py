@@ -88,14 +88,14 @@ def test_the_train_limit_replays_the_daemons_own_calls(monkeypatch: pytest.Monke
     import torch
 
     from stream_cl import strategies
+    from stream_cl.bench.offline import stream_records
     from stream_cl.bench.throughput import BatchStore, record_calls, replay_rate
     from stream_cl.config import load_config
-    from stream_cl.datasets import load_stream
-    from stream_cl.learner import Learner
+    from stream_cl.learn.learner import Learner
     from stream_cl.metrics import Metrics
-    from stream_cl.offline import stream_records
-    from stream_cl.snapshot import SnapshotHolder
+    from stream_cl.serve.snapshot import SnapshotHolder
     from stream_cl.strategies import from_config
+    from stream_cl.tools.datasets import load_stream
 
     cfg = load_config(
         None, ["strategy.name=finetune", "strategy.head=random", "checkpoint.enabled=false"], env={}

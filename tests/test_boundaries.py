@@ -14,17 +14,17 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-import stream_cl.learner as learner_module
+import stream_cl.learn.learner as learner_module
 from stream_cl.bench.boundaries import LabeledStream, score
-from stream_cl.boundaries import BoundaryDetector, BoundaryEvent
 from stream_cl.cli import main
-from stream_cl.codec import Sample
 from stream_cl.config import BoundariesConfig, Config, ConfigError, load_config
-from stream_cl.drift import DETECTORS
-from stream_cl.learner import Learner
+from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
+from stream_cl.detect.drift import DETECTORS
+from stream_cl.ingest.codec import Sample
+from stream_cl.ingest.source import Record
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.snapshot import SnapshotHolder
-from stream_cl.source import Record
+from stream_cl.serve.snapshot import SnapshotHolder
 from stream_cl.strategies import Boundary
 from stream_cl.strategies.finetune import Finetune
 
@@ -369,7 +369,7 @@ def test_bench_boundaries_verb_prints_a_table_and_writes_json(
 def test_batched_signature_sums_are_bit_identical_to_one_add_per_sample() -> None:
     """Input signatures are folded in per batch (`add_many`); the sums must round exactly as one
     `add` per sample did, whatever the batch split, or recurring matching could change."""
-    from stream_cl.boundaries import TaskSignature
+    from stream_cl.detect.boundaries import TaskSignature
 
     rng = np.random.default_rng(0)
     for scale in (1.0, 1e-3, 1e3, 1e7):
@@ -386,7 +386,7 @@ def test_batched_signature_sums_are_bit_identical_to_one_add_per_sample() -> Non
 
 def test_deferred_inputs_reach_the_signature_before_anything_reads_it() -> None:
     """The detector buffers inputs; its state and a later task's match see every input observed."""
-    from stream_cl.boundaries import TaskSignature
+    from stream_cl.detect.boundaries import TaskSignature
 
     cfg = load_config(None, ["boundaries.recurring=inputs"], env={}).boundaries
     det = BoundaryDetector(cfg)
@@ -407,7 +407,7 @@ def test_a_named_task_sums_one_input_in_eight_and_an_unnamed_one_every_input() -
     """While the stream names its tasks (trusted `task` field), its id finds a task again: the
     signature keeps every 8th input of each visit (the first included); without the field, every
     input. The recent window takes the same inputs."""
-    from stream_cl.boundaries import EXPLICIT_INPUT_EVERY, TaskSignature
+    from stream_cl.detect.boundaries import EXPLICIT_INPUT_EVERY, TaskSignature
 
     cfg = load_config(None, ["boundaries.recurring=both"], env={}).boundaries
     xs = np.random.default_rng(2).random((70, 6)).astype(np.float32)

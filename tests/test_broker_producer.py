@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from kafka import KafkaProducer
 
-from stream_cl.broker import BrokerError, EmbeddedBroker
-from stream_cl.codec import decode_sample
-from stream_cl.datasets import BenchmarkStream, load_stream
-from stream_cl.producer import consume_all, produce_file, produce_stream, write_stream_file
+from stream_cl.ingest.codec import decode_sample
+from stream_cl.tools.broker import BrokerError, EmbeddedBroker
+from stream_cl.tools.datasets import BenchmarkStream, load_stream
+from stream_cl.tools.producer import consume_all, produce_file, produce_stream, write_stream_file
 
 
 @pytest.fixture(scope="module")

@@ -19,17 +19,17 @@ import torch
 from kafka import KafkaProducer
 from support import kafka_overrides
 
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.checkpoint import CheckpointStore, read_checkpoint
-from stream_cl.codec import encode_sample
+from stream_cl.bench.offline import stream_records
 from stream_cl.config import Config, load_config
-from stream_cl.daemon import Daemon, checkpoint_dir
-from stream_cl.datasets import load_stream
-from stream_cl.learner import Learner
+from stream_cl.ingest.codec import encode_sample
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.offline import stream_records
-from stream_cl.producer import produce_stream
-from stream_cl.snapshot import SnapshotHolder
+from stream_cl.runtime.daemon import Daemon, checkpoint_dir
+from stream_cl.serve.snapshot import SnapshotHolder
+from stream_cl.store.checkpoints import CheckpointStore, read_checkpoint
+from stream_cl.tools.broker import EmbeddedBroker
+from stream_cl.tools.datasets import load_stream
+from stream_cl.tools.producer import produce_stream
 
 
 def _config(*overrides: str) -> Config:

@@ -20,12 +20,12 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from support import kafka_overrides, wait_until
 
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.client import PredictionClient
 from stream_cl.config import Config, load_config
-from stream_cl.daemon import Daemon
-from stream_cl.datasets import BenchmarkStream, load_stream
-from stream_cl.producer import consume_all, produce_stream
+from stream_cl.runtime.daemon import Daemon
+from stream_cl.serve.client import PredictionClient
+from stream_cl.tools.broker import EmbeddedBroker
+from stream_cl.tools.datasets import BenchmarkStream, load_stream
+from stream_cl.tools.producer import consume_all, produce_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TRAIN = 4000  # permuted-mnist task 0: plain MNIST-5k, all ten classes
@@ -213,7 +213,7 @@ def test_the_heap_is_frozen_and_the_gil_switch_interval_set_while_running(
 
 def test_daemons_in_one_process_share_the_switch_interval_until_the_last_stops() -> None:
     """The interval is the latest running daemon's; each stop hands it back to the one before."""
-    from stream_cl.daemon import _SwitchInterval
+    from stream_cl.runtime.daemon import _SwitchInterval
 
     before = sys.getswitchinterval()  # Python's, or a daemon's that another test keeps running
     _SwitchInterval.hold(50e-6)

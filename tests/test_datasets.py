@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from stream_cl.datasets import STREAMS, BenchmarkStream, load_stream, pixel_permutation
+from stream_cl.tools.datasets import STREAMS, BenchmarkStream, load_stream, pixel_permutation
 
 EXPECTED = {
     # name: (input_shape, tasks, train samples, test samples)
@@ -170,7 +170,7 @@ def test_all_test_concatenates_tasks() -> None:
 def test_loading_mnist1d_leaves_global_rng_alone() -> None:
     """Building split-mnist1d does not reseed the global random / np.random generators."""
     load_stream("split-mnist1d")  # cached raw load; make sure the real call below is what we check
-    from stream_cl import datasets
+    from stream_cl.tools import datasets
 
     datasets._mnist1d_raw.cache_clear()
     random.seed(123)

@@ -35,13 +35,13 @@ from kafka import KafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 from support import free_port, kafka_overrides, wait_until
 
-from stream_cl.broker import EmbeddedBroker
 from stream_cl.cli import build_parser, main
-from stream_cl.client import PredictionClient
 from stream_cl.config import Config, load_config
-from stream_cl.daemon import Daemon, checkpoint_dir
-from stream_cl.datasets import BenchmarkStream, load_stream
-from stream_cl.producer import produce_stream
+from stream_cl.runtime.daemon import Daemon, checkpoint_dir
+from stream_cl.serve.client import PredictionClient
+from stream_cl.tools.broker import EmbeddedBroker
+from stream_cl.tools.datasets import BenchmarkStream, load_stream
+from stream_cl.tools.producer import produce_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

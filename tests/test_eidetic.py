@@ -13,7 +13,7 @@ from torch import nn
 from stream_cl.config import ModelConfig
 from stream_cl.metrics import Metrics
 from stream_cl.strategies import Batch, Boundary
-from stream_cl.strategies.eidetic import Eidetic, protected_layers
+from stream_cl.strategies.eidetic.strategy import Eidetic, protected_layers
 
 SHAPE = (1, 8, 8)
 OPTIMIZERS = {
@@ -155,7 +155,7 @@ def test_capacity_runs_out_loudly_and_serving_goes_on() -> None:
 
 def test_learner_exports_free_capacity(tmp_path: Any) -> None:
     """The learner's capacity gauges read the strategy after a boundary."""
-    from stream_cl.learner import Learner
+    from stream_cl.learn.learner import Learner
 
     metrics = Metrics()
     learner = Learner.__new__(Learner)
@@ -261,8 +261,8 @@ def test_bench_scores_each_task_after_its_consolidation() -> None:
     """
     from stream_cl.bench.quality import learn_stream, with_overrides
     from stream_cl.config import Config
-    from stream_cl.datasets import load_stream
-    from stream_cl.evaluation import average_accuracy, average_forgetting, backward_transfer
+    from stream_cl.evaluate.scoring import average_accuracy, average_forgetting, backward_transfer
+    from stream_cl.tools.datasets import load_stream
 
     config = with_overrides(
         Config(),

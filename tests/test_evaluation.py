@@ -6,7 +6,12 @@ import math
 
 import pytest
 
-from stream_cl.evaluation import average_accuracy, average_forgetting, backward_transfer, task_forgetting
+from stream_cl.evaluate.scoring import (
+    average_accuracy,
+    average_forgetting,
+    backward_transfer,
+    task_forgetting,
+)
 
 # R[i][j]: accuracy on task j after learning task i.
 R = [

@@ -8,13 +8,13 @@ from typing import Any
 import numpy as np
 import pytest
 
+from stream_cl.bench.offline import stream_records
 from stream_cl.config import EvaluationConfig, load_config
-from stream_cl.datasets import load_stream
-from stream_cl.evaluator import Evaluator, Reservoir
-from stream_cl.learner import Learner
+from stream_cl.evaluate.evaluator import Evaluator, Reservoir
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.offline import stream_records
-from stream_cl.snapshot import SnapshotHolder
+from stream_cl.serve.snapshot import SnapshotHolder
+from stream_cl.tools.datasets import load_stream
 
 
 def test_reservoir_is_bounded_and_uniform() -> None:
@@ -143,7 +143,7 @@ def test_batched_scoring_equals_scoring_each_reservoir_alone(
     label map lacks later classes (those samples count as wrong), and after a reservoir changes."""
     import dataclasses
 
-    from stream_cl.evaluation import accuracy
+    from stream_cl.evaluate.scoring import accuracy
 
     ev = forced_forgetting.evaluator
     assert ev is not None
@@ -208,7 +208,7 @@ def test_the_cpu_budget_spaces_scorings_and_boundary_rows(
     import dataclasses
     import time
 
-    from stream_cl.evaluator import MAX_WAITING_ROWS
+    from stream_cl.evaluate.evaluator import MAX_WAITING_ROWS
 
     ev = forced_forgetting.evaluator
     assert ev is not None

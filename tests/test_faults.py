@@ -19,10 +19,10 @@ import pytest
 from kafka import KafkaProducer
 from support import kafka_overrides, wait_until
 
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.codec import encode_sample
 from stream_cl.config import load_config
-from stream_cl.daemon import Daemon
+from stream_cl.ingest.codec import encode_sample
+from stream_cl.runtime.daemon import Daemon
+from stream_cl.tools.broker import EmbeddedBroker
 
 FEATURES = 8
 

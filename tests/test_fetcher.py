@@ -16,15 +16,15 @@ import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from support import kafka_overrides, wait_until
 
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.codec import decode_sample, encode_sample
 from stream_cl.config import load_config
-from stream_cl.daemon import Daemon
-from stream_cl.datasets import load_stream
-from stream_cl.fetcher import ProcessSource
+from stream_cl.ingest.codec import decode_sample, encode_sample
+from stream_cl.ingest.fetcher import ProcessSource
+from stream_cl.ingest.source import Chunk, KafkaSource, QueueItem, Record
 from stream_cl.metrics import Metrics
-from stream_cl.producer import consume_all, produce_stream
-from stream_cl.source import Chunk, KafkaSource, QueueItem, Record
+from stream_cl.runtime.daemon import Daemon
+from stream_cl.tools.broker import EmbeddedBroker
+from stream_cl.tools.datasets import load_stream
+from stream_cl.tools.producer import consume_all, produce_stream
 
 
 class Drain:
@@ -273,7 +273,7 @@ def test_recv_frame_reads_what_send_bytes_sent_and_stops_at_eof() -> None:
     import struct
     from multiprocessing.connection import Connection
 
-    from stream_cl.fetcher import recv_frame
+    from stream_cl.ingest.fetcher import recv_frame
 
     a, b = socket.socketpair()
     reader, writer = Connection(a.detach()), Connection(b.detach())

@@ -11,18 +11,18 @@ import numpy as np
 import pytest
 import torch
 
-from stream_cl.checkpoint import CheckpointStore, read_checkpoint
+from stream_cl.bench.offline import stream_records
 from stream_cl.cli import main
-from stream_cl.compress import apply_masks, compress, magnitude_masks, sparsity_of
 from stream_cl.config import ModelConfig, load_config
-from stream_cl.datasets import load_stream
-from stream_cl.learner import Learner
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.offline import stream_records
-from stream_cl.snapshot import SnapshotHolder
+from stream_cl.serve.snapshot import SnapshotHolder
+from stream_cl.store.checkpoints import CheckpointStore, read_checkpoint
 from stream_cl.strategies import Batch, Boundary, create
 from stream_cl.strategies.base import Strategy
 from stream_cl.strategies.fip import FIP, bhattacharyya, soften
+from stream_cl.tools.compress import apply_masks, compress, magnitude_masks, sparsity_of
+from stream_cl.tools.datasets import load_stream
 
 DIM = 10
 

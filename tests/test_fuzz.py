@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stream_cl.codec import InvalidSample, Sample, decode_sample
+from stream_cl.ingest.codec import InvalidSample, Sample, decode_sample
 
 CORPUS = sorted((Path(__file__).parent / "corpus" / "decoder").glob("*.bin"))
 # The reasons codec.py documents and the dead-letter topic carries (stream_cl.reason header).

@@ -10,8 +10,8 @@ import torch
 
 from stream_cl import checks, strategies
 from stream_cl.config import ConfigError, ModelConfig, load_config
-from stream_cl.models import MLP, Classifier
 from stream_cl.strategies import Batch, Boundary
+from stream_cl.strategies.backbones import MLP, Classifier
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.heads import HeadRows, LSHead, make_head_policy
 

@@ -10,13 +10,13 @@ from hypothesis import strategies as st
 from stream_cl import checks
 from stream_cl.config import ModelConfig
 from stream_cl.strategies import Batch, Boundary
-from stream_cl.strategies.interval import Interval
-from stream_cl.strategies.interval_bounds import (
+from stream_cl.strategies.interval.bounds import (
     HyperNetwork,
     TargetLayout,
     nested_centres,
     universal_embedding,
 )
+from stream_cl.strategies.interval.strategy import Interval
 
 
 def _trained(beta: float = 1.0, tasks: int = 3, steps: int = 6) -> Interval:

@@ -17,17 +17,17 @@ import pytest
 from kafka import KafkaProducer
 from support import kafka_overrides, wait_until
 
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.client import PredictionClient, PredictionError
-from stream_cl.codec import Sample, encode_sample
 from stream_cl.config import Config, ConfigError, load_config
-from stream_cl.daemon import Daemon, checkpoint_dir
-from stream_cl.keyed import InvalidKey, KeyedModels, model_key
+from stream_cl.ingest.codec import Sample, encode_sample
+from stream_cl.ingest.source import Chunk, QueueItem, Record
+from stream_cl.learn.keyed import InvalidKey, KeyedModels, model_key
 from stream_cl.metrics import Metrics
-from stream_cl.model_store import PartitionManifest, SharedModelStore, key_dir_name
-from stream_cl.registry import SnapshotRegistry
-from stream_cl.replica_server import Replica
-from stream_cl.source import Chunk, QueueItem, Record
+from stream_cl.runtime.daemon import Daemon, checkpoint_dir
+from stream_cl.runtime.replica import Replica
+from stream_cl.serve.client import PredictionClient, PredictionError
+from stream_cl.serve.registry import SnapshotRegistry
+from stream_cl.store.keyed_store import PartitionManifest, SharedModelStore, key_dir_name
+from stream_cl.tools.broker import EmbeddedBroker
 
 DIM = 4
 

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from stream_cl.codec import Sample
+from stream_cl.bench.offline import learn_offline, stream_records
 from stream_cl.config import load_config
-from stream_cl.datasets import load_stream
-from stream_cl.learner import Learner
+from stream_cl.ingest.codec import Sample
+from stream_cl.ingest.source import Record
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.offline import learn_offline, stream_records
-from stream_cl.snapshot import SnapshotHolder
-from stream_cl.source import Record
+from stream_cl.serve.snapshot import SnapshotHolder
 from stream_cl.strategies import Batch, StepResult
+from stream_cl.tools.datasets import load_stream
 
 
 def _learner(*overrides: str) -> Learner:
@@ -171,7 +171,7 @@ def test_processed_offsets_are_reported_once_per_partition_and_step() -> None:
 def test_background_checkpoints_hold_the_state_at_capture_and_commit_after_the_write(tmp_path: Path) -> None:
     """Scheduled checkpoints are written on a writer thread: each file holds exactly the state when
     it was captured (learning went on meanwhile), and `on_checkpoint` follows the finished write."""
-    from stream_cl.checkpoint import CheckpointStore, read_checkpoint
+    from stream_cl.store.checkpoints import CheckpointStore, read_checkpoint
 
     stream = load_stream("split-digits", seed=0)
     config = load_config(
@@ -210,7 +210,7 @@ def test_boundaries_closer_than_min_interval_share_one_checkpoint_written_when_t
     written by `flush` without waiting for another record."""
     import time
 
-    from stream_cl.checkpoint import CheckpointStore, read_checkpoint
+    from stream_cl.store.checkpoints import CheckpointStore, read_checkpoint
 
     stream = load_stream("split-digits", seed=0)  # 5 tasks: 4 boundaries that ask for a checkpoint
 
@@ -256,7 +256,7 @@ def test_boundaries_closer_than_min_interval_share_one_checkpoint_written_when_t
 
 def test_a_failed_background_write_is_counted_and_retried(tmp_path: Path) -> None:
     """A background write that fails is counted, logged and retried; learning goes on."""
-    from stream_cl.checkpoint import CheckpointStore
+    from stream_cl.store.checkpoints import CheckpointStore
 
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
@@ -289,7 +289,7 @@ def _fields(rec: Record) -> tuple[object, ...]:
 def test_a_chunk_holds_its_records_and_a_selection_shares_its_blocks() -> None:
     """What the source hands the learner: rows over one x block and one bytes block; the records
     come back out field for field (dead-lettered ones without a sample), in any selection."""
-    from stream_cl.source import Chunk
+    from stream_cl.ingest.source import Chunk
 
     records = [
         Record(0, 5, Sample(np.arange(4, dtype=np.float32), 1, "t", 7, 1.5, (2, 2)), b"raw-a", b"k1"),

@@ -26,21 +26,21 @@ import pytest
 from kafka import KafkaProducer
 from support import free_port, kafka_overrides, wait_until
 
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.client import PredictionClient, PredictionError
-from stream_cl.codec import Sample
 from stream_cl.config import Config, ConfigError, load_config
-from stream_cl.daemon import Daemon
-from stream_cl.datasets import BenchmarkStream, load_stream
-from stream_cl.learner import Learner
+from stream_cl.ingest.codec import Sample
+from stream_cl.ingest.source import Record
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.producer import produce_stream
-from stream_cl.replica import SnapshotPublisher, capture_learner
-from stream_cl.replica_server import Replica
-from stream_cl.replica_wire import Assembler, SnapshotRejected, encode, rebuild
-from stream_cl.snapshot import Snapshot, SnapshotHolder
-from stream_cl.source import Record
+from stream_cl.replicate.snapshots import SnapshotPublisher, capture_learner
+from stream_cl.replicate.wire import Assembler, SnapshotRejected, encode, rebuild
+from stream_cl.runtime.daemon import Daemon
+from stream_cl.runtime.replica import Replica
+from stream_cl.serve.client import PredictionClient, PredictionError
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.strategies import available
+from stream_cl.tools.broker import EmbeddedBroker
+from stream_cl.tools.datasets import BenchmarkStream, load_stream
+from stream_cl.tools.producer import produce_stream
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERVAL_S = 0.5

@@ -12,7 +12,7 @@ from prometheus_client import generate_latest
 
 from stream_cl.cli import main
 from stream_cl.metrics import Metrics
-from stream_cl.report import summary_from_metrics_text, write_report
+from stream_cl.tools.report import summary_from_metrics_text, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

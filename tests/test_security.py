@@ -21,12 +21,12 @@ import torch
 from support import kafka_overrides
 
 from stream_cl import cli
-from stream_cl.broker import EmbeddedBroker
-from stream_cl.client import PredictionClient, PredictionError
 from stream_cl.config import ConfigError, ServeConfig, load_config
-from stream_cl.daemon import Daemon
-from stream_cl.serve import RATE_LIMITED, PredictionServer, server_ssl_context
-from stream_cl.snapshot import Snapshot, SnapshotHolder, TaskId
+from stream_cl.runtime.daemon import Daemon
+from stream_cl.serve.client import PredictionClient, PredictionError
+from stream_cl.serve.server import RATE_LIMITED, PredictionServer, server_ssl_context
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder, TaskId
+from stream_cl.tools.broker import EmbeddedBroker
 
 INPUT = 4
 HEADER = struct.Struct(">I")
@@ -204,7 +204,7 @@ def test_rate_limit_off_by_default() -> None:
 
 def test_token_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The auth token check goes through hmac.compare_digest (no early-exit string comparison)."""
-    import stream_cl.serve as serve
+    import stream_cl.serve.server as serve
 
     calls: list[tuple[bytes, bytes]] = []
     real = serve.hmac.compare_digest

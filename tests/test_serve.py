@@ -19,12 +19,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from stream_cl.client import PredictionClient, PredictionError
 from stream_cl.config import ServeConfig
 from stream_cl.metrics import Metrics
-from stream_cl.registry import SnapshotRegistry
-from stream_cl.serve import MAX_IN_FLIGHT_PER_CONNECTION, PredictionServer
-from stream_cl.snapshot import Predictor, Snapshot, SnapshotHolder, TaskId
+from stream_cl.serve.client import PredictionClient, PredictionError
+from stream_cl.serve.registry import SnapshotRegistry
+from stream_cl.serve.server import MAX_IN_FLIGHT_PER_CONNECTION, PredictionServer
+from stream_cl.serve.snapshot import Predictor, Snapshot, SnapshotHolder, TaskId
 
 INPUT = 6
 LABELS = (0, 1, "two")

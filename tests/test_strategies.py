@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from stream_cl import checks, strategies
+from stream_cl.bench.offline import learn_offline
 from stream_cl.config import Config, ConfigError, load_config
-from stream_cl.datasets import load_stream
-from stream_cl.evaluation import accuracy
-from stream_cl.offline import learn_offline
+from stream_cl.evaluate.scoring import accuracy
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.heads import LSHead
 from stream_cl.strategies.replay import Replay
+from stream_cl.tools.datasets import load_stream
 
 
 class _ThirdParty(Finetune):
@@ -98,7 +98,7 @@ def test_flush_denormals_is_scoped_to_the_block() -> None:
 
 def test_default_config_is_eidetic_with_ls_head() -> None:
     """The default [strategy] is the user's stated composition: mask freezing, LS rows, cross-entropy."""
-    from stream_cl.strategies.eidetic import Eidetic
+    from stream_cl.strategies.eidetic.strategy import Eidetic
 
     s = strategies.from_config(Config(), (4,))
     assert type(s) is Eidetic and type(s.head_policy) is LSHead and s.loss == "ce"

@@ -7,19 +7,19 @@ import numpy as np
 import pytest
 import torch
 
-from stream_cl.checkpoint import CheckpointStore, read_checkpoint
+from stream_cl.bench.offline import stream_records
 from stream_cl.cli import main
-from stream_cl.client import PredictionClient
 from stream_cl.config import Config, load_config
-from stream_cl.daemon import Daemon, checkpoint_dir
-from stream_cl.datasets import load_stream
-from stream_cl.learner import Learner
+from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
-from stream_cl.models import MLP, Classifier
-from stream_cl.offline import stream_records
-from stream_cl.serve import PredictionServer
-from stream_cl.snapshot import SnapshotHolder
-from stream_cl.transfer import (
+from stream_cl.runtime.daemon import Daemon, checkpoint_dir
+from stream_cl.serve.client import PredictionClient
+from stream_cl.serve.server import PredictionServer
+from stream_cl.serve.snapshot import SnapshotHolder
+from stream_cl.store.checkpoints import CheckpointStore, read_checkpoint
+from stream_cl.strategies.backbones import MLP, Classifier
+from stream_cl.tools.datasets import load_stream
+from stream_cl.tools.transfer import (
     Layer,
     TrajectoryRecorder,
     _grads,

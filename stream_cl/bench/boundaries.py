@@ -58,7 +58,7 @@ class LabeledStream:
 
 
 def _from_benchmark(name: str, seed: int, revisits: tuple[int, ...]) -> LabeledStream:
-    from stream_cl.datasets import load_stream
+    from stream_cl.tools.datasets import load_stream
 
     stream = load_stream(name, seed=seed, send_task=False)
     parts = [(t.task_id, t.train_x, t.train_y) for t in stream.tasks]
@@ -118,12 +118,12 @@ Tape = list[tuple[str, tuple[Any, ...], dict[str, Any]]]
 
 def learn_with_tape(config: Config, stream: LabeledStream) -> tuple[list[Any], Tape]:
     """Learn `stream` through the daemon's `Learner`; returns its boundary events and detector calls."""
-    from stream_cl.boundaries import BoundaryDetector, BoundaryEvent
-    from stream_cl.codec import Sample
-    from stream_cl.learner import Learner
+    from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
+    from stream_cl.ingest.codec import Sample
+    from stream_cl.ingest.source import Record
+    from stream_cl.learn.learner import Learner
     from stream_cl.metrics import Metrics
-    from stream_cl.snapshot import SnapshotHolder
-    from stream_cl.source import Record
+    from stream_cl.serve.snapshot import SnapshotHolder
 
     tape: Tape = []
 
@@ -150,7 +150,7 @@ def learn_with_tape(config: Config, stream: LabeledStream) -> tuple[list[Any], T
 
 def replay(config: Config, tape: Tape) -> list[Any]:
     """The events a fresh detector with `config.boundaries` returns for the same calls."""
-    from stream_cl.boundaries import BoundaryDetector
+    from stream_cl.detect.boundaries import BoundaryDetector
 
     detector = BoundaryDetector(config.boundaries)
     events = []
@@ -230,7 +230,7 @@ def _event_key(e: Any) -> tuple[Any, ...]:
 def run_boundaries_bench(
     config: Config, streams: list[str], detectors: list[str], seed: int = 0, max_delay: int = 1000
 ) -> dict[str, Any]:
-    from stream_cl.drift import canonical_name
+    from stream_cl.detect.drift import canonical_name
 
     detectors = [canonical_name(d) for d in detectors]
     real_config = _with_detector(config, canonical_name(config.boundaries.drift_detector))
@@ -275,7 +275,7 @@ def run_boundaries_bench(
 
 
 def _params_of(config: Config) -> dict[str, Any]:
-    from stream_cl.boundaries import build_monitor
+    from stream_cl.detect.boundaries import build_monitor
 
     monitor = build_monitor(config.boundaries)
     assert monitor is not None
@@ -293,7 +293,7 @@ def _meets_goal(r: dict[str, Any]) -> bool:
 
 
 def format_boundaries(results: dict[str, Any]) -> str:
-    from stream_cl.evaluation import format_table
+    from stream_cl.evaluate.scoring import format_table
 
     rows = []
     notes = []
@@ -361,7 +361,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from stream_cl.drift import DETECTORS
+    from stream_cl.detect.drift import DETECTORS
 
     detectors = list(DETECTORS) if args.detectors == "all" else [d.strip() for d in args.detectors.split(",")]
     streams = [s.strip() for s in args.streams.split(",")]

@@ -41,8 +41,8 @@ from stream_cl.bench.quality import Contender, learn_stream, with_overrides
 from stream_cl.config import Config, ConfigError
 
 if TYPE_CHECKING:
-    from stream_cl.datasets import BenchmarkStream
     from stream_cl.strategies import Batch, StepResult, Strategy
+    from stream_cl.tools.datasets import BenchmarkStream
 
 POLICIES = ("random", "class_mean", "ls")
 PROTECTION = "replay"
@@ -161,8 +161,8 @@ def run_heads(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Each head-policy contender on each stream (class-incremental) under each training loss."""
-    from stream_cl.datasets import load_stream
-    from stream_cl.evaluation import average_accuracy, average_forgetting
+    from stream_cl.evaluate.scoring import average_accuracy, average_forgetting
+    from stream_cl.tools.datasets import load_stream
 
     rows: list[dict[str, Any]] = []
     for stream_name in streams:
@@ -209,7 +209,7 @@ def _goals(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def format_heads(result: dict[str, Any]) -> str:
-    from stream_cl.evaluation import format_table
+    from stream_cl.evaluate.scoring import format_table
 
     headers = [
         "stream",

@@ -19,11 +19,11 @@ import msgpack
 import numpy as np
 import torch
 
-from stream_cl.client import PredictionClient
 from stream_cl.config import ServeConfig
-from stream_cl.frames import HEADER
-from stream_cl.serve import PredictionServer
-from stream_cl.snapshot import Snapshot, SnapshotHolder
+from stream_cl.serve.client import PredictionClient
+from stream_cl.serve.frames import HEADER
+from stream_cl.serve.server import PredictionServer
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 
 # Goals the server is held to (see the `goals` entry of the result).
 P50_GOAL_X_INPROCESS = 5.0

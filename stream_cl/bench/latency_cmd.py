@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from stream_cl.bench.latency import format_latency_table, run_latency_bench
-    from stream_cl.bench.models import trained_snapshot
+    from stream_cl.bench.trained import trained_snapshot
 
     snapshot, xs = trained_snapshot(config, args.stream)
     result = run_latency_bench(snapshot, xs, duration_s=args.duration)

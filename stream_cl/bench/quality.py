@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 from stream_cl.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: the CLI imports this module for --help
-    from stream_cl.datasets import BenchmarkStream
-    from stream_cl.learner import Learner
-    from stream_cl.snapshot import Snapshot, SnapshotHolder
+    from stream_cl.learn.learner import Learner
+    from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
     from stream_cl.strategies import Batch, StepResult, Strategy
+    from stream_cl.tools.datasets import BenchmarkStream
 
 SCENARIOS = ("class", "task")
 REFERENCES = ("joint", "iid-online")
@@ -108,11 +108,11 @@ def learn_stream(
     The daemon's held-out evaluator is switched off: the harness scores the stream's own test
     splits, so every training sample is learned, as by the references.
     """
-    from stream_cl.evaluation import accuracy
-    from stream_cl.learner import Learner
+    from stream_cl.bench.offline import stream_records
+    from stream_cl.evaluate.scoring import accuracy
+    from stream_cl.learn.learner import Learner
     from stream_cl.metrics import Metrics
-    from stream_cl.offline import stream_records
-    from stream_cl.snapshot import SnapshotHolder
+    from stream_cl.serve.snapshot import SnapshotHolder
 
     holder = SnapshotHolder()
     learner = Learner(with_overrides(config, ["evaluation.holdout_fraction=0"]), holder, Metrics())
@@ -257,8 +257,8 @@ def run_quality(
     references: bool = True,
 ) -> dict[str, Any]:
     """Every contender (and the references) on every stream × scenario; rows for the table."""
-    from stream_cl.datasets import load_stream
-    from stream_cl.evaluation import average_accuracy, average_forgetting, backward_transfer
+    from stream_cl.evaluate.scoring import average_accuracy, average_forgetting, backward_transfer
+    from stream_cl.tools.datasets import load_stream
 
     rows: list[dict[str, Any]] = []
     for stream_name in streams:
@@ -307,7 +307,7 @@ def _interval_figures(strategy: Strategy | None) -> dict[str, float]:
 
 
 def format_quality(result: dict[str, Any]) -> str:
-    from stream_cl.evaluation import format_table
+    from stream_cl.evaluate.scoring import format_table
 
     def cell(value: float, digits: int = 4) -> str:
         return "-" if math.isnan(value) else f"{value:.{digits}f}"

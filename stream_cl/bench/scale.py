@@ -122,7 +122,7 @@ def client_main(argv: list[str]) -> int:
     """Pipeline `predict` requests from START (epoch s) for DURATION s; print {"replies", "errors"}."""
     import numpy as np
 
-    from stream_cl.client import PredictionClient
+    from stream_cl.serve.client import PredictionClient
 
     host, port, start_at, duration, depth, features = (
         argv[0],
@@ -164,7 +164,7 @@ def _produce(bootstrap: str, topic: str, total: int, keys: int, partitions: int,
     import numpy as np
     from kafka import KafkaProducer
 
-    from stream_cl.codec import encode_sample
+    from stream_cl.ingest.codec import encode_sample
 
     rng = np.random.default_rng(0)
     centers = rng.normal(scale=3.0, size=(10, features)).astype(np.float32)
@@ -190,7 +190,7 @@ def _learners(
 ) -> dict[str, Any]:
     import threading
 
-    from stream_cl.bench.fleet import Fleet, free_port, kafka_overrides, scrape, stream_cl_argv, wait_for
+    from stream_cl.tools.fleet import Fleet, free_port, kafka_overrides, scrape, stream_cl_argv, wait_for
 
     topic = f"scale-{uuid.uuid4().hex[:8]}-{n}"
     broker.create_topic(topic, args.partitions)
@@ -271,7 +271,7 @@ def _publish_model(
     broker: Any, fleet_dir: Path, base: list[str], settings: dict[str, Any], args: argparse.Namespace
 ) -> tuple[str, int]:
     """A learner learns a short stream and publishes; returns (snapshot topic, final version)."""
-    from stream_cl.bench.fleet import Fleet, free_port, kafka_overrides, scrape, stream_cl_argv, wait_for
+    from stream_cl.tools.fleet import Fleet, free_port, kafka_overrides, scrape, stream_cl_argv, wait_for
 
     topic = f"scale-{uuid.uuid4().hex[:8]}-model"
     broker.create_topic(topic, 1)
@@ -317,8 +317,8 @@ def _replicas(
     settings: dict[str, Any],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    from stream_cl.bench.fleet import Fleet, free_port, stream_cl_argv, wait_for
-    from stream_cl.client import PredictionClient, PredictionError
+    from stream_cl.serve.client import PredictionClient, PredictionError
+    from stream_cl.tools.fleet import Fleet, free_port, stream_cl_argv, wait_for
 
     workdir = fleet_dir / f"replicas-{n}"
     workdir.mkdir()
@@ -425,7 +425,7 @@ def _base_argv(args: argparse.Namespace) -> list[str]:
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    from stream_cl.broker import EmbeddedBroker
+    from stream_cl.tools.broker import EmbeddedBroker
 
     settings = _settings(config, args)
     base = _base_argv(args)

@@ -59,7 +59,7 @@ def _producer(
     import numpy as np
     from kafka import KafkaProducer
 
-    from stream_cl.codec import encode_sample
+    from stream_cl.ingest.codec import encode_sample
 
     rng = np.random.default_rng(0)
     centers = rng.normal(scale=3.0, size=(10, features)).astype(np.float32)
@@ -87,8 +87,8 @@ def run_soak(config: Config, samples: int, round_size: int = 50_000, features: i
     """Run the soak; returns the figures (RSS in MiB at 10% and 100%, growth, rate)."""
     import tempfile
 
-    from stream_cl.broker import EmbeddedBroker
-    from stream_cl.daemon import Daemon
+    from stream_cl.runtime.daemon import Daemon
+    from stream_cl.tools.broker import EmbeddedBroker
 
     topic = f"soak-{uuid.uuid4().hex[:8]}"
     marks: dict[str, dict[str, Any]] = {}

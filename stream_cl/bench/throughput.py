@@ -41,7 +41,7 @@ MODES = ("in_process", "subprocess")  # by kafka.fetch_in_subprocess (False, Tru
 def raw_consume_rate(bootstrap: str, topic: str, n: int, timeout_s: float = 120.0) -> float:
     from kafka import KafkaConsumer, TopicPartition
 
-    from stream_cl.codec import decode_sample
+    from stream_cl.ingest.codec import decode_sample
 
     consumer = KafkaConsumer(
         bootstrap_servers=bootstrap,
@@ -73,8 +73,8 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
     import numpy as np
     import torch
 
-    from stream_cl.datasets import load_stream
     from stream_cl.strategies import Batch, flush_denormals, from_config
+    from stream_cl.tools.datasets import load_stream
 
     stream = load_stream(stream_name)
     x_all = np.concatenate([t.train_x for t in stream.tasks])
@@ -226,7 +226,7 @@ def daemon_run(
     import tempfile
     import threading
 
-    from stream_cl.daemon import Daemon
+    from stream_cl.runtime.daemon import Daemon
 
     with tempfile.TemporaryDirectory() as ckpt:
         cfg = dataclasses.replace(
@@ -293,9 +293,9 @@ def run_throughput(
     figures are medians over rounds (ratios: the median of the rounds' ratios)."""
     import statistics
 
-    from stream_cl.broker import EmbeddedBroker
-    from stream_cl.datasets import load_stream
-    from stream_cl.producer import produce_stream
+    from stream_cl.tools.broker import EmbeddedBroker
+    from stream_cl.tools.datasets import load_stream
+    from stream_cl.tools.producer import produce_stream
 
     stream = load_stream(stream_name)
     n = stream.n_train * repeats
@@ -376,7 +376,7 @@ def run_throughput(
 
 
 def format_throughput(r: dict[str, Any]) -> str:
-    from stream_cl.evaluation import format_table
+    from stream_cl.evaluate.scoring import format_table
 
     configured = "subprocess" if r["fetch_in_subprocess"] else "in-process"
     rows = [

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from stream_cl.datasets import BenchmarkStream
+    from stream_cl.tools.datasets import BenchmarkStream
 
 # One pass over split-mnist1d leaves the source at chance (test accuracy 0.099, measured): there is
 # no trajectory to transfer. 20 passes per task reach 0.39 (60 reach 0.40, class-incremental replay).
@@ -65,11 +65,11 @@ def learn_source(config: Config, stream: BenchmarkStream, epochs: int) -> dict[s
     in a row (as if the stream sent them again): mnist1d needs more than one pass to learn."""
     import dataclasses
 
-    from stream_cl.codec import Sample
-    from stream_cl.learner import Learner
+    from stream_cl.ingest.codec import Sample
+    from stream_cl.ingest.source import Record
+    from stream_cl.learn.learner import Learner
     from stream_cl.metrics import Metrics
-    from stream_cl.snapshot import SnapshotHolder
-    from stream_cl.source import Record
+    from stream_cl.serve.snapshot import SnapshotHolder
 
     config = dataclasses.replace(
         config, evaluation=dataclasses.replace(config.evaluation, holdout_fraction=0.0)
@@ -104,7 +104,7 @@ def samples_to_reach(
     import torch
     from torch.nn import functional as F
 
-    from stream_cl.transfer import accuracy, batches_of, load
+    from stream_cl.tools.transfer import accuracy, batches_of, load
 
     load(model, params)
     if accuracy(model, *test) >= target:
@@ -131,9 +131,9 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     import time
 
     from stream_cl.bench.quality import with_overrides
-    from stream_cl.datasets import load_stream
-    from stream_cl.evaluation import format_table
-    from stream_cl.transfer import (
+    from stream_cl.evaluate.scoring import format_table
+    from stream_cl.tools.datasets import load_stream
+    from stream_cl.tools.transfer import (
         accuracy,
         endpoints,
         fresh_init,

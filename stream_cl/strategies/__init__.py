@@ -22,11 +22,11 @@ import torch
 
 from stream_cl.config import ConfigError
 from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy
-from stream_cl.strategies.eidetic import Eidetic
+from stream_cl.strategies.eidetic.strategy import Eidetic
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.fip import FIP
 from stream_cl.strategies.heads import HEAD_POLICIES, HeadPolicy, parse_options, parse_text
-from stream_cl.strategies.interval import Interval
+from stream_cl.strategies.interval.strategy import Interval
 from stream_cl.strategies.replay import Replay
 
 if TYPE_CHECKING:

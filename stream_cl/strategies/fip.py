@@ -15,7 +15,7 @@ stream both learns better and forgets less (measured: see `FIP`). The reference 
 far heavier distance weight than a mean over the memory batch suggests (a *sum* over a large
 memory batch), hence the default β = 50.
 
-The same distance drives `stream_cl.compress` (a path towards a sparse network).
+The same distance drives `stream_cl.tools.compress` (a path towards a sparse network).
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import torch
 from torch.nn import functional as F
 
-from stream_cl.models import Classifier, ExpandingHead
+from stream_cl.strategies.backbones import Classifier, ExpandingHead
 from stream_cl.strategies.class_buffer import ClassBalancedBuffer
 
 

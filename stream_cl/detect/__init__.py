@@ -1,0 +1,1 @@
+"""Detect: where the stream moves to a new task (explicit ids, new classes, drift)."""

@@ -1,0 +1,1 @@
+"""Evaluate: held-out reservoirs per task, the accuracy matrix and forgetting."""

@@ -1,0 +1,468 @@
+"""The learner: the one thread that owns and writes the model.
+
+It takes decoded records from the source, maps raw labels to class indices (growing the head for
+new ones), asks the boundary detector whether a new task starts, learns in mini-batches
+(test-then-train: each batch is scored before the update, which feeds prequential accuracy),
+and publishes an immutable snapshot every N steps, every T ms and at each boundary.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_cl.config import Config
+from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
+from stream_cl.evaluate.evaluator import Evaluator
+from stream_cl.ingest.codec import Sample
+from stream_cl.ingest.source import INVALID_ROW, Chunk, DeadLetter, Record
+from stream_cl.learn.checkpointing import BackgroundWrite, CheckpointMixin
+from stream_cl.log import get_logger
+from stream_cl.metrics import Metrics
+from stream_cl.serve.snapshot import Label, Snapshot, SnapshotHolder, TaskId
+from stream_cl.store.checkpoints import CheckpointStore
+from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
+from stream_cl.tools.transfer import TrajectoryRecorder
+
+TRAJECTORY_TASKS = 4  # tasks whose start/end weights checkpoints keep: the first + the last 3
+
+
+class Learner(CheckpointMixin):
+    """Turns records into strategy steps; single-threaded by design (the only model writer)."""
+
+    def __init__(
+        self,
+        config: Config,
+        holder: SnapshotHolder,
+        metrics: Metrics,
+        on_processed: Callable[[int, int], None] = lambda partition, offset: None,
+        dead_letter: DeadLetter | None = None,
+        on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
+        checkpoints: CheckpointStore | None = None,
+        on_checkpoint: Callable[[dict[int, int]], None] = lambda offsets: None,
+        on_publish: Callable[[Learner, Snapshot], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.holder = holder
+        self.metrics = metrics
+        self.on_processed = on_processed
+        self.dead_letter = dead_letter
+        self.on_unlabeled = on_unlabeled
+        self.checkpoints = checkpoints
+        self.on_checkpoint = on_checkpoint
+        self.on_publish = on_publish  # called on the learner thread after each publish
+        self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
+        self._accepted: dict[
+            int, int
+        ] = {}  # partition -> next offset not yet taken in (processed or pending)
+        self.log = get_logger("stream_cl.learn.learner")
+        check_config(config)  # fail on a bad [strategy] before consuming anything
+        self.detector = BoundaryDetector(config.boundaries)
+        self.evaluator: Evaluator | None = None
+        if config.evaluation.holdout_fraction > 0:
+            self.evaluator = Evaluator(
+                config.evaluation,
+                holder,
+                metrics,
+                task_id_of=lambda i: self.detector.task_ids[i],
+                seed=config.model.seed,
+            )
+        self.strategy: Strategy | None = None
+        self.input_shape = None
+        if config.model.input_dim:
+            self.input_shape = (config.model.input_dim,)
+        self.labels: list[Label] = []
+        self.label_index: dict[Label, int] = {}
+        self.version = 0
+        self.steps = 0
+        self.learned = 0
+        self.held_out = 0
+        self.boundaries: list[BoundaryEvent] = []
+        self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
+        self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
+        self._pending: list[tuple[np.ndarray, int, int, int]] = []  # (x, class, partition, offset)
+        # processed (partition, offset) waiting for the pending batch's step
+        self._deferred: list[tuple[int, int]] = []
+        self._steps_since_publish = 0
+        self._last_publish = time.monotonic()
+        self._learned_at_checkpoint = 0
+        self._offsets_at_checkpoint: dict[int, int] = {}
+        self._last_checkpoint = time.monotonic()
+        self._last_checkpoint_attempt = -math.inf  # none yet (monotonic time can be near 0 after boot)
+        self._checkpoint_requested = False
+        self._lock = threading.Lock()  # guards stats read by other threads
+        # Hot-path bookkeeping (per sample at up to ~10k samples/s): Prometheus children resolved
+        # once (`labels()` costs microseconds), held-out counts reported per step, and
+        # `note_task` called once per (task, class) pair (it is idempotent).
+        self._learned_counter = metrics.samples.labels(outcome="learned")
+        self._held_out_counter = metrics.samples.labels(outcome="held_out")
+        self._held_out_unreported = 0
+        self._noted: set[tuple[int, int]] = set()
+        # Scheduled checkpoints are written on a writer thread (checkpoint_writer.py). Not for
+        # per-key models: their handover bookkeeping takes `on_checkpoint` to mean "everything
+        # taken in so far is saved", true only when the write happens before anything else.
+        self._background_checkpoints = config.checkpoint.background and not config.models.per_key
+        self._write: BackgroundWrite | None = None
+
+    # -- inputs ---------------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self._input_shape
+
+    @input_shape.setter
+    def input_shape(self, shape: tuple[int, ...] | None) -> None:
+        # input_size is read for every sample: computed once here, not per read
+        self._input_shape = shape
+        self.input_size: int | None = int(np.prod(shape)) if shape else None
+
+    def _ensure_strategy(self, x: np.ndarray, shape: Any) -> Strategy:
+        if self.strategy is None:
+            if self.input_shape is None:
+                self.input_shape = tuple(shape) if shape else (x.size,)
+            cfg = self.config
+            self.strategy = from_config(cfg, self.input_shape)
+            self.log.info(
+                "model_created",
+                strategy=cfg.strategy.name,
+                input_shape=list(self.input_shape),
+                device=str(self.strategy.device),
+            )
+        return self.strategy
+
+    def process(self, chunk: Chunk | list[Record]) -> None:
+        """Handle one polled chunk of records in stream order (a list of Records is made a Chunk)."""
+        if not isinstance(chunk, Chunk):
+            chunk = Chunk.of(chunk)
+        accepted = self._accepted
+        label_index = self.label_index
+        detector = self.detector
+        evaluator = self.evaluator
+        batch_size = self.config.model.batch_size
+        xs = chunk.xs
+        for row in chunk.rows:
+            partition, offset = row[0], row[1]
+            if offset < accepted.get(partition, 0):
+                continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
+            accepted[partition] = offset + 1
+            if len(row) == INVALID_ROW:  # dead-lettered by the source
+                self._done_without_learning(partition, offset)
+                continue
+            x0, x1 = row[3], row[4]
+            if self.input_size is not None and x1 - x0 != self.input_size:
+                detail = f"'x' has {x1 - x0} features, expected {self.input_size}"
+                self._reject(partition, offset, chunk.raw(row), "bad_length", detail)
+                continue
+            x = xs[x0:x1]
+            strategy = self.strategy if self.strategy is not None else self._ensure_strategy(x, row[11])
+            y = row[7]
+            if y is None:
+                self._unlabeled(partition, offset, chunk.sample(row))
+                continue
+            cls = label_index.get(y)
+            if cls is None and len(self.labels) >= self.config.model.max_classes:
+                detail = f"label {y!r} beyond model.max_classes"
+                self._reject(partition, offset, chunk.raw(row), "too_many_classes", detail)
+                continue
+            event = detector.observe(row[8], cls is None, partition, offset, label=y, x=x)
+            if event is not None:
+                self._learn_pending()
+                self._boundary(event)
+            task = detector.current or 0
+            if cls is None:
+                # The head grows before any sample of the class is learned, and the class joins the
+                # batch being filled. Cutting the batch here gave the first class of a task a step
+                # of its own, with the 1-3 samples before the next new label, and a head policy
+                # solved its row from those.
+                cls = len(self.labels)
+                self.labels.append(y)
+                label_index[y] = cls
+                strategy.add_classes([cls], task)
+                self._noted.add((task, cls))
+                self.metrics.classes_seen.set(len(self.labels))
+            elif evaluator is not None and evaluator.hold_out():
+                evaluator.add(task, x, y)
+                self._held_out_unreported += 1
+                self.held_out += 1
+                self._done_without_learning(partition, offset)
+                continue
+            elif (task, cls) not in self._noted:
+                strategy.note_task(task, [cls])
+                self._noted.add((task, cls))
+            self._pending.append((x, cls, partition, offset))
+            if len(self._pending) >= batch_size:
+                self._learn_pending()
+        self._report_held_out()
+        self._maybe_publish()
+        if self._checkpoint_due():
+            self.checkpoint(wait=not self._background_checkpoints)
+
+    def _report_held_out(self) -> None:
+        if self._held_out_unreported:
+            self._held_out_counter.inc(self._held_out_unreported)
+            self._held_out_unreported = 0
+
+    def flush(self) -> None:
+        """Learn a partial batch (the stream went quiet), publish, and write a checkpoint that is due.
+
+        A request deferred by `checkpoint.min_interval_s`, or a background write that finished,
+        must not wait for the next record: the stream may stay quiet.
+        """
+        self._learn_pending()
+        self._report_held_out()
+        self._maybe_publish(force=self._steps_since_publish > 0)
+        if self._checkpoint_due():
+            self.checkpoint(wait=not self._background_checkpoints)
+
+    # -- learning -------------------------------------------------------------------------------
+    def _learn_pending(self) -> None:
+        if not self._pending or self.strategy is None:
+            return
+        pending, self._pending = self._pending, []
+        strategy = self.strategy
+        # one concatenate, then the reshape below: ~2x cheaper than np.stack's per-row expand_dims
+        x = torch.from_numpy(np.concatenate([p[0] for p in pending]))
+        x = x.reshape((len(pending), *self.input_shape)).to(strategy.device)  # type: ignore[misc]
+        y = torch.tensor([p[1] for p in pending], dtype=torch.long, device=strategy.device)
+        start = time.perf_counter()
+        result = strategy.learn(Batch(x=x, y=y, task=self.detector.current or 0))
+        self.metrics.learn_step_seconds.observe(time.perf_counter() - start)
+        with self._lock:
+            self._prequential.extend(result.correct.tolist())
+            self.steps += 1
+            self.learned += len(pending)
+        self._steps_since_publish += 1
+        self._learned_counter.inc(len(pending))
+        self._report_held_out()
+        self.metrics.prequential_accuracy.set(self.prequential_accuracy)
+        # Processed up to the last record of each partition (offsets only grow within one): one
+        # report per partition and step, not one per record.
+        upto: dict[int, int] = {}
+        for _, _, partition, offset in pending:
+            upto[partition] = offset
+        for partition, offset in self._deferred:
+            if offset > upto.get(partition, -1):
+                upto[partition] = offset
+        self._deferred.clear()
+        for partition, offset in upto.items():
+            self._mark_offset(partition, offset)
+        self._maybe_publish()  # per step, so a big polled chunk cannot leave serving on a stale model
+        if self.evaluator is not None:
+            self.evaluator.on_learned(self.learned)
+        _, _, last_partition, last_offset = pending[-1]
+        event = self.detector.observe_outcome(
+            result.sample_losses, result.correct, last_partition, last_offset
+        )
+        if event is not None:
+            self._boundary(event)
+
+    def _boundary(self, event: BoundaryEvent) -> None:
+        assert self.strategy is not None
+        self.boundaries.append(event)
+        self.trajectory.on_boundary(event.previous_task, event.task, self.strategy.model)
+        self.strategy.on_boundary(
+            Boundary(
+                previous_task=event.previous_task,
+                task=event.task,
+                reason=event.reason,
+                recurring=event.recurring,
+            )
+        )
+        self._capacity_gauges()
+        if event.previous_task is not None:
+            self.metrics.task_boundaries.labels(reason=event.reason).inc()
+            self._checkpoint_requested = self.config.checkpoint.at_boundary
+        self.metrics.current_task.set(event.task)
+        self.metrics.tasks_seen.set(len(self.detector.task_ids))
+        self.log.info(
+            "task_boundary",
+            reason=event.reason,
+            task=event.task_id,
+            task_index=event.task,
+            previous_task=event.previous_task,
+            recurring=event.recurring,
+            partition=event.partition,
+            offset=event.offset,
+            evidence=event.evidence,
+        )
+        snapshot = self.publish()  # the model at the end of the previous task: row R[previous] of the matrix
+        if self.evaluator is not None:
+            self.evaluator.on_boundary(event.previous_task, event.task, snapshot, event.reason)
+
+    def _capacity_gauges(self) -> None:
+        """Strategies with finite capacity (eidetic) expose it; export it after each boundary."""
+        ratio = getattr(self.strategy, "free_capacity_ratio", None)
+        if callable(ratio):
+            self.metrics.free_capacity_ratio.set(ratio())
+            self.metrics.capacity_exhausted.set(float(getattr(self.strategy, "exhausted", False)))
+
+    def _unlabeled(self, partition: int, offset: int, sample: Sample) -> None:
+        self.metrics.samples.labels(outcome="unlabeled").inc()
+        if self.on_unlabeled is not None:
+            snap = self.holder.get()
+            if snap is not None and snap.labels:
+                pred = snap.predict(sample.x[None, :])
+                proba = pred.proba[0]
+                best = int(proba.argmax())
+                self.on_unlabeled(
+                    sample,
+                    {
+                        "label": snap.labels[best],
+                        "proba": {lab: float(p) for lab, p in zip(snap.labels, proba, strict=True)},
+                        "model_version": snap.version,
+                    },
+                )
+        self._done_without_learning(partition, offset)
+
+    def _reject(self, partition: int, offset: int, raw: bytes | memoryview, reason: str, detail: str) -> None:
+        if self.dead_letter is not None:
+            self.dead_letter(raw, reason, detail, partition, offset)
+        else:
+            self.metrics.samples.labels(outcome="invalid").inc()
+        self._done_without_learning(partition, offset)
+
+    def _done_without_learning(self, partition: int, offset: int) -> None:
+        """Unlabeled, held-out or invalid: processed once the pending batch before it is learned.
+
+        Marking it at once would let a commit cover earlier, still unlearned records.
+        """
+        if self._pending:
+            self._deferred.append((partition, offset))
+        else:
+            self._mark_offset(partition, offset)
+
+    def _mark_offset(self, partition: int, offset: int) -> None:
+        if offset + 1 > self.offsets.get(partition, 0):
+            self.offsets[partition] = offset + 1
+        self.on_processed(partition, offset)
+
+    # -- snapshots ------------------------------------------------------------------------------
+    @property
+    def prequential_accuracy(self) -> float:
+        window = self._prequential
+        return float(sum(window) / len(window)) if window else 0.0
+
+    def _maybe_publish(self, force: bool = False) -> None:
+        """Publish when forced, or when due by steps or time and the floor between scheduled
+        snapshots (`learner.snapshot_min_interval_ms`) has passed."""
+        if force:
+            self.publish()
+            return
+        cfg = self.config.learner
+        steps = self._steps_since_publish
+        if steps == 0:
+            return
+        since_ms = (time.monotonic() - self._last_publish) * 1000
+        if since_ms < cfg.snapshot_min_interval_ms:
+            return
+        if steps >= cfg.snapshot_every_steps or since_ms >= cfg.snapshot_every_ms:
+            self.publish()
+
+    def publish(self) -> Snapshot | None:
+        """Publish an immutable snapshot of the current model (learner thread only).
+
+        Nothing is published before the first class: such a model has nothing to predict, and
+        serving answers `not_ready` until then.
+        """
+        if self.strategy is None or self.input_shape is None or not self.labels:
+            return None
+        self.version += 1
+        task_ids: tuple[TaskId, ...] = tuple(self.detector.task_ids)
+        index_of = {tid: i for i, tid in enumerate(task_ids)}
+        inner = self.strategy.predictor()
+
+        def predictor(x: torch.Tensor, task: TaskId | None) -> tuple[torch.Tensor, list[TaskId | None]]:
+            proba, routes = inner(x, None if task is None else index_of[task])
+            return proba, [None if r is None else task_ids[r] for r in routes]
+
+        snap = Snapshot(
+            version=self.version,
+            strategy=self.strategy.name,
+            labels=tuple(self.labels),
+            tasks=task_ids,
+            input_shape=self.input_shape,
+            predictor=predictor,
+            device=str(self.strategy.device),
+        )
+        self.holder.publish(snap)
+        self.metrics.model_version.set(self.version)
+        self._steps_since_publish = 0
+        self._last_publish = time.monotonic()
+        if self.on_publish is not None:
+            self.on_publish(self, snap)
+        return snap
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the learner needs to resume exactly here (plain values and tensors only)."""
+        assert self.strategy is not None and self.input_shape is not None
+        return {
+            "strategy_name": self.strategy.name,
+            "input_shape": list(self.input_shape),
+            "labels": list(self.labels),
+            "version": self.version,
+            "steps": self.steps,
+            "learned": self.learned,
+            "held_out": self.held_out,
+            "prequential": list(self._prequential),
+            "offsets": dict(self.offsets),
+            "detector": self.detector.state_dict(),
+            "strategy": self.strategy.state_dict(),
+            "evaluator": None if self.evaluator is None else self.evaluator.state_dict(),
+            "evaluator_summary": None if self.evaluator is None else self.evaluator.summary(),
+            "trajectory": self.trajectory.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from `state_dict()` output and publish the restored model."""
+        if state["strategy_name"] != self.config.strategy.name:
+            raise ValueError(
+                f"checkpoint holds strategy {state['strategy_name']!r}, config asks for {self.config.strategy.name!r}"
+            )
+        self.input_shape = tuple(state["input_shape"])
+        self.strategy = from_config(self.config, self.input_shape)
+        self.strategy.load_state_dict(state["strategy"])
+        self.labels = list(state["labels"])
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+        self._noted.clear()
+        self.version = state["version"]
+        self.steps = state["steps"]
+        self.learned = self._learned_at_checkpoint = state["learned"]
+        self.held_out = int(state.get("held_out", 0))
+        self._prequential.clear()
+        self._prequential.extend(state["prequential"])
+        self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
+        self._accepted = dict(self.offsets)
+        self._offsets_at_checkpoint = dict(self.offsets)
+        self.detector.load_state_dict(state["detector"])
+        self.trajectory.load_state_dict(state.get("trajectory") or [])
+        if self.evaluator is not None and state.get("evaluator") is not None:
+            self.evaluator.load_state_dict(state["evaluator"])
+        self.metrics.classes_seen.set(len(self.labels))
+        self.metrics.tasks_seen.set(len(self.detector.task_ids))
+        self._capacity_gauges()
+        if self.detector.current is not None:
+            self.metrics.current_task.set(self.detector.current)
+        self.publish()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "learned": self.learned,
+                "held_out": self.held_out,
+                "steps": self.steps,
+                "model_version": self.version,
+                "classes": len(self.labels),
+                "tasks": len(self.detector.task_ids),
+                "current_task": None
+                if self.detector.current is None
+                else self.detector.task_ids[self.detector.current],
+                "prequential_accuracy": self.prequential_accuracy,
+                "unpublished_steps": self._steps_since_publish + (1 if self._pending else 0),
+            }

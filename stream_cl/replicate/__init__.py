@@ -1,0 +1,1 @@
+"""Replicate: snapshots published to Kafka and followed by serving replicas."""

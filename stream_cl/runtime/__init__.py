@@ -1,0 +1,1 @@
+"""Runtime: the composition roots (daemon, replica) and the process they run in."""

@@ -1,0 +1,1 @@
+"""Serve: immutable snapshots and the fronts that answer predictions from them."""

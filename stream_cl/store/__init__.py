@@ -1,0 +1,1 @@
+"""Store: checkpoints on disk, single-model and per-key."""

@@ -1,0 +1,1 @@
+"""EideticNet: mask freezing of neurons owned by earlier tasks."""

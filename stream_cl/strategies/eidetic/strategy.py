@@ -1,0 +1,323 @@
+"""`eidetic`: mask freezing (EideticNet, field-guide §5) with a task router; no forgetting by construction.
+
+Per task the network learns online on its *free* neurons. At the boundary that ends a task the
+strategy consolidates on a bounded buffer of that task: it prunes the free neurons with the lowest
+scores (L1/L2 norm of their incoming weights, or Taylor `|a · ∂L/∂a|`), a fraction per step, with
+a few recovery steps after each; a step that drops accuracy on the buffer below `best · (1 − tol)`
+is undone and retried with half the fraction, until the fraction falls below `prune_step / 8` or
+`max_prune_steps` steps (undone ones included) ran. The surviving neurons become the task's: their incoming
+weights, bias and BatchNorm parameters are *fixed* from then on, and so are their synapses from
+neurons not owned by this or an earlier task, which are set to zero. So an owned neuron computes
+the same function of the input forever: it reads only neurons that are themselves fixed (forward
+transfer from old to new neurons stays allowed, never the reverse). The pruned neurons are
+re-initialized as free capacity for the next task (`eidetic_masks.py`). The task's head rows are
+then copied, their columns for neurons it does not own zeroed: predicting with a task hint for a
+consolidated task uses that copy, so its logits are bit-identical after any later learning (eval
+mode).
+
+Why fixing is exact: a fixed entry's gradient is zeroed by a hook (so no optimizer moment ever
+builds up on it), every task starts a fresh optimizer (no momentum carried over from the time it
+was free), and after every optimizer step fixed entries are written back from their stored values
+(weight decay, which adds `λ·p` to the gradient after hooks ran, cannot move them either).
+BatchNorm channels of owned neurons normalize with their stored running statistics even in
+training mode, and those statistics are never updated. LayerNorm mixes neurons, so it is refused.
+
+Routing without a task id (`eidetic_router.py`): a streaming ridge classifier over fixed random
+features of the input scores every (task, class) pair; added to the heads' log-probabilities
+(weighted by `router_weight`), the best pair picks the task whose head answers. It learns from
+every sample's statistics (no replay, fixed memory, no forgetting) and is solved at each boundary.
+A task hint bypasses the router; the route taken is returned.
+
+Consolidation runs synchronously inside `on_boundary`, on the learner thread: serving keeps
+answering from the last published snapshot, and the learner publishes the consolidated model when
+`on_boundary` returns. Capacity is finite: `free_capacity_ratio()` says how much is left (the
+learner exports it as `stream_cl_free_capacity_ratio`); when no free neuron reaches the head, a
+`capacity_exhausted` warning is logged and later tasks train their head rows on the owned features.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from stream_cl.config import ModelConfig
+from stream_cl.log import get_logger
+from stream_cl.serve.snapshot import frozen_copy
+from stream_cl.strategies.base import (
+    Batch,
+    Boundary,
+    StepResult,
+    Strategy,
+    check_int_options,
+    check_number_options,
+)
+from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.eidetic.masks import FREE, SCORES, NeuronMasks, protected_layers, unit_scores
+from stream_cl.strategies.router import RidgeRouter, route_and_predict
+
+__all__ = ["Eidetic", "protected_layers"]
+
+
+class Eidetic(Strategy):
+    """Mask freezing + a task router. Options (all bounded):
+
+    `task_buffer` samples of the current task kept for consolidation; `prune_step` fraction of the
+    task's free neurons pruned per step (halved after an undone step); `recovery_steps` optimizer
+    steps after each; `tol` relative accuracy drop allowed; `score` l1 | l2 | taylor;
+    `max_prune_steps` pruning steps per boundary, undone ones included;
+    `router_features` random features of the router; `router_lam` its ridge λ (relative to the
+    mean feature energy); `router_weight` the weight of its (task, class) scores against the heads'
+    log-probabilities when a request has no task id; `router_refresh` learned samples after which
+    it is solved again at most (within a task it is solved when the task's samples doubled since
+    the last solve, and at every boundary).
+    """
+
+    name = "eidetic"
+    unit_test_options = {"task_buffer": 16, "recovery_steps": 2, "max_prune_steps": 3, "router_features": 64}
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        model: ModelConfig | None = None,
+        head: str = "random",
+        head_options: Mapping[str, Any] | None = None,
+        loss: str = "ce",
+        device: str = "auto",
+        task_buffer: int = 1000,
+        prune_step: float = 0.5,
+        recovery_steps: int = 20,
+        tol: float = 0.01,
+        score: str = "l1",
+        max_prune_steps: int = 10,
+        router_features: int = 1024,
+        router_lam: float = 0.001,
+        router_weight: float = 30.0,
+        router_refresh: int = 2000,
+    ) -> None:
+        check_int_options(
+            1, task_buffer=task_buffer, router_features=router_features, router_refresh=router_refresh
+        )
+        check_int_options(0, recovery_steps=recovery_steps, max_prune_steps=max_prune_steps)
+        check_number_options(0.0, strict=True, router_lam=router_lam, router_weight=router_weight)
+        if not 0 < prune_step < 1:
+            raise ValueError(f"strategy.options.prune_step: expected 0 < prune_step < 1, got {prune_step!r}")
+        if not 0 <= tol < 1:
+            raise ValueError(f"strategy.options.tol: expected 0 <= tol < 1, got {tol!r}")
+        if score not in SCORES:
+            raise ValueError(f"strategy.options.score: expected one of {', '.join(SCORES)}, got {score!r}")
+        super().__init__(
+            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
+        )
+        self.task_buffer_size, self.prune_step, self.recovery_steps = task_buffer, prune_step, recovery_steps
+        self.tol, self.score, self.max_prune_steps = tol, score, max_prune_steps
+        self.layers = protected_layers(self.model.backbone)
+        self.masks = NeuronMasks(self.layers)
+        self.consolidations: list[int] = []  # task consolidated at each rank
+        self.task_heads: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
+        self.task_buffer = ReservoirBuffer(task_buffer, self.input_shape, self.device)
+        self.router = RidgeRouter(
+            self.input_shape,
+            router_features,
+            router_lam,
+            router_refresh,
+            self.model_config.seed + 2,
+            self.device,
+        )
+        self.router_weight = float(router_weight)
+        self.exhausted = False
+        self.log = get_logger("stream_cl.strategies.eidetic.strategy")
+        self.optimizer = self._make_optimizer()  # the model's BatchNorm modules were swapped
+
+    # -- fixed entries -------------------------------------------------------------------------
+    @property
+    def fixed_mask(self) -> dict[str, torch.Tensor]:
+        return self.masks.fixed_mask
+
+    @property
+    def rank(self) -> list[torch.Tensor]:
+        return self.masks.rank
+
+    def _protected_params(self) -> list[tuple[str, torch.Tensor]]:
+        return self.masks.params()
+
+    def _step(self, loss: torch.Tensor) -> None:
+        super()._step(loss)
+        self.masks.write_back()
+
+    # -- learning ------------------------------------------------------------------------------
+    def learn(self, batch: Batch) -> StepResult:
+        self.model.train()
+        losses, outcome = self._forward(batch.x, batch.y)
+        self._step(losses.mean())
+        self.task_buffer.add(batch.x, batch.y, self.generator)
+        self.router.observe(batch.x, batch.y, batch.task)
+        return outcome
+
+    # -- boundaries: consolidation -------------------------------------------------------------
+    def on_boundary(self, event: Boundary) -> None:
+        """Consolidate the finished task (if it learned anything), solve the router, start fresh."""
+        task = self.current_task
+        if len(self.task_buffer) and task < len(self.task_classes) and self.task_classes[task]:
+            self._consolidate(task)
+        super().on_boundary(event)
+        self.task_buffer = ReservoirBuffer(self.task_buffer_size, self.input_shape, self.device)
+        self._rebuild_optimizer()  # fresh per task: no moment of a now-fixed entry survives
+        if self.router.since_solve or self.router.stale():
+            self.router.solve()
+        self.router.new_task()
+
+    def _consolidate(self, task: int) -> None:
+        x, y = self.task_buffer.inputs().clone(), self.task_buffer.y[: len(self.task_buffer)].clone()
+        classes = list(self.task_classes[task])
+        pruned = [torch.zeros(layer.units, dtype=torch.bool) for layer in self.layers]
+        best = self._buffer_accuracy(x, y, classes)
+        steps, fraction = 0, self.prune_step
+        for _ in range(self.max_prune_steps):
+            scores = unit_scores(self.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
+            candidates = self.masks.prune_candidates(scores, pruned, fraction)
+            if not candidates:
+                break
+            saved = self._save_params(), [p.clone() for p in pruned]
+            for layer_index, units in candidates:
+                pruned[layer_index][units] = True
+            self.masks.apply_pruned(pruned)
+            self._recover(x, y)
+            accuracy = self._buffer_accuracy(x, y, classes)
+            if accuracy < best * (1 - self.tol):
+                # Undo the step; retry with half the fraction (a failed first step must not leave
+                # the task owning every free neuron), until it falls below prune_step / 8.
+                self._load_params(saved[0])
+                pruned = saved[1]
+                self.masks.apply_pruned(pruned)
+                fraction /= 2
+                if fraction < self.prune_step / 8:
+                    break
+                continue
+            best, steps = max(best, accuracy), steps + 1
+        self._take_ownership(task, pruned, steps, best)
+        self._store_task_head(task)
+
+    def _buffer_accuracy(self, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
+        proba, _ = Strategy._predict_with(self.model, [classes], x, 0)
+        return float((proba.argmax(1) == y).float().mean())
+
+    def _recover(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        bs = self.model_config.batch_size
+        self.model.train()
+        for _ in range(self.recovery_steps):
+            idx = torch.randint(x.shape[0], (min(bs, x.shape[0]),), generator=self.generator).to(x.device)
+            losses = self._loss(self.model(x[idx]), y[idx])
+            self._step(losses.mean())
+
+    def _save_params(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def _load_params(self, state: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state)
+        self._rebuild_optimizer()
+
+    def _take_ownership(self, task: int, pruned: list[torch.Tensor], steps: int, accuracy: float) -> None:
+        k = len(self.consolidations)
+        self.consolidations.append(task)
+        owned_before = [
+            layer.units - free for layer, free in zip(self.layers, self.masks.free_units(), strict=True)
+        ]
+        self.masks.take_ownership(pruned, k)
+        self.masks.reinit_free(self.generator)
+        free = self.free_capacity_ratio()
+        kept = [
+            layer.units - free_units - before
+            for layer, free_units, before in zip(
+                self.layers, self.masks.free_units(), owned_before, strict=True
+            )
+        ]
+        self.log.info(
+            "eidetic_consolidated",
+            task=task,
+            rank=k,
+            prune_steps=steps,
+            buffer_accuracy=round(accuracy, 4),
+            units_kept=kept,
+            free_units=self.masks.free_units(),
+            free_capacity_ratio=round(free, 4),
+        )
+        if not bool((self.rank[-1] == FREE).any()):
+            if not self.exhausted:  # once: on a stream whose tasks recur, every boundary ends here
+                self.log.warning(
+                    "capacity_exhausted",
+                    task=task,
+                    free_capacity_ratio=round(free, 4),
+                    detail="no free neuron reaches the head; later tasks train only their head rows",
+                )
+            self.exhausted = True
+
+    def _store_task_head(self, task: int) -> None:
+        """Copy the task's head rows, reading only owned features, for exact task-hinted prediction."""
+        classes = list(self.task_classes[task])
+        owned = self.masks.owned_features().to(self.device)
+        head = self.model.head
+        with torch.no_grad():
+            w = head.weight[classes].detach().clone() * owned.to(head.weight.dtype)
+            b = head.bias[classes].detach().clone()
+        self.task_heads[task] = (classes, w, b)
+
+    # -- capacity ------------------------------------------------------------------------------
+    def free_capacity_ratio(self) -> float:
+        """Fraction of protected neurons no task owns yet (exported as stream_cl_free_capacity_ratio)."""
+        return self.masks.free_capacity_ratio()
+
+    # -- prediction ----------------------------------------------------------------------------
+    def predict_proba(
+        self, x: torch.Tensor, task: int | None = None
+    ) -> tuple[torch.Tensor, list[int | None]]:
+        if self.router.stale():
+            self.router.solve()
+        router = self.router.scores_fn()
+        return route_and_predict(
+            self.model, router, self.router_weight, self.task_classes, self.task_heads, x, task
+        )
+
+    def predictor(self) -> Any:
+        if self.router.stale():
+            self.router.solve()
+        router, weight = self.router.scores_fn(), self.router_weight
+        model = frozen_copy(self.model)
+        task_classes = [list(c) for c in self.task_classes]
+        heads = {t: (list(c), w.clone(), b.clone()) for t, (c, w, b) in self.task_heads.items()}
+
+        def predict(x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, list[int | None]]:
+            return route_and_predict(model, router, weight, task_classes, heads, x, task)
+
+        return predict
+
+    # -- state ---------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            **super().state_dict(),
+            **self.masks.state_dict(),
+            "consolidations": list(self.consolidations),
+            "task_heads": {
+                t: {"classes": list(c), "weight": w.cpu().clone(), "bias": b.cpu().clone()}
+                for t, (c, w, b) in self.task_heads.items()
+            },
+            "task_buffer": self.task_buffer.state_dict(),
+            "router": self.router.state_dict(),
+            "exhausted": self.exhausted,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.masks.load_state_dict(state)
+        self.consolidations = list(state["consolidations"])
+        self.task_heads = {
+            int(t): (list(h["classes"]), h["weight"].to(self.device), h["bias"].to(self.device))
+            for t, h in state["task_heads"].items()
+        }
+        self.task_buffer.load_state_dict(state["task_buffer"])
+        self.router.load_state_dict(state["router"])
+        self.exhausted = bool(state["exhausted"])
+
+    def memory_usage(self) -> dict[str, tuple[int, int]]:
+        return {**super().memory_usage(), "task_buffer": (len(self.task_buffer), self.task_buffer.capacity)}

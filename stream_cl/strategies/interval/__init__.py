@@ -1,0 +1,1 @@
+"""HyperInterval: interval freezing of each task's weight box."""

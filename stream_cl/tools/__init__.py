@@ -1,0 +1,1 @@
+"""Tools: the demo, the embedded broker, the producer, reports and offline utilities."""
