@@ -18,6 +18,7 @@ import argparse  # noqa: E402
 import json
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,12 @@ from stream_cl.log import configure_logging
 EXIT_USAGE = 2
 
 
-def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+# entry-point group of extra verbs: `name = "module:add_parsers"`, add_parsers(subparsers, common)
+COMMAND_PLUGINS = "stream_cl.commands"
+
+
+def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
+    """The config a verb runs with: `--config` (else ./config.toml if present), `extra`, then `--set`."""
     path = args.config
     if path is None and Path("config.toml").exists():
         path = "config.toml"
@@ -37,7 +43,7 @@ def _load(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
 def cmd_run(args: argparse.Namespace) -> int:
     from stream_cl.runtime.daemon import Daemon
 
-    config = _load(args)
+    config = config_from_args(args)
     configure_logging(config.log.level, config.log.format)
     return Daemon(config).run()
 
@@ -45,7 +51,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from stream_cl.runtime.replica import Replica
 
-    config = _load(args)
+    config = config_from_args(args)
     configure_logging(config.log.level, config.log.format)
     topic = args.follow or config.publish.topic
     if not topic:
@@ -61,7 +67,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
     from stream_cl.tools.broker import EmbeddedBroker
 
-    config = _load(args)
+    config = config_from_args(args)
     configure_logging(config.log.level, config.log.format)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,7 +88,7 @@ def cmd_produce(args: argparse.Namespace) -> int:
     from stream_cl.tools.datasets import load_stream
     from stream_cl.tools.producer import produce_file, produce_stream
 
-    config = _load(args)
+    config = config_from_args(args)
     bootstrap = args.bootstrap or config.kafka.bootstrap_servers
     topic = args.topic or config.kafka.topic
     if args.file:
@@ -124,7 +130,7 @@ def _progress(done: int, total: int) -> None:
 def cmd_predict(args: argparse.Namespace) -> int:
     from stream_cl.serve.client import PredictionClient, PredictionError
 
-    config = _load(args)
+    config = config_from_args(args)
     host = args.host or config.serve.host
     port = args.port or config.serve.port
     token = args.token if args.token is not None else (config.serve.token or None)
@@ -181,7 +187,7 @@ def _predict_stream(client: Any, args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from stream_cl.tools.demo import run_demo
 
-    config = _load(args, extra=[f"log.level={args.log_level}"])
+    config = config_from_args(args, extra=[f"log.level={args.log_level}"])
     configure_logging(config.log.level, config.log.format)
     return run_demo(config, args)
 
@@ -192,7 +198,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.checkpoint:
         source = args.checkpoint
     else:
-        config = _load(args)
+        config = config_from_args(args)
         source = args.metrics_url or f"http://{config.metrics.host}:{config.metrics.port}/metrics"
     try:
         summary = (
@@ -208,18 +214,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from stream_cl.bench.commands import run_bench
-
-    config = _load(args, extra=["log.level=warning"])
-    configure_logging(config.log.level, config.log.format)
-    return run_bench(args.bench, config, args)
-
-
 def cmd_transfer(args: argparse.Namespace) -> int:
     from stream_cl.tools.transfer import run_command
 
-    config = _load(args, extra=["log.level=warning"])
+    config = config_from_args(args, extra=["log.level=warning"])
     configure_logging(config.log.level, config.log.format)
     print(json.dumps(run_command(config, args), indent=2))
     return 0
@@ -228,7 +226,7 @@ def cmd_transfer(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from stream_cl.tools.compress import run_command
 
-    config = _load(args, extra=["log.level=warning"])
+    config = config_from_args(args, extra=["log.level=warning"])
     configure_logging(config.log.level, config.log.format)
     print(json.dumps(run_command(config, args), indent=2))
     return 0
@@ -335,10 +333,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=0)
     c.set_defaults(func=cmd_compress)
 
-    from stream_cl.bench.commands import add_bench_parsers
-
-    add_bench_parsers(sub, common)
-    sub.choices["bench"].set_defaults(func=cmd_bench)
+    # Verbs of optional parts (`bench`) register in this entry-point group: the CLI never imports them.
+    for plugin in entry_points(group=COMMAND_PLUGINS):
+        plugin.load()(sub, common)
     return p
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stream_cl.cpus import cpu_affinity_problem
+
 ENV_PREFIX = "STREAM_CL_"
 
 
@@ -175,15 +177,13 @@ class LearnerConfig:
     snapshot_min_interval_ms: int = 50
     prequential_window: int = 1000
     gil_switch_interval_us: int = 50
-    cpu_affinity: str = "auto"
+    cpu_affinity: str = "off"  # "auto" or a CPU list pins the learner thread (runtime/affinity.py)
 
     def validate(self) -> None:
-        from stream_cl.runtime import affinity
-
         _positive("learner.snapshot_every_steps", self.snapshot_every_steps)
-        problem = affinity.validate(self.cpu_affinity)
+        problem = cpu_affinity_problem(self.cpu_affinity)
         if problem is not None:
-            raise ConfigError(affinity.KEY, problem)
+            raise ConfigError("learner.cpu_affinity", problem)
         _positive("learner.prequential_window", self.prequential_window)
         if self.gil_switch_interval_us < 0:
             raise ConfigError(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -44,18 +43,18 @@ def test_a_cpu_this_process_may_not_use_is_an_error_naming_it() -> None:
 def test_the_plan_gives_the_learner_the_last_free_cores_and_the_rest_the_others(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # this test's own core claims
+    claims = tmp_path  # this test's own core claims
     monkeypatch.setattr(affinity, "cpu_quota", lambda: None)  # as on a machine of its own
     allowed = frozenset(os.sched_getaffinity(0))
-    plan, why = affinity.cpu_plan("auto", torch_threads=len(allowed))
+    plan, why = affinity.cpu_plan("auto", torch_threads=len(allowed), claims_dir=claims)
     assert plan is None and "none left over for the rest" in why
-    assert affinity.cpu_plan("off", 1) == (None, "off")
+    assert affinity.cpu_plan("off", 1, claims) == (None, "off")
     if len(allowed) >= 2:
-        first, _ = affinity.cpu_plan("auto", torch_threads=1)
+        first, _ = affinity.cpu_plan("auto", torch_threads=1, claims_dir=claims)
         assert first is not None
         assert first.learner == {max(allowed)} and first.rest == allowed - {max(allowed)}
         # a second daemon on this machine does not take the same core: the next one, or none
-        second, why = affinity.cpu_plan("auto", torch_threads=1)
+        second, why = affinity.cpu_plan("auto", torch_threads=1, claims_dir=claims)
         if len(allowed) == 2:
             assert second is None and "held by other daemons' learners" in why
         else:
@@ -63,21 +62,24 @@ def test_the_plan_gives_the_learner_the_last_free_cores_and_the_rest_the_others(
             assert not second.rest & (first.learner | second.learner)
             second.release()
         first.release()  # the core is free again
-        again, _ = affinity.cpu_plan("auto", torch_threads=1)
+        again, _ = affinity.cpu_plan("auto", torch_threads=1, claims_dir=claims)
         assert again is not None and again.learner == first.learner
         again.release()
-        plan, _ = affinity.cpu_plan(str(min(allowed)), torch_threads=1)
+        plan, _ = affinity.cpu_plan(str(min(allowed)), torch_threads=1, claims_dir=claims)
         assert plan is not None and plan.learner == {min(allowed)} and plan.rest == allowed - {min(allowed)}
-    only, _ = affinity.cpu_plan(",".join(map(str, sorted(allowed))), torch_threads=1)
+    only, _ = affinity.cpu_plan(",".join(map(str, sorted(allowed))), torch_threads=1, claims_dir=claims)
     assert only is not None and only.rest == allowed  # no core left over: the rest may run anywhere
 
 
 @pytest.mark.skipif(not affinity.SUPPORTED, reason="Linux only")
-def test_auto_leaves_cores_shared_under_a_cpu_quota_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_leaves_cores_shared_under_a_cpu_quota_alone(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """A container limited by a CPU quota sees the host's cores: pinning would pile every such
     container's learner onto the same one."""
+    claims = tmp_path
     monkeypatch.setattr(affinity, "cpu_quota", lambda: 0.5)
-    plan, why = affinity.cpu_plan("auto", torch_threads=1)
+    plan, why = affinity.cpu_plan("auto", torch_threads=1, claims_dir=claims)
     assert plan is None and "CPU quota of 0.5 cores" in why
 
 
@@ -106,7 +108,6 @@ def test_threads_started_in_the_block_inherit_the_rest_and_the_caller_gets_its_c
     def learner() -> None:
         plan.pin_learner()
         seen["learner"] = frozenset(os.sched_getaffinity(0))
-        seen["helper"] = affinity.helper_cpus()
 
     with plan.starting_threads():
         started = threading.Thread(target=lambda: seen.update(other=frozenset(os.sched_getaffinity(0))))
@@ -116,15 +117,17 @@ def test_threads_started_in_the_block_inherit_the_rest_and_the_caller_gets_its_c
     started.join()
     pinned.join()
     assert frozenset(os.sched_getaffinity(0)) == before
-    assert seen == {"other": plan.rest, "learner": plan.learner, "helper": plan.rest}
-    assert affinity.helper_cpus() is None  # this thread is no pinned learner
+    assert seen == {"other": plan.rest, "learner": plan.learner}
 
 
 @needs_two_cores
 def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: Path) -> None:
+    from stream_cl.config import Config
     from stream_cl.learn.checkpointing import BackgroundWrite
+    from stream_cl.runtime.tuning import ProcessTuning
 
-    plan = affinity.CpuPlan(
+    tuning = ProcessTuning(Config())
+    tuning.cpus = plan = affinity.CpuPlan(
         frozenset({max(os.sched_getaffinity(0))}), frozenset({min(os.sched_getaffinity(0))})
     )
     where: list[frozenset[int]] = []
@@ -135,8 +138,8 @@ def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: 
             return tmp_path / "ckpt"
 
     def learner() -> None:
-        plan.pin_learner()
-        path, error = BackgroundWrite(Store(), {}, {}, 0).result()  # type: ignore[arg-type]
+        with tuning.learner_thread():
+            path, error = BackgroundWrite(Store(), {}, {}, 0).result()  # type: ignore[arg-type]
         assert path == tmp_path / "ckpt" and error is None
 
     thread = threading.Thread(target=learner)
@@ -149,10 +152,11 @@ def test_a_checkpoint_written_for_a_pinned_learner_runs_off_its_cores(tmp_path: 
 def test_auto_pins_nothing_when_no_core_can_be_claimed(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """A temp directory the daemon cannot write: no lock file, so no claim and no pinning (the
+    """A claims directory the daemon cannot create: no lock file, so no claim and no pinning (the
     daemon still starts)."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    (tmp_path / "a-file").write_text("")
+    claims = tmp_path / "a-file" / "claims"
     monkeypatch.setattr(affinity, "cpu_quota", lambda: None)
-    plan, why = affinity.cpu_plan("auto", torch_threads=1)
+    plan, why = affinity.cpu_plan("auto", torch_threads=1, claims_dir=claims)
     assert plan is None
     assert len(os.sched_getaffinity(0)) < 2 or why.startswith("cannot claim cores")

@@ -125,7 +125,7 @@ def test_socket_predictions_beat_chance(running: tuple[Daemon, str], mnist: Benc
 def test_the_learner_thread_flushes_subnormal_floats(running: tuple[Daemon, str]) -> None:
     """The learner thread trains with subnormals flushed (see `strategies.flush_denormals`); a task
     queued for it runs there, in stream order, and sees the mode."""
-    from stream_cl.strategies import flushes_denormals
+    from stream_cl.runtime.tuning import flushes_denormals
 
     daemon, _ = running
     seen: list[bool] = []
@@ -213,7 +213,7 @@ def test_the_heap_is_frozen_and_the_gil_switch_interval_set_while_running(
 
 def test_daemons_in_one_process_share_the_switch_interval_until_the_last_stops() -> None:
     """The interval is the latest running daemon's; each stop hands it back to the one before."""
-    from stream_cl.runtime.daemon import _SwitchInterval
+    from stream_cl.runtime.tuning import SwitchInterval as _SwitchInterval
 
     before = sys.getswitchinterval()  # Python's, or a daemon's that another test keeps running
     _SwitchInterval.hold(50e-6)

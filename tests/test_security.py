@@ -25,8 +25,9 @@ from stream_cl.config import ConfigError, ServeConfig, load_config
 from stream_cl.runtime.daemon import Daemon
 from stream_cl.serve.client import PredictionClient, PredictionError
 from stream_cl.serve.server import RATE_LIMITED, PredictionServer, server_ssl_context
-from stream_cl.serve.snapshot import Snapshot, SnapshotHolder, TaskId
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.tools.broker import EmbeddedBroker
+from stream_cl.types import TaskId
 
 INPUT = 4
 HEADER = struct.Struct(">I")

@@ -24,7 +24,8 @@ from stream_cl.metrics import Metrics
 from stream_cl.serve.client import PredictionClient, PredictionError
 from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.serve.server import MAX_IN_FLIGHT_PER_CONNECTION, PredictionServer
-from stream_cl.serve.snapshot import Predictor, Snapshot, SnapshotHolder, TaskId
+from stream_cl.serve.snapshot import Predictor, Snapshot, SnapshotHolder
+from stream_cl.types import TaskId
 
 INPUT = 6
 LABELS = (0, 1, "two")

@@ -11,6 +11,7 @@ from stream_cl import checks, strategies
 from stream_cl.bench.offline import learn_offline
 from stream_cl.config import Config, ConfigError, load_config
 from stream_cl.evaluate.scoring import accuracy
+from stream_cl.runtime import tuning
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.heads import LSHead
@@ -85,10 +86,10 @@ def test_flush_denormals_is_scoped_to_the_block() -> None:
 
     def run() -> None:
         torch.set_flush_denormal(False)
-        seen.append(strategies.flushes_denormals())
-        with strategies.flush_denormals():
-            seen.append(strategies.flushes_denormals())
-        seen.append(strategies.flushes_denormals())
+        seen.append(tuning.flushes_denormals())
+        with tuning.flush_denormals():
+            seen.append(tuning.flushes_denormals())
+        seen.append(tuning.flushes_denormals())
 
     thread = threading.Thread(target=run)
     thread.start()

@@ -11,6 +11,7 @@ from stream_cl.bench.offline import stream_records
 from stream_cl.cli import main
 from stream_cl.config import Config, load_config
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.trajectory import TrajectoryRecorder
 from stream_cl.metrics import Metrics
 from stream_cl.runtime.daemon import Daemon, checkpoint_dir
 from stream_cl.serve.client import PredictionClient
@@ -21,7 +22,6 @@ from stream_cl.strategies.backbones import MLP, Classifier
 from stream_cl.tools.datasets import load_stream
 from stream_cl.tools.transfer import (
     Layer,
-    TrajectoryRecorder,
     _grads,
     batches_of,
     match,

@@ -52,6 +52,7 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def add_bench_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    """The `bench` verb and its sub-verbs (the CLI loads this through the `stream_cl.commands` entry point)."""
     bench = sub.add_parser("bench", help="benchmarks: print a table, --json PATH writes the figures")
     verbs = bench.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in VERBS.items():
@@ -59,6 +60,16 @@ def add_bench_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
         p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
         p.set_defaults(bench_module=module)
         _arguments_of(module, p)
+    bench.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stream_cl.cli import config_from_args
+    from stream_cl.log import configure_logging
+
+    config = config_from_args(args, extra=["log.level=warning"])
+    configure_logging(config.log.level, config.log.format)
+    return run_bench(args.bench, config, args)
 
 
 def _arguments_of(module: str, parser: argparse.ArgumentParser) -> None:

@@ -73,7 +73,8 @@ def raw_train_rate(config: Config, stream_name: str, n: int) -> float:
     import numpy as np
     import torch
 
-    from stream_cl.strategies import Batch, flush_denormals, from_config
+    from stream_cl.runtime.tuning import flush_denormals
+    from stream_cl.strategies import Batch, from_config
     from stream_cl.tools.datasets import load_stream
 
     stream = load_stream(stream_name)
@@ -165,7 +166,8 @@ def replay_rate(
     every later consolidation (the same stream, learned with and without the held-out samples, took
     9,260 and 11,483 train steps). For finetune this is the raw train step.
     """
-    from stream_cl.strategies import flush_denormals, from_config
+    from stream_cl.runtime.tuning import flush_denormals
+    from stream_cl.strategies import from_config
 
     strategy = from_config(config, input_shape)
     learned = sum(len(args[0].y) for name, args, _ in calls if name == "learn")

@@ -53,7 +53,7 @@ import torch
 
 from stream_cl.config import BoundariesConfig
 from stream_cl.detect.drift import DriftMonitor, canonical_name, detector_params, resolve_signal
-from stream_cl.serve.snapshot import Label, TaskId
+from stream_cl.types import Label, TaskId
 
 STATE_VERSION = 1
 VARIANCE_FLOOR = 0.01  # × the mean per-feature variance: constant features (MNIST borders) stay finite

@@ -45,7 +45,8 @@ from stream_cl.config import EvaluationConfig
 from stream_cl.evaluate.scoring import label_targets, predicted_indices
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
-from stream_cl.serve.snapshot import Label, Snapshot, SnapshotHolder, TaskId
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
+from stream_cl.types import Label, TaskId
 
 MATRIX_TASKS = 16  # tasks exported in stream_cl_accuracy_matrix (bounded label cardinality)
 MAX_WAITING_ROWS = 8  # boundary rows (each holding its snapshot) that may wait for the CPU budget

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from stream_cl.serve.snapshot import Label, Snapshot, TaskId
+from stream_cl.serve.snapshot import Snapshot
+from stream_cl.types import Label, TaskId
 
 
 def label_targets(labels: Sequence[Label], ys: Sequence[Label]) -> np.ndarray:

@@ -30,8 +30,15 @@ import torch
 
 from stream_cl.config import Config
 from stream_cl.metrics import Metrics
-from stream_cl.runtime.affinity import helper_cpus, move_to
 from stream_cl.store.checkpoints import CheckpointStore
+
+_helper_threads = threading.local()  # .setup: what a helper thread started by this thread runs first
+
+
+def place_helper_threads(setup: Callable[[], None] | None) -> None:
+    """Helper threads the calling thread starts from now on (background checkpoint writes) run
+    `setup` first. The runtime uses it to keep them off a pinned learner thread's cores."""
+    _helper_threads.setup = setup
 
 
 def detached(obj: Any) -> Any:
@@ -61,12 +68,13 @@ class BackgroundWrite:
         self._state: dict[str, Any] | None = state
         self._path: Path | None = None
         self._error: OSError | None = None
-        self._cpus = helper_cpus()  # started by a pinned learner thread: run off its cores
+        self._setup: Callable[[], None] | None = getattr(_helper_threads, "setup", None)
         self._thread = threading.Thread(target=self._run, name="stream-cl-checkpoint", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        move_to(self._cpus)
+        if self._setup is not None:
+            self._setup()
         try:
             assert self._state is not None
             self._path = self._store.save(self._state)

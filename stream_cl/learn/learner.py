@@ -24,12 +24,13 @@ from stream_cl.evaluate.evaluator import Evaluator
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.source import INVALID_ROW, Chunk, DeadLetter, Record
 from stream_cl.learn.checkpointing import BackgroundWrite, CheckpointMixin
+from stream_cl.learn.trajectory import TrajectoryRecorder
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
-from stream_cl.serve.snapshot import Label, Snapshot, SnapshotHolder, TaskId
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.store.checkpoints import CheckpointStore
 from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
-from stream_cl.tools.transfer import TrajectoryRecorder
+from stream_cl.types import Label, TaskId
 
 TRAJECTORY_TASKS = 4  # tasks whose start/end weights checkpoints keep: the first + the last 3
 

@@ -38,7 +38,8 @@ import msgpack
 import torch
 
 from stream_cl.config import Config, ModelConfig, StrategyConfig, build
-from stream_cl.serve.snapshot import Label, Snapshot, TaskId
+from stream_cl.serve.snapshot import Snapshot
+from stream_cl.types import Label, TaskId
 
 FORMAT = 1
 

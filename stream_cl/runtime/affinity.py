@@ -13,12 +13,13 @@ the learner tends to start where the learner runs), and the learner waits or los
     # at stop: the learner's cores for the next daemon's `auto`
     plan.release()
 
-`auto` claims the learner's cores with a lock file each (in the temp directory): a second daemon
-on the machine takes the next free cores, or none, instead of the same last one.
+`auto` claims the learner's cores with a lock file each (in the daemon's checkpoint directory): a
+second daemon sharing that directory takes the next free cores, or none, instead of the same last
+one. Off by default: pinning is for a host the daemon has to itself (and for benchmarks).
 
 Threads inherit the cores of the thread that starts them (Linux), so components start inside
 `starting_threads` without knowing about this module; a helper the learner thread starts (a
-background checkpoint write) asks `helper_cpus()` for the cores to move to. torch's intra-op pool
+background checkpoint write) is moved to the others by the runtime (`tuning.ProcessTuning`). torch's intra-op pool
 (`model.torch_threads` > 1) belongs to whichever thread first ran a parallel op: `auto` gives the
 learner as many cores as torch threads, which holds when the learner thread starts that pool.
 
@@ -29,32 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-KEY = "learner.cpu_affinity"
-SUPPORTED = hasattr(os, "sched_setaffinity")
+from stream_cl.cpus import CPU_AFFINITY_SUPPORTED as SUPPORTED
+from stream_cl.cpus import available_cpus, parse_cpus
 
-_local = threading.local()  # .helper_cpus on a pinned learner thread
-
-
-def parse_cpus(text: str) -> frozenset[int]:
-    """CPU ids as `taskset -c` writes them: "3", "2,3", "0-3,6"; ValueError when malformed."""
-    cpus: set[int] = set()
-    for part in text.split(","):
-        low, dash, high = part.strip().partition("-")
-        first, last = int(low), int(high) if dash else int(low)
-        if first < 0 or last < first:
-            raise ValueError(part)
-        cpus.update(range(first, last + 1))
-    return frozenset(cpus)
-
-
-def available_cpus() -> frozenset[int]:
-    return frozenset(os.sched_getaffinity(0)) if SUPPORTED else frozenset()
+__all__ = ["SUPPORTED", "CpuPlan", "available_cpus", "cpu_plan", "parse_cpus"]
 
 
 @dataclass(frozen=True)
@@ -84,15 +67,8 @@ class CpuPlan:
             os.sched_setaffinity(0, saved)
 
     def pin_learner(self) -> None:
-        """Move the calling thread (the learner) to its cores; its helpers go to `rest`."""
+        """Move the calling thread (the learner) to its cores."""
         os.sched_setaffinity(0, self.learner)
-        _local.helper_cpus = self.rest
-
-
-def helper_cpus() -> frozenset[int] | None:
-    """Where a helper thread started by the calling thread should run: off a pinned learner's
-    cores; None when the caller is not a pinned learner (the helper inherits its cores)."""
-    return getattr(_local, "helper_cpus", None)
 
 
 def move_to(cpus: frozenset[int] | None) -> None:
@@ -101,7 +77,7 @@ def move_to(cpus: frozenset[int] | None) -> None:
         os.sched_setaffinity(0, cpus)
 
 
-def cpu_plan(setting: str, torch_threads: int) -> tuple[CpuPlan | None, str]:
+def cpu_plan(setting: str, torch_threads: int, claims_dir: Path) -> tuple[CpuPlan | None, str]:
     """The plan for `learner.cpu_affinity` on this machine, or None with the reason.
 
     `auto`: the learner gets the last `torch_threads` of the cores this process may use (torch's
@@ -126,12 +102,12 @@ def cpu_plan(setting: str, torch_threads: int) -> tuple[CpuPlan | None, str]:
             import torch
 
             torch_threads = torch.get_num_threads()
-        return _claim_last(allowed, torch_threads)
+        return _claim_last(allowed, torch_threads, claims_dir)
     learner = parse_cpus(setting)  # validated with the config: a subset of `allowed`
     return CpuPlan(learner, (allowed - learner) or allowed), "pinned"
 
 
-def _claim_last(allowed: frozenset[int], count: int) -> tuple[CpuPlan | None, str]:
+def _claim_last(allowed: frozenset[int], count: int, claims_dir: Path) -> tuple[CpuPlan | None, str]:
     """`auto`: the last `count` cores no other daemon's learner holds (a lock file per core, so
     daemons on one machine, or in one process, do not all take the same last core), leaving at
     least one core for the rest; the rest also keep off the other learners' cores where they can."""
@@ -141,12 +117,12 @@ def _claim_last(allowed: frozenset[int], count: int) -> tuple[CpuPlan | None, st
         for cpu in sorted(allowed, reverse=True):
             if len(claims) == count or len(allowed) - len(taken) - len(claims) <= 1:
                 break  # enough, or the next claim would leave the rest no core of its own
-            fd = _try_lock(cpu)
+            fd = _try_lock(cpu, claims_dir)
             if fd is None:
                 taken.add(cpu)
             else:
                 claims[cpu] = fd
-    except OSError as e:  # no lock file (a read-only temp directory, ...): pin nothing
+    except OSError as e:  # no lock file (a read-only directory, ...): pin nothing
         why = f"cannot claim cores: {e}"
     else:
         held = "held by other daemons' learners" if taken else "none left over for the rest"
@@ -160,11 +136,12 @@ def _claim_last(allowed: frozenset[int], count: int) -> tuple[CpuPlan | None, st
     return CpuPlan(learner, rest, tuple(claims.values())), "pinned"
 
 
-def _try_lock(cpu: int) -> int | None:
+def _try_lock(cpu: int, claims_dir: Path) -> int | None:
     """An open file holding an exclusive lock on `cpu` for this daemon, or None if another holds it."""
     import fcntl  # Unix only, as is pinning
 
-    path = Path(tempfile.gettempdir(), f"stream_cl-learner-cpu{cpu}.lock")
+    claims_dir.mkdir(parents=True, exist_ok=True)
+    path = claims_dir / f"learner-cpu{cpu}.lock"
     fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -187,20 +164,3 @@ def cpu_quota(root: str = "/sys/fs/cgroup") -> float | None:
         return None if int(quota) <= 0 else int(quota) / int(period)
     except (OSError, ValueError):
         return None
-
-
-def validate(setting: str) -> str | None:
-    """Why `setting` is not a valid `learner.cpu_affinity` here, or None."""
-    if setting in ("auto", "off"):
-        return None
-    try:
-        cpus = parse_cpus(setting)
-    except ValueError:
-        return f"expected 'auto', 'off' or CPU ids like '3', '2,3' or '2-3', got {setting!r}"
-    if not SUPPORTED:
-        return "CPU affinity is not supported on this platform: use 'auto' or 'off'"
-    available = available_cpus()
-    missing = cpus - available
-    if missing:
-        return f"CPUs {sorted(missing)} are not available to this process (available: {sorted(available)})"
-    return None

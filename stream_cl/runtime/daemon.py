@@ -7,13 +7,10 @@ the processed offsets, drain and close the socket, stop /metrics. A second signa
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 import queue
 import re
 import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -33,13 +30,12 @@ from stream_cl.learn.learner import Learner
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics, start_metrics_server
 from stream_cl.replicate.snapshots import SnapshotPublisher
-from stream_cl.runtime.affinity import CpuPlan, cpu_plan
+from stream_cl.runtime.tuning import ProcessTuning
 from stream_cl.serve.registry import DEFAULT_KEY, SnapshotRegistry
 from stream_cl.serve.server import PredictionServer
 from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.store.checkpoints import CheckpointStore
 from stream_cl.store.keyed_store import SharedModelStore
-from stream_cl.strategies import flush_denormals
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -50,49 +46,6 @@ def checkpoint_dir(config: Config) -> Path:
     """`<checkpoint.dir>/<group_id>/<topic>`: a checkpoint only ever resumes the stream it was made on."""
     safe = [re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in (config.kafka.group_id, config.kafka.topic)]
     return Path(config.checkpoint.dir, *safe)
-
-
-def freeze_heap(collect: bool = False) -> None:
-    """Take every object alive now out of the cyclic garbage collector's reach (`gc.freeze`).
-
-    A full collection scans every tracked object: ~150-220 ms with every thread stopped once the
-    model exists and torch has imported what it loads lazily (~300,000 objects). Frozen objects
-    are still freed by reference counting, but never scanned; cycles among them wait for
-    `Daemon.stop`, which unfreezes (several daemons in one process, as in the tests, then collect
-    each other's). The daemon freezes twice:
-    - at `start`, after one full collection (`collect`): otherwise the first full collection
-      came while the first records were learned (the source thread's allocations trigger it), a
-      ~120 ms pause of every thread in the stream's first seconds;
-    - after the first records are processed, without collecting (that took ~200 ms on the
-      learner thread): what the model and torch's first optimizer step created is frozen too.
-    """
-    if collect:
-        gc.collect()
-    gc.freeze()
-
-
-class _SwitchInterval:
-    """`sys.setswitchinterval` while daemons run in this process (the tests run several at once):
-    the value of the daemon that started last among those still running, Python's own after the
-    last one stops."""
-
-    lock = threading.Lock()
-    held: list[float] = []  # one entry per running daemon, in start order
-    saved = 0.005
-
-    @classmethod
-    def hold(cls, seconds: float) -> None:
-        with cls.lock:
-            if not cls.held:
-                cls.saved = sys.getswitchinterval()
-            cls.held.append(seconds)
-            sys.setswitchinterval(seconds)
-
-    @classmethod
-    def release(cls, seconds: float) -> None:
-        with cls.lock:
-            cls.held.remove(seconds)
-            sys.setswitchinterval(cls.held[-1] if cls.held else cls.saved)
 
 
 class Daemon:
@@ -156,10 +109,7 @@ class Daemon:
         self._shutdown = threading.Event()
         self._signals = 0
         self._restored = False
-        self._heap_frozen = False  # see freeze_heap; undone at stop
-        self._switch_interval: float | None = None  # learner.gil_switch_interval_us, held until stop
-        self._frozen_after_records = False
-        self._cpus: CpuPlan | None = None  # learner.cpu_affinity, decided at start
+        self.tuning = ProcessTuning(config)  # applied at start, undone at stop (runtime/tuning.py)
 
     def _input_size(self) -> int | None:
         return self.learner.input_size
@@ -199,13 +149,8 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         self.restore()
-        self._cpus, why = cpu_plan(cfg.learner.cpu_affinity, cfg.model.torch_threads)
-        if self._cpus is not None:
-            self.log.info("cpu_affinity", learner=sorted(self._cpus.learner), rest=sorted(self._cpus.rest))
-        else:
-            self.log.info("cpu_affinity_off", setting=cfg.learner.cpu_affinity, reason=why)
-        # every thread and process started below runs off the learner's cores (see affinity.py)
-        with self._cpus.starting_threads() if self._cpus is not None else contextlib.nullcontext():
+        self.tuning.plan_cpus()
+        with self.tuning.starting_threads():  # pinned: what starts here runs off the learner's cores
             self._start_components()
         self.log.info(
             "daemon_started",
@@ -233,24 +178,15 @@ class Daemon:
             self._publisher.start()  # sends the restored model's snapshot, if any, at once
         if self.learner.evaluator is not None:
             self.learner.evaluator.start()
-        freeze_heap(collect=True)
-        self._heap_frozen = True
-        if cfg.learner.gil_switch_interval_us:  # see config.toml, [learner]
-            self._switch_interval = cfg.learner.gil_switch_interval_us / 1e6
-            _SwitchInterval.hold(self._switch_interval)
+        self.tuning.apply()
         self.source.connect()  # with kafka.fetch_in_subprocess, starts the fetcher process
         self._source_thread.start()
         self._learner_thread.start()
 
     def _learn_loop(self) -> None:
         models = self.models
-        if self._cpus is not None:
-            try:
-                self._cpus.pin_learner()
-            except OSError as e:  # the cores went away since start (a changed cpuset): run anywhere
-                self.log.warning("cpu_affinity_failed", error=str(e))
         try:
-            with flush_denormals():  # the learner thread trains: see strategies.flush_denormals
+            with self.tuning.learner_thread():
                 self._learn_until_stopped(models)
         except BaseException as e:
             self.learner_error = e
@@ -272,9 +208,8 @@ class Daemon:
                 item()
                 continue
             models.process(item)
-            if not self._frozen_after_records and item.rows:
-                freeze_heap()
-                self._frozen_after_records = True
+            if item.rows:
+                self.tuning.after_first_records()
 
     def stop(self, deadline_s: float = 10.0) -> None:
         """Stop in order: consuming, learning (finish the step), commit, serving, metrics."""
@@ -310,15 +245,7 @@ class Daemon:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
-        if self._heap_frozen:
-            gc.unfreeze()
-            self._heap_frozen = False
-        if self._switch_interval is not None:
-            _SwitchInterval.release(self._switch_interval)
-            self._switch_interval = None
-        if self._cpus is not None:
-            self._cpus.release()  # the learner's cores, for the next daemon's `auto`
-            self._cpus = None
+        self.tuning.undo()
         self.log.info("daemon_stopped", **self.models.stats())
 
     @property

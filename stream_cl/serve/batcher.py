@@ -1,5 +1,5 @@
 """Micro-batching of prediction requests: every connection's predict jobs, stacked into forwards
-on one worker thread (see serve.py for why it is built this way).
+on one worker thread (see server.py for why it is built this way).
 
 Each job carries the `SnapshotHolder` of the model it asks for (one per model key), so a batch
 groups jobs by (model, task hint): one `Snapshot.predict` per group, every reply of a group from
@@ -12,16 +12,23 @@ import asyncio
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from stream_cl.config import ServeConfig
 from stream_cl.serve.frames import error_frame, pack_frame
-from stream_cl.serve.snapshot import Snapshot, SnapshotHolder, TaskId
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
+from stream_cl.types import TaskId
 
-if TYPE_CHECKING:
-    from stream_cl.serve.server import PredictionServer, _Connection
+
+class ReplyChannel(Protocol):
+    """Where a job's reply goes: a client connection, written once its replies are in order."""
+
+    def flush(self) -> None:
+        """Send the replies that are ready, in request order."""
 
 
 class Slot:
@@ -37,7 +44,7 @@ class Slot:
 
 @dataclass(slots=True)
 class PredictJob:
-    conn: _Connection
+    conn: ReplyChannel
     slot: Slot
     rid: Any
     xs: np.ndarray  # [k, input_size] float32
@@ -53,8 +60,11 @@ class Batcher:
     worker within the same loop callback that decoded it, which keeps single-client latency low.
     """
 
-    def __init__(self, server: PredictionServer) -> None:
-        self._server = server
+    def __init__(self, config: ServeConfig, anyone_could_send: Callable[[], bool], log: Any) -> None:
+        """`anyone_could_send`: whether some client is between requests (waiting could grow a batch)."""
+        self._config = config
+        self._anyone_could_send = anyone_could_send
+        self.log = log
         self._queue: deque[PredictJob] = deque()
         self._queued_samples = 0
         self._running = False  # a batch is on the worker
@@ -90,8 +100,8 @@ class Batcher:
         """
         if self._running or not self._queue:
             return
-        config = self._server.config
-        if self._queued_samples >= config.max_batch or not self._server.anyone_could_send():
+        config = self._config
+        if self._queued_samples >= config.max_batch or not self._anyone_could_send():
             self._dispatch()
         elif self._timer is None and self._loop is not None:
             self._timer = self._loop.call_later(config.batch_wait_ms / 1000.0, self._dispatch)
@@ -103,7 +113,7 @@ class Batcher:
         if self._running or not self._queue:
             return
         self._running = True
-        self._inbox.put(self._take(self._server.config.max_batch))
+        self._inbox.put(self._take(self._config.max_batch))
 
     def _work(self) -> None:
         """Worker thread: run each batch, hand the reply frames back to the loop."""
@@ -117,7 +127,7 @@ class Batcher:
 
     def _done(self, jobs: list[PredictJob], frames: list[tuple[bytes, bool]]) -> None:
         self._running = False
-        answered: dict[_Connection, None] = {}
+        answered: dict[ReplyChannel, None] = {}
         for job, (frame, ok) in zip(jobs, frames, strict=True):
             job.slot.frame = frame
             if not ok:
@@ -148,7 +158,7 @@ class Batcher:
             try:
                 frames = predict_group(group[0].model.get(), task, group)
             except Exception:  # the predictor's fault; this worker must live on to answer others
-                self._server.log.exception("serve_predict_failed", task=task, requests=len(group))
+                self.log.exception("serve_predict_failed", task=task, requests=len(group))
                 frames = [(error_frame(j.rid, "internal", "prediction failed"), False) for j in group]
             for i, frame in zip(idx, frames, strict=True):
                 out[i] = frame

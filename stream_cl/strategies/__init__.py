@@ -11,14 +11,11 @@ suite (`stream_cl.checks`) then runs over it as well.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
-
-import torch
 
 from stream_cl.config import ConfigError
 from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy
@@ -116,33 +113,8 @@ def check_config(config: Config) -> type[Strategy]:
     return cls
 
 
-def flushes_denormals() -> bool:
-    """Whether this thread flushes subnormal floats to zero (1e-40 is subnormal in float32)."""
-    return (torch.tensor([1e-30]) * 1e-10).item() == 0.0
-
-
-@contextlib.contextmanager
-def flush_denormals() -> Iterator[None]:
-    """Flush subnormal floats to zero on this thread (and threads it starts) while training.
-
-    After many steps Adam's second moments and the gradients of a well-fit model go subnormal,
-    and CPU arithmetic on subnormals is many times slower: the raw train step on split-mnist fell
-    from ~18,000 to ~11,000 samples/s between 20,000 and 80,000 samples. The mode is processor
-    state of the thread, so it is scoped: other code on the thread (hypothesis, for one, refuses
-    to run with it) gets the previous mode back.
-    """
-    before = flushes_denormals()
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(before)
-
-
 def from_config(config: Config, input_shape: Sequence[int]) -> Strategy:
     """Build the configured strategy; bad options or values raise ConfigError naming the key."""
-    if config.model.torch_threads:
-        torch.set_num_threads(config.model.torch_threads)  # process-wide; see model.torch_threads
     cls = check_config(config)
     try:
         hints = typing.get_type_hints(cls.__init__)

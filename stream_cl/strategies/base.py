@@ -29,8 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stream_cl.config import ModelConfig
-from stream_cl.serve.snapshot import frozen_copy
-from stream_cl.strategies.backbones import Classifier, build_backbone, resolve_device
+from stream_cl.strategies.backbones import Classifier, build_backbone, frozen_copy, resolve_device
 from stream_cl.strategies.heads import FrozenRows, HeadRows, make_head_policy
 
 LOSSES = ("ce", "mse")

@@ -24,9 +24,6 @@ optimizer's momentum or weight decay would have done.
 from __future__ import annotations
 
 import abc
-import dataclasses
-import tomllib
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,6 +33,9 @@ from torch.nn import functional as F
 
 from stream_cl.strategies.backbones import Classifier, ExpandingHead
 from stream_cl.strategies.class_buffer import ClassBalancedBuffer
+from stream_cl.strategies.options import DeferredOptions, HeadOptions, LSOptions, parse_text, parse_typed
+
+__all__ = ["DeferredOptions", "HeadOptions", "LSOptions", "parse_text"]
 
 
 @dataclass(frozen=True)
@@ -47,89 +47,13 @@ class HeadRows:
     bias: torch.Tensor  # [k] float32
 
 
-# -- options ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HeadOptions:
-    """Options every policy takes (`strategy.head_options` in config.toml)."""
-
-    freeze_old: bool = False  # freeze every existing row at each task boundary
-
-    def validate(self) -> None:
-        """Raise ValueError("strategy.head_options.KEY: ...") for a bad value."""
-
-
-@dataclass(frozen=True)
-class DeferredOptions(HeadOptions):
-    min_samples: int = 1  # samples of a new class observed before its row is written
-
-    def validate(self) -> None:
-        if self.min_samples < 1:
-            raise ValueError(f"strategy.head_options.min_samples: must be >= 1, got {self.min_samples}")
-
-
-@dataclass(frozen=True)
-class LSOptions(DeferredOptions):
-    lam: float = 0.001  # ridge λ: keeps the solve well-posed with few samples
-    balance: bool = True  # weight classes equally, so a class seen k times gets a full-size row
-    refresh_buffer: int = 256  # inputs kept to recompute the second moment at a solve; 0 = off
-    # Cross-entropy only: how a ridge row (output ~1 on its class, ~0 elsewhere) meets the head.
-    calibrate: bool = True  # map it onto the head's logits (needs refresh_buffer); else match norms
-    margin: float = 1.0  # calibrate: its mean logit on its class beats the strongest old row's by this
-    max_norm: float = 2.0  # calibrate: its norm stays <= this x the old rows' mean norm
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.lam > 0:
-            raise ValueError(f"strategy.head_options.lam: must be > 0, got {self.lam}")
-        if self.refresh_buffer < 0:
-            raise ValueError(f"strategy.head_options.refresh_buffer: must be >= 0, got {self.refresh_buffer}")
-        if not self.margin >= 0:
-            raise ValueError(f"strategy.head_options.margin: must be >= 0, got {self.margin}")
-        if not self.max_norm > 0:
-            raise ValueError(f"strategy.head_options.max_norm: must be > 0, got {self.max_norm}")
-
-
 def parse_options(policy: str, raw: Mapping[str, Any]) -> HeadOptions:
     """Typed options for `policy`; errors name `strategy.head` / `strategy.head_options.KEY`."""
-    cls = get_policy(policy)
-    hints = typing.get_type_hints(cls.options_type)
-    names = [f.name for f in dataclasses.fields(cls.options_type)]
-    values = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise ValueError(
-                f"strategy.head_options.{key}: not an option of head policy {policy!r} "
-                f"(valid: {', '.join(names)})"
-            )
-        expected = hints[key]
-        if isinstance(value, str) and expected is not str:
-            value = parse_text(value)  # from `--set strategy.head_options.KEY=...` or the environment
-        if not _has_type(value, expected):
-            raise ValueError(
-                f"strategy.head_options.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
-            )
-        values[key] = value
-    options = cls.options_type(**values)
+    options = parse_typed(
+        get_policy(policy).options_type, raw, "strategy.head_options", f"head policy {policy!r}"
+    )
     options.validate()
     return options
-
-
-def parse_text(text: str) -> Any:
-    """A TOML value written as text (`4`, `0.1`, `true`), as `--set a.b.c=4` and the environment
-    deliver table entries; the text itself if it is not one."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def _has_type(value: Any, expected: type) -> bool:
-    """TOML-typed check: bools are not numbers, and an integer is a fine float."""
-    if expected is bool or isinstance(value, bool):
-        return expected is bool and isinstance(value, bool)
-    if expected is float:
-        return isinstance(value, int | float)
-    return isinstance(value, expected)
 
 
 # -- policies --------------------------------------------------------------------------------------

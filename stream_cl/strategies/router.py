@@ -279,3 +279,23 @@ def route_and_predict(
         if rows.numel():
             out[rows.view(-1, 1), torch.tensor(task_classes[t], device=live.device)] = joint[k][rows]
     return torch.softmax(out, dim=1), routes
+
+
+def entropy_route(
+    per_task: Mapping[int, Classifier], task_classes: list[list[int]], x: torch.Tensor
+) -> tuple[torch.Tensor, list[int | None]]:
+    """Per sample, the prediction of the task network (restricted to its classes) with least entropy."""
+    best_p: torch.Tensor | None = None
+    best_h = torch.full((x.shape[0],), float("inf"), device=x.device)
+    routes = torch.zeros(x.shape[0], dtype=torch.long)
+    for slot, model in per_task.items():
+        proba, _ = Strategy._predict_with(model, task_classes, x, slot)
+        if proba.shape[1] == 0:
+            return proba, [None] * x.shape[0]
+        h = -(proba * proba.clamp_min(1e-12).log()).sum(dim=1)
+        better = h < best_h
+        best_p = proba if best_p is None else torch.where(better.unsqueeze(1), proba, best_p)
+        best_h = torch.where(better, h, best_h)
+        routes[better.cpu()] = slot
+    assert best_p is not None
+    return best_p, [int(r) for r in routes]

@@ -44,7 +44,7 @@ import torch
 
 from stream_cl.config import ModelConfig
 from stream_cl.log import get_logger
-from stream_cl.serve.snapshot import frozen_copy
+from stream_cl.strategies.backbones import frozen_copy
 from stream_cl.strategies.base import (
     Batch,
     Boundary,

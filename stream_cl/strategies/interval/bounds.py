@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from stream_cl.strategies.backbones import MLP
+
 
 def ibp_linear(
     mu: torch.Tensor, radius: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
@@ -190,3 +192,13 @@ class HyperNetwork(nn.Module):
                 mu, r = ibp_relu(mu, r)
         mu, r = self.bias + self._to_delta(mu)[0], self._to_delta(r)[0]  # the scale is positive
         return mu - r, mu + r
+
+
+def write_mlp(backbone: nn.Module, layout: TargetLayout, theta: torch.Tensor) -> None:
+    """Copy the flat weights `θ` into an `MLP`'s Linear layers, in order."""
+    assert isinstance(backbone, MLP)
+    linears = [m for m in backbone.body if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for layer, (w, b) in zip(linears, layout.split(theta), strict=True):
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)

@@ -72,11 +72,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from stream_cl.config import ModelConfig
-from stream_cl.strategies.backbones import MLP, Classifier
+from stream_cl.strategies.backbones import Classifier
 from stream_cl.strategies.base import (
     Batch,
     Boundary,
@@ -92,7 +91,9 @@ from stream_cl.strategies.interval.bounds import (
     TargetLayout,
     nested_centres,
     universal_embedding,
+    write_mlp,
 )
+from stream_cl.strategies.router import entropy_route
 
 ROUTINGS = ("universal", "entropy")
 IMPORTANCES = ("none", "fisher")
@@ -242,7 +243,7 @@ class Interval(Strategy):
 
     def _sync_backbone(self, theta: torch.Tensor) -> None:
         """Write `θ` into the classifier's plain MLP (what head policies' `model.features` use)."""
-        _write_mlp(self.model.backbone, self.layout, theta)
+        write_mlp(self.model.backbone, self.layout, theta)
 
     # -- learning -------------------------------------------------------------------------------
     def _activate(self, slot: int) -> None:
@@ -406,7 +407,7 @@ class Interval(Strategy):
 
         def plain(theta: torch.Tensor) -> Classifier:
             backbone = copy.deepcopy(self.model.backbone)
-            _write_mlp(backbone, self.layout, theta)
+            write_mlp(backbone, self.layout, theta)
             model = Classifier(backbone, self.layout.shapes[-1][0] if self.layout.shapes else 0)
             model.head = head
             return model.eval().requires_grad_(False)
@@ -432,7 +433,7 @@ class Interval(Strategy):
                 return Strategy._predict_with(model, task_classes, x, task)
             if not entropy:
                 return Strategy._predict_with(universal, task_classes, x, None)
-            return _entropy_route(per_task, task_classes, x)
+            return entropy_route(per_task, task_classes, x)
 
         return predict
 
@@ -490,33 +491,3 @@ def _pair_to(
     pair: tuple[torch.Tensor, torch.Tensor] | None, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     return None if pair is None else (pair[0].to(device), pair[1].to(device))
-
-
-def _write_mlp(backbone: nn.Module, layout: TargetLayout, theta: torch.Tensor) -> None:
-    """Copy the flat weights `θ` into an `MLP`'s Linear layers, in order."""
-    assert isinstance(backbone, MLP)
-    linears = [m for m in backbone.body if isinstance(m, nn.Linear)]
-    with torch.no_grad():
-        for layer, (w, b) in zip(linears, layout.split(theta), strict=True):
-            layer.weight.copy_(w)
-            layer.bias.copy_(b)
-
-
-def _entropy_route(
-    per_task: Mapping[int, Classifier], task_classes: list[list[int]], x: torch.Tensor
-) -> tuple[torch.Tensor, list[int | None]]:
-    """Per sample, the prediction of the task network (restricted to its classes) with least entropy."""
-    best_p: torch.Tensor | None = None
-    best_h = torch.full((x.shape[0],), float("inf"), device=x.device)
-    routes = torch.zeros(x.shape[0], dtype=torch.long)
-    for slot, model in per_task.items():
-        proba, _ = Strategy._predict_with(model, task_classes, x, slot)
-        if proba.shape[1] == 0:
-            return proba, [None] * x.shape[0]
-        h = -(proba * proba.clamp_min(1e-12).log()).sum(dim=1)
-        better = h < best_h
-        best_p = proba if best_p is None else torch.where(better.unsqueeze(1), proba, best_p)
-        best_h = torch.where(better, h, best_h)
-        routes[better.cpu()] = slot
-    assert best_p is not None
-    return best_p, [int(r) for r in routes]
