@@ -176,7 +176,7 @@ class LearnerConfig:
     snapshot_every_ms: int = 500
     snapshot_min_interval_ms: int = 50
     prequential_window: int = 1000
-    gil_switch_interval_us: int = 50
+    gil_switch_interval_us: int = 0  # opt-in process tuning (runtime/tuning.py); 0 = Python's own
     cpu_affinity: str = "off"  # "auto" or a CPU list pins the learner thread (runtime/affinity.py)
 
     def validate(self) -> None:

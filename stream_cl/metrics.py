@@ -1,6 +1,6 @@
 """Prometheus collectors, all on an injected `CollectorRegistry` (never the global default).
 
-Names and labels are the contract in design.md; dashboards and alert rules key on them. Labels
+Names and labels are the contract in docs/metrics.md; dashboards and alert rules key on them. Labels
 stay bounded: `task` labels are capped at `max_task_labels` (the most recent tasks).
 """
 

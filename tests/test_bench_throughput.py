@@ -159,3 +159,18 @@ def test_a_batch_the_store_cannot_hold_is_kept_as_it_is() -> None:
     assert store.keep(other_shape) is other_shape
     assert store.keep(torch.full((1, 2), 3.0)).data_ptr() == store.block[2].data_ptr()
     assert store.used == 3
+
+
+def test_the_throughput_bench_sets_its_own_tuning_unless_the_command_line_names_it() -> None:
+    """The daemon's defaults leave pinning and the switch interval off; the bench turns both on
+    for itself, and a `--set` of either key wins."""
+    from stream_cl.bench.throughput import BENCH_TUNING, bench_tuning
+    from stream_cl.config import Config, load_config
+
+    tuned, shown = bench_tuning(Config(), [])
+    assert shown == BENCH_TUNING
+    assert tuned.learner.cpu_affinity == "auto" and tuned.learner.gil_switch_interval_us == 50
+    told = ["learner.gil_switch_interval_us=0"]
+    kept, shown = bench_tuning(load_config(None, told, env={}), told)
+    assert kept.learner.gil_switch_interval_us == 0 and shown["learner.gil_switch_interval_us"] == 0
+    assert kept.learner.cpu_affinity == "auto"

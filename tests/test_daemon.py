@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -262,6 +263,30 @@ def test_cpu_affinity_puts_the_learner_on_its_own_core_and_the_rest_elsewhere(
         daemon.stop()
 
 
+def test_a_default_daemon_pins_nothing_and_writes_nothing_to_the_temp_directory(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Defaults are safe on a shared host: no CPU pinning, Python's own switch interval, and
+    nothing written to the temp directory (pinning's core claims live under checkpoint.dir)."""
+    defaults = Config().learner
+    assert defaults.cpu_affinity == "off" and defaults.gil_switch_interval_us == 0
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.iterdir())
+    switch_before = sys.getswitchinterval()
+    config, topic = _small_daemon_config(broker, tmp_path)
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert sys.getswitchinterval() == switch_before
+        produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=100)
+        wait_until(lambda: daemon.learning.stats()["learned"] > 0, 60, "learning")
+        assert _cpus_of(daemon._learner_thread.native_id) == frozenset(os.sched_getaffinity(0))
+    finally:
+        daemon.stop()
+    created = sorted(p.name for p in set(temp.iterdir()) - before if not p.name.startswith("pytest-"))
+    assert created == []
+
+
 def test_cpu_affinity_off_leaves_every_thread_where_it_was(broker: EmbeddedBroker, tmp_path: Path) -> None:
     config, topic = _small_daemon_config(broker, tmp_path, "learner.cpu_affinity=off")
     daemon = Daemon(config)
@@ -275,7 +300,7 @@ def test_cpu_affinity_off_leaves_every_thread_where_it_was(broker: EmbeddedBroke
 
 
 def test_metrics_endpoint_serves_the_design_series(running: tuple[Daemon, str]) -> None:
-    """A real HTTP scrape of /metrics returns the design.md series with live values."""
+    """A real HTTP scrape of /metrics returns the docs/metrics.md series with live values."""
     daemon, _ = running
     wait_until(lambda: daemon.learner.stats()["learned"] >= N_TRAIN, 120, "learning")
     time.sleep(1.2)  # lag is refreshed every second

@@ -67,7 +67,7 @@ def _ridge(a: np.ndarray, targets: np.ndarray, lam: float, weights: np.ndarray |
 
 def test_ls_solve_matches_numpy_ridge_least_squares() -> None:
     """Unbalanced, mse: the new row is numpy's lstsq of the ridge problem on the same features,
-    bias-free (the field guide's closed form): its bias is 0."""
+    bias-free (the closed form without intercept): its bias is 0."""
     lam = 0.05
     policy = _ls(balance=False, lam=lam, min_samples=5)
     h, y, rows = _feed_three_classes(policy)

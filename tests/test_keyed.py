@@ -21,6 +21,7 @@ from stream_cl.config import Config, ConfigError, load_config
 from stream_cl.ingest.codec import Sample, encode_sample
 from stream_cl.ingest.source import Chunk, QueueItem, Record
 from stream_cl.learn.keyed import InvalidKey, KeyedModels, model_key
+from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.metrics import Metrics
 from stream_cl.runtime.daemon import Daemon, checkpoint_dir
 from stream_cl.runtime.replica import Replica
@@ -66,8 +67,7 @@ class Harness:
             Metrics(),
             self.queue,
             SharedModelStore(Path(config.checkpoint.dir), config.checkpoint.keep),
-            dead_letter=lambda raw, reason, detail, p, o: self.dead.append((reason, p, o)),
-            on_publish=lambda key, learner, snapshot: None,
+            LearnerOutputs(dead_letter=lambda raw, reason, detail, p, o: self.dead.append((reason, p, o))),
         )
         self.models.on_routed = lambda key, p, o: processed.append((key, p, o))
 

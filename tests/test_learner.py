@@ -12,6 +12,7 @@ from stream_cl.config import load_config
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.source import Record
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.metrics import Metrics
 from stream_cl.serve.snapshot import SnapshotHolder
 from stream_cl.strategies import Batch, StepResult
@@ -157,7 +158,9 @@ def test_processed_offsets_are_reported_once_per_partition_and_step() -> None:
     config = load_config(
         None, ["model.hidden=[8]", "checkpoint.enabled=false", "evaluation.holdout_fraction=0"], env={}
     )
-    learner = Learner(config, SnapshotHolder(), Metrics(), on_processed=lambda p, o: calls.append((p, o)))
+    learner = Learner(
+        config, SnapshotHolder(), Metrics(), LearnerOutputs(processed=lambda p, o: calls.append((p, o)))
+    )
     recs = [Record(i % 2, i // 2, Sample(x=np.ones(4, np.float32), y=0), b"") for i in range(64)]
     recs.insert(10, Record(2, 0, None, b""))  # dead-lettered by the source, in between
     learner.process(recs)
@@ -188,7 +191,9 @@ def test_background_checkpoints_hold_the_state_at_capture_and_commit_after_the_w
     assert config.checkpoint.background and config.checkpoint.at_boundary
     store = CheckpointStore(tmp_path, keep=100)
     committed: list[dict[int, int]] = []
-    learner = Learner(config, SnapshotHolder(), Metrics(), checkpoints=store, on_checkpoint=committed.append)
+    learner = Learner(
+        config, SnapshotHolder(), Metrics(), LearnerOutputs(checkpointed=committed.append), checkpoints=store
+    )
     for chunk in stream_records(stream, chunk=50):
         learner.process(chunk)
     assert learner.checkpoint()  # waits for the write in flight, then writes the rest in line

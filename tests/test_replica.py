@@ -30,6 +30,7 @@ from stream_cl.config import Config, ConfigError, load_config
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.source import Record
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.metrics import Metrics
 from stream_cl.replicate.snapshots import SnapshotPublisher, capture_learner
 from stream_cl.replicate.wire import Assembler, SnapshotRejected, encode, rebuild
@@ -380,7 +381,9 @@ def test_keyed_replica_serves_every_published_key(broker: EmbeddedBroker, digits
             config,
             SnapshotHolder(),
             Metrics(),
-            on_publish=lambda lrn, snap, key=key: publisher.offer(key, lrn, snap, idle=False),
+            LearnerOutputs(
+                published=lambda _, lrn, snap, key=key: publisher.offer(key, lrn, snap, idle=False)
+            ),
         )
         learner.process(_records(digits, start, limit))
         learner.flush()

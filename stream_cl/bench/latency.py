@@ -1,7 +1,7 @@
 """Socket latency and throughput of the prediction server, against the in-process forward.
 
 Everything is measured side by side in one run on the same machine, and the result is
-reported as ratios (style.md): socket p50 over in-process p50, and throughput with many
+reported as ratios measured side by side: socket p50 over in-process p50, and throughput with many
 concurrent clients over throughput with one. Latency is taken with `PredictionClient`, as a
 caller sees it; throughput with sockets that each do sequential request/reply.
 """

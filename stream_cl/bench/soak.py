@@ -110,7 +110,7 @@ def run_soak(config: Config, samples: int, round_size: int = 50_000, features: i
         daemon = Daemon(cfg)
 
         def processed() -> int:
-            stats = daemon.learner.stats()
+            stats = daemon.learning.stats()
             return int(stats["learned"] + stats["held_out"])
 
         stop = threading.Event()

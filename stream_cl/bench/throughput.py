@@ -241,6 +241,8 @@ def daemon_run(
             checkpoint=dataclasses.replace(config.checkpoint, dir=ckpt),
         )
         daemon = Daemon(cfg)
+        learner = daemon.learner
+        assert learner is not None  # the bench runs one model
         if record is not None:
             from stream_cl.strategies import from_config
 
@@ -248,12 +250,12 @@ def daemon_run(
             strategy = from_config(cfg, shape)
             # room for the chunk the learner may take in past `n` before the loop below sees it
             record_calls(strategy, calls, BatchStore(n + cfg.kafka.max_poll_records, shape))
-            daemon.learner.strategy, daemon.learner.input_shape = strategy, shape
+            learner.strategy, learner.input_shape = strategy, shape
 
         def counts() -> tuple[int, int]:
             """(taken in, learned): the learner's own counters. Collecting the Prometheus registry
             every few ms (as this loop once did) cost the daemon ~8 µs of CPU and GIL per sample."""
-            stats = daemon.learner.stats()
+            stats = learner.stats()
             return int(stats["learned"] + stats["held_out"]), int(stats["learned"])
 
         daemon.start()
@@ -449,8 +451,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+# The bench's own process tuning (runtime/tuning.py), applied unless `--set` names the key: the
+# daemon's defaults leave both off, as they must be on a shared host; a throughput run wants the
+# learner on a core of its own and the GIL back after each torch op.
+BENCH_TUNING: dict[str, Any] = {"learner.cpu_affinity": "auto", "learner.gil_switch_interval_us": 50}
+
+
+def bench_tuning(config: Config, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
+    """`config` with BENCH_TUNING applied where `overrides` (the --set list) does not name the key."""
+    named = {item.split("=", 1)[0].strip() for item in overrides}
+    learner = dataclasses.replace(
+        config.learner,
+        **{k.split(".")[1]: v for k, v in BENCH_TUNING.items() if k not in named},
+    )
+    tuned = dataclasses.replace(config, learner=learner)
+    return tuned, {k: getattr(tuned.learner, k.split(".")[1]) for k in BENCH_TUNING}
+
+
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     if args.rounds < 1:
         raise ConfigError("--rounds", f"must be >= 1, got {args.rounds}")
+    config, tuning = bench_tuning(config, args.set or [])
     result = run_throughput(config, args.stream, repeats=args.repeats, rounds=args.rounds)
-    return result, format_throughput(result)
+    result["tuning"] = tuning
+    tuning_line = "tuning: " + ", ".join(f"{k}={v}" for k, v in tuning.items())
+    return result, tuning_line + "\n" + format_throughput(result)

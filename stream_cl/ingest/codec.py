@@ -1,4 +1,4 @@
-"""The sample wire format (design.md): one msgpack map per Kafka message.
+"""The sample wire format (docs/sample-format.md): one msgpack map per Kafka message.
 
 | field | type                                         |
 |-------|----------------------------------------------|

@@ -1,9 +1,9 @@
-"""Background checkpoint writes for the learner (`checkpoint.background`).
+"""When the learner writes checkpoints, and background writes (`checkpoint.background`).
 
 Writing a checkpoint (torch.save of model, optimizer, evaluator reservoirs and trajectory, then
-fsync and rename) takes ~60 ms for the default MLP on split-mnist, and with
-`checkpoint.at_boundary` the learner writes one at every task boundary: on a stream with short
-tasks that was a third of the learner thread's time. The learner captures the state on its own
+fsync and rename) takes tens of milliseconds, and with `checkpoint.at_boundary` the learner writes
+one at every task boundary: on a stream with short tasks that is a large share of the learner
+thread's time. The learner captures the state on its own
 thread (so it is exactly the state at that point), detaches it from anything the model can still
 change, and a writer thread does the I/O while learning goes on; the learner applies the result
 (bookkeeping, `checkpoint_written`, `on_checkpoint`) on its own thread once the write is done.
@@ -13,12 +13,12 @@ Even in the background a write is not free: pickling and torch.save's record wri
 the learner needs, and the capture (about 14 MB for the default MLP on split-mnist: trajectory,
 optimizer, reservoirs) runs on the learner thread. So scheduled writes come at most every
 `checkpoint.min_interval_s`; a request inside the interval stays pending, and later boundaries
-share its write. In `stream-cl bench throughput` (25 boundaries in 20,000 samples) a write per
-boundary cost the learner about 10 us per sample.
+share its write.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream_cl.config import Config
+from stream_cl.config import CheckpointConfig
 from stream_cl.metrics import Metrics
 from stream_cl.store.checkpoints import CheckpointStore
 
@@ -91,80 +91,85 @@ class BackgroundWrite:
         return self._path, self._error
 
 
-class CheckpointMixin:
-    """`Learner`'s checkpoint scheduling and writing (in line, or one write at a time in the background)."""
+class CheckpointScheduler:
+    """When the learner writes a checkpoint, and the writing (in line, or one write at a time in
+    the background). All calls come from the learner thread.
 
-    config: Config
-    metrics: Metrics
-    log: Any
-    strategy: Any
-    checkpoints: CheckpointStore | None
-    on_checkpoint: Callable[[dict[int, int]], None]
-    offsets: dict[int, int]
-    learned: int
-    _learned_at_checkpoint: int
-    _offsets_at_checkpoint: dict[int, int]
-    _last_checkpoint: float
-    _last_checkpoint_attempt: float
-    _checkpoint_requested: bool
-    _background_checkpoints: bool
-    _write: BackgroundWrite | None
+    The learner says what a checkpoint holds (`capture`: its state dict, learned count and
+    offsets at that point); the scheduler decides whether one is due, writes it, retries a failed
+    write, and reports a written one through `on_written(offsets)`.
+    """
 
-    def _learn_pending(self) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        store: CheckpointStore,
+        config: CheckpointConfig,
+        metrics: Metrics,
+        log: Any,
+        on_written: Callable[[dict[int, int]], None],
+        background: bool,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.metrics = metrics
+        self.log = log
+        self.on_written = on_written
+        self.background = background  # scheduled writes on a writer thread (explicit ones wait)
+        self.requested = False  # a boundary asked for one (`checkpoint.at_boundary`)
+        self._learned_at_last = 0
+        self._offsets_at_last: dict[int, int] = {}
+        self._last = time.monotonic()
+        self._last_attempt = -math.inf  # none yet (monotonic time can be near 0 after boot)
+        self._write: BackgroundWrite | None = None
 
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
+    def restored(self, learned: int, offsets: dict[int, int]) -> None:
+        """The learner resumed from a checkpoint holding exactly this."""
+        self._learned_at_last = learned
+        self._offsets_at_last = dict(offsets)
 
-    def _checkpoint_due(self) -> bool:
-        cfg = self.config.checkpoint
-        if self.checkpoints is None or self.strategy is None:
-            return False
+    def due(self, learned: int) -> bool:
+        """Whether a scheduled checkpoint should be written now (applies a finished background write)."""
+        cfg = self.config
         if self._write is not None:
             if not self._write.done():
                 return False  # one write at a time
             self._finish_write()
         now = time.monotonic()
-        if (
-            now - self._last_checkpoint_attempt < 5.0
-            and self._last_checkpoint_attempt > self._last_checkpoint
-        ):
+        if now - self._last_attempt < 5.0 and self._last_attempt > self._last:
             return False  # the last attempt failed: retry at most every 5 s
-        if now - self._last_checkpoint_attempt < cfg.min_interval_s:
+        if now - self._last_attempt < cfg.min_interval_s:
             return False  # a request stays pending: boundaries closer than this share one write
         return (
-            self._checkpoint_requested
-            or (cfg.every_samples > 0 and self.learned - self._learned_at_checkpoint >= cfg.every_samples)
-            or (
-                cfg.every_s > 0
-                and now - self._last_checkpoint >= cfg.every_s
-                and self.learned > self._learned_at_checkpoint
-            )
+            self.requested
+            or (cfg.every_samples > 0 and learned - self._learned_at_last >= cfg.every_samples)
+            or (cfg.every_s > 0 and now - self._last >= cfg.every_s and learned > self._learned_at_last)
         )
 
-    def checkpoint(self, wait: bool = True) -> bool:
-        """Learn any partial batch, then write model + state + offsets atomically (learner thread).
-
-        Returns False (and keeps serving) when the write fails, e.g. disk full or unwritable dir.
-        `wait=False` captures the state here and writes it on a writer thread (True = queued); its
-        outcome is applied by a later call on this thread. A waiting call first finishes any
-        write in flight.
-        """
-        if self.checkpoints is None or self.strategy is None:
-            return False
+    def finish_pending(self) -> None:
+        """Wait for a background write in flight and apply its outcome."""
         if self._write is not None:
             self._finish_write()
-        self._learn_pending()  # the offsets saved must cover exactly what the model has learned
-        if self.learned == self._learned_at_checkpoint and self.offsets == self._offsets_at_checkpoint:
-            return True  # nothing new since the last checkpoint
-        self._last_checkpoint_attempt = time.monotonic()
-        requested, self._checkpoint_requested = self._checkpoint_requested, False
-        offsets, learned = dict(self.offsets), self.learned
+
+    def unchanged(self, learned: int, offsets: dict[int, int]) -> bool:
+        """Nothing learned or processed since the last checkpoint."""
+        return learned == self._learned_at_last and offsets == self._offsets_at_last
+
+    def write(
+        self, state: Callable[[], dict[str, Any]], offsets: dict[int, int], learned: int, wait: bool
+    ) -> bool:
+        """Write `state()` (model + state + offsets) atomically. False (and keep serving) when the
+        write fails, e.g. disk full or an unwritable directory. `wait=False` captures the state now
+        and writes a private copy on a writer thread (True = queued); a later `due` or
+        `finish_pending` applies its outcome."""
+        self.finish_pending()
+        self._last_attempt = time.monotonic()
+        requested, self.requested = self.requested, False
+        offsets = dict(offsets)
         if not wait:  # a private copy: the model and the reservoirs change while it is written
-            self._write = BackgroundWrite(self.checkpoints, detached(self.state_dict()), offsets, learned)
+            self._write = BackgroundWrite(self.store, detached(state()), offsets, learned)
             return True
         try:
-            path = self.checkpoints.save(self.state_dict())
+            path = self.store.save(state())
         except OSError as e:
             return self._write_failed(e, requested)
         return self._written(path, offsets, learned)
@@ -179,17 +184,16 @@ class CheckpointMixin:
         return self._written(path, write.offsets, write.learned)
 
     def _write_failed(self, error: OSError, requested: bool) -> bool:
-        assert self.checkpoints is not None
-        self._checkpoint_requested = self._checkpoint_requested or requested  # retried
+        self.requested = self.requested or requested  # retried
         self.metrics.checkpoint_failures.inc()
-        self.log.error("checkpoint_failed", error=str(error), dir=str(self.checkpoints.dir))
+        self.log.error("checkpoint_failed", error=str(error), dir=str(self.store.dir))
         return False
 
     def _written(self, path: Path, offsets: dict[int, int], learned: int) -> bool:
-        self._learned_at_checkpoint = learned
-        self._offsets_at_checkpoint = offsets
-        self._last_checkpoint = time.monotonic()
+        self._learned_at_last = learned
+        self._offsets_at_last = offsets
+        self._last = time.monotonic()
         self.metrics.last_checkpoint.set(time.time())
         self.log.info("checkpoint_written", path=str(path), learned=learned, offsets=offsets)
-        self.on_checkpoint(dict(offsets))
+        self.on_written(dict(offsets))
         return True

@@ -39,13 +39,12 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from stream_cl.config import Config
-from stream_cl.ingest.codec import Sample
-from stream_cl.ingest.source import INVALID_ROW, Chunk, DeadLetter, QueueItem, Record, Row
+from stream_cl.ingest.source import INVALID_ROW, Chunk, QueueItem, Record, Row
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.serve.registry import SnapshotRegistry
-from stream_cl.serve.snapshot import Snapshot
 from stream_cl.store.checkpoints import CheckpointError
 from stream_cl.store.keyed_store import KeyCheckpointStore, PartitionManifest, SharedModelStore
 
@@ -124,13 +123,11 @@ class KeyedModels:
         metrics: Metrics,
         tasks: queue.Queue[QueueItem],
         store: SharedModelStore,
-        *,
-        dead_letter: DeadLetter,
-        on_publish: Callable[[str, Learner, Snapshot], None],
-        on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
-        mark_processed: Callable[[int, int], None] = lambda partition, offset: None,
-        request_commit: Callable[[], None] = lambda: None,
+        outputs: LearnerOutputs | None = None,
     ) -> None:
+        """`outputs`: the daemon's. Each key's learner sends its dead letters, predictions (with
+        its key) and snapshots there; the partitions' progress goes to `processed`, and each
+        manifest written to `checkpointed` (the partition's checkpoint: commit it)."""
         self.config = config
         self.model_config = per_key_config(config)
         self.registry = registry
@@ -138,11 +135,7 @@ class KeyedModels:
         self.tasks = tasks
         self.store = store
         self.max_keys = config.models.max_keys
-        self.dead_letter = dead_letter
-        self.on_publish = on_publish
-        self.on_unlabeled = on_unlabeled
-        self.mark_processed = mark_processed
-        self.request_commit = request_commit
+        self.outputs = outputs if outputs is not None else LearnerOutputs()
         # Called (key, partition, offset) on the learner thread for each record handed to a model
         # (once per record and model: lower offsets are dropped). For observers, e.g. exactly-once tests.
         self.on_routed: Callable[[str, int, int], None] | None = None
@@ -233,8 +226,14 @@ class KeyedModels:
         self._touched.clear()
         self._housekeeping()
 
-    def close(self) -> None:
-        """At shutdown, after the learner thread stopped: checkpoint every model, write the manifests."""
+    def start(self) -> None:
+        """Nothing runs beside the learner thread (per-key models hold out no samples)."""
+
+    def close(self, final: bool = True) -> None:
+        """At shutdown, after the learner thread stopped (`final`): checkpoint every model, write
+        the manifests. Not final: nothing, a model may be inside a step."""
+        if not final:
+            return
         self._closed = True
         for model in list(self._models.values()):
             model.learner.flush()
@@ -257,6 +256,16 @@ class KeyedModels:
         if self._manifests_due:
             self._write_manifests(list(self._accepted))
 
+    def dead_letter(
+        self, raw: bytes | memoryview | None, reason: str, detail: str, partition: int, offset: int
+    ) -> None:
+        """A record no model takes (bad key, too many keys): to the daemon's dead letters, else counted."""
+        send = self.outputs.dead_letter
+        if send is not None:
+            send(raw, reason, detail, partition, offset)
+        else:
+            self.metrics.samples.labels(outcome="invalid").inc()
+
     # -- models ------------------------------------------------------------------------------------
     def _activate(self, key: str) -> KeyedModel | None:
         """`key`'s model: parked here, else loaded from the shared store, else new; None past max_keys."""
@@ -274,18 +283,22 @@ class KeyedModels:
 
     def _load(self, key: str) -> KeyedModel:
         store = self.store.key_store(key)
-        unlabeled = self.on_unlabeled
+        out = self.outputs
+        send = out.prediction
         learner = Learner(
             self.model_config,
             self.registry.holder(key),
             self.metrics,
-            dead_letter=self.dead_letter,
-            on_unlabeled=None
-            if unlabeled is None
-            else lambda sample, prediction: unlabeled(sample, {**prediction, "key": key}),
+            LearnerOutputs(
+                dead_letter=self.dead_letter,
+                prediction=None
+                if send is None
+                else lambda sample, prediction: send(sample, {**prediction, "key": key}),
+                published=out.published,
+                checkpointed=lambda offsets: self._saved(key, offsets),
+            ),
             checkpoints=store,
-            on_checkpoint=lambda offsets: self._saved(key, offsets),
-            on_publish=lambda learner, snapshot: self.on_publish(key, learner, snapshot),
+            key=key,
         )
         model = KeyedModel(key, learner, store)
         try:
@@ -344,8 +357,8 @@ class KeyedModels:
                 continue
             self._manifests[p] = (next_offset, keys)
             if next_offset > 0:
-                self.mark_processed(p, next_offset - 1)  # committed to Kafka for lag monitoring
-                self.request_commit()
+                self.outputs.processed(p, next_offset - 1)  # committed to Kafka for lag monitoring
+                self.outputs.checkpointed({p: next_offset})
 
     def _give_up(self, partitions: list[int], save: bool) -> None:
         """Checkpoint (if `save`) and park the models of `partitions`; their new owner loads them."""

@@ -8,11 +8,9 @@ and publishes an immutable snapshot every N steps, every T ms and at each bounda
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,20 +20,22 @@ from stream_cl.config import Config
 from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
 from stream_cl.evaluate.evaluator import Evaluator
 from stream_cl.ingest.codec import Sample
-from stream_cl.ingest.source import INVALID_ROW, Chunk, DeadLetter, Record
-from stream_cl.learn.checkpointing import BackgroundWrite, CheckpointMixin
+from stream_cl.ingest.source import INVALID_ROW, Chunk, Record
+from stream_cl.learn.checkpointing import CheckpointScheduler
+from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.learn.trajectory import TrajectoryRecorder
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
-from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
+from stream_cl.serve.registry import DEFAULT_KEY
+from stream_cl.serve.snapshot import Snapshot, SnapshotHolder, build_snapshot
 from stream_cl.store.checkpoints import CheckpointStore
 from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
-from stream_cl.types import Label, TaskId
+from stream_cl.types import Label
 
 TRAJECTORY_TASKS = 4  # tasks whose start/end weights checkpoints keep: the first + the last 3
 
 
-class Learner(CheckpointMixin):
+class Learner:
     """Turns records into strategy steps; single-threaded by design (the only model writer)."""
 
     def __init__(
@@ -43,22 +43,16 @@ class Learner(CheckpointMixin):
         config: Config,
         holder: SnapshotHolder,
         metrics: Metrics,
-        on_processed: Callable[[int, int], None] = lambda partition, offset: None,
-        dead_letter: DeadLetter | None = None,
-        on_unlabeled: Callable[[Sample, dict[str, Any]], None] | None = None,
+        outputs: LearnerOutputs | None = None,
         checkpoints: CheckpointStore | None = None,
-        on_checkpoint: Callable[[dict[int, int]], None] = lambda offsets: None,
-        on_publish: Callable[[Learner, Snapshot], None] | None = None,
+        key: str = DEFAULT_KEY,
     ) -> None:
         self.config = config
+        self.key = key  # the model key it learns (per-key models), for its outputs
         self.holder = holder
         self.metrics = metrics
-        self.on_processed = on_processed
-        self.dead_letter = dead_letter
-        self.on_unlabeled = on_unlabeled
+        self.outputs = outputs if outputs is not None else LearnerOutputs()
         self.checkpoints = checkpoints
-        self.on_checkpoint = on_checkpoint
-        self.on_publish = on_publish  # called on the learner thread after each publish
         self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
         self._accepted: dict[
             int, int
@@ -93,11 +87,6 @@ class Learner(CheckpointMixin):
         self._deferred: list[tuple[int, int]] = []
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
-        self._learned_at_checkpoint = 0
-        self._offsets_at_checkpoint: dict[int, int] = {}
-        self._last_checkpoint = time.monotonic()
-        self._last_checkpoint_attempt = -math.inf  # none yet (monotonic time can be near 0 after boot)
-        self._checkpoint_requested = False
         self._lock = threading.Lock()  # guards stats read by other threads
         # Hot-path bookkeeping (per sample at up to ~10k samples/s): Prometheus children resolved
         # once (`labels()` costs microseconds), held-out counts reported per step, and
@@ -106,11 +95,22 @@ class Learner(CheckpointMixin):
         self._held_out_counter = metrics.samples.labels(outcome="held_out")
         self._held_out_unreported = 0
         self._noted: set[tuple[int, int]] = set()
-        # Scheduled checkpoints are written on a writer thread (checkpoint_writer.py). Not for
-        # per-key models: their handover bookkeeping takes `on_checkpoint` to mean "everything
-        # taken in so far is saved", true only when the write happens before anything else.
+        # Scheduled checkpoints are written on a writer thread (checkpointing.py). Not for per-key
+        # models: their handover bookkeeping takes `checkpointed` to mean "everything taken in so
+        # far is saved", true only when the write happens before anything else.
         self._background_checkpoints = config.checkpoint.background and not config.models.per_key
-        self._write: BackgroundWrite | None = None
+        self.scheduler = (
+            None
+            if checkpoints is None
+            else CheckpointScheduler(
+                checkpoints,
+                config.checkpoint,
+                metrics,
+                self.log,
+                on_written=lambda offsets: self.outputs.checkpointed(offsets),
+                background=self._background_checkpoints,
+            )
+        )
 
     # -- inputs ---------------------------------------------------------------------------------
     @property
@@ -204,6 +204,18 @@ class Learner(CheckpointMixin):
         if self._checkpoint_due():
             self.checkpoint(wait=not self._background_checkpoints)
 
+    def start(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.start()
+
+    def close(self, final: bool = True) -> None:
+        if final:
+            self.flush()
+        if self.evaluator is not None:
+            self.evaluator.stop()  # scores the rows still waiting: the last checkpoint holds them
+        if final and self.strategy is not None:
+            self.checkpoint()
+
     def _report_held_out(self) -> None:
         if self._held_out_unreported:
             self._held_out_counter.inc(self._held_out_unreported)
@@ -278,7 +290,8 @@ class Learner(CheckpointMixin):
         self._capacity_gauges()
         if event.previous_task is not None:
             self.metrics.task_boundaries.labels(reason=event.reason).inc()
-            self._checkpoint_requested = self.config.checkpoint.at_boundary
+            if self.scheduler is not None and self.config.checkpoint.at_boundary:
+                self.scheduler.requested = True
         self.metrics.current_task.set(event.task)
         self.metrics.tasks_seen.set(len(self.detector.task_ids))
         self.log.info(
@@ -305,13 +318,14 @@ class Learner(CheckpointMixin):
 
     def _unlabeled(self, partition: int, offset: int, sample: Sample) -> None:
         self.metrics.samples.labels(outcome="unlabeled").inc()
-        if self.on_unlabeled is not None:
+        send = self.outputs.prediction
+        if send is not None:
             snap = self.holder.get()
             if snap is not None and snap.labels:
                 pred = snap.predict(sample.x[None, :])
                 proba = pred.proba[0]
                 best = int(proba.argmax())
-                self.on_unlabeled(
+                send(
                     sample,
                     {
                         "label": snap.labels[best],
@@ -322,8 +336,9 @@ class Learner(CheckpointMixin):
         self._done_without_learning(partition, offset)
 
     def _reject(self, partition: int, offset: int, raw: bytes | memoryview, reason: str, detail: str) -> None:
-        if self.dead_letter is not None:
-            self.dead_letter(raw, reason, detail, partition, offset)
+        dead_letter = self.outputs.dead_letter
+        if dead_letter is not None:
+            dead_letter(raw, reason, detail, partition, offset)
         else:
             self.metrics.samples.labels(outcome="invalid").inc()
         self._done_without_learning(partition, offset)
@@ -341,7 +356,7 @@ class Learner(CheckpointMixin):
     def _mark_offset(self, partition: int, offset: int) -> None:
         if offset + 1 > self.offsets.get(partition, 0):
             self.offsets[partition] = offset + 1
-        self.on_processed(partition, offset)
+        self.outputs.processed(partition, offset)
 
     # -- snapshots ------------------------------------------------------------------------------
     @property
@@ -374,29 +389,15 @@ class Learner(CheckpointMixin):
         if self.strategy is None or self.input_shape is None or not self.labels:
             return None
         self.version += 1
-        task_ids: tuple[TaskId, ...] = tuple(self.detector.task_ids)
-        index_of = {tid: i for i, tid in enumerate(task_ids)}
-        inner = self.strategy.predictor()
-
-        def predictor(x: torch.Tensor, task: TaskId | None) -> tuple[torch.Tensor, list[TaskId | None]]:
-            proba, routes = inner(x, None if task is None else index_of[task])
-            return proba, [None if r is None else task_ids[r] for r in routes]
-
-        snap = Snapshot(
-            version=self.version,
-            strategy=self.strategy.name,
-            labels=tuple(self.labels),
-            tasks=task_ids,
-            input_shape=self.input_shape,
-            predictor=predictor,
-            device=str(self.strategy.device),
+        snap = build_snapshot(
+            self.strategy, self.version, self.labels, self.detector.task_ids, self.input_shape
         )
         self.holder.publish(snap)
         self.metrics.model_version.set(self.version)
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
-        if self.on_publish is not None:
-            self.on_publish(self, snap)
+        if self.outputs.published is not None:
+            self.outputs.published(self.key, self, snap)
         return snap
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -434,13 +435,14 @@ class Learner(CheckpointMixin):
         self._noted.clear()
         self.version = state["version"]
         self.steps = state["steps"]
-        self.learned = self._learned_at_checkpoint = state["learned"]
+        self.learned = state["learned"]
         self.held_out = int(state.get("held_out", 0))
         self._prequential.clear()
         self._prequential.extend(state["prequential"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
         self._accepted = dict(self.offsets)
-        self._offsets_at_checkpoint = dict(self.offsets)
+        if self.scheduler is not None:
+            self.scheduler.restored(self.learned, self.offsets)
         self.detector.load_state_dict(state["detector"])
         self.trajectory.load_state_dict(state.get("trajectory") or [])
         if self.evaluator is not None and state.get("evaluator") is not None:
@@ -451,6 +453,25 @@ class Learner(CheckpointMixin):
         if self.detector.current is not None:
             self.metrics.current_task.set(self.detector.current)
         self.publish()
+
+    def _checkpoint_due(self) -> bool:
+        return self.scheduler is not None and self.strategy is not None and self.scheduler.due(self.learned)
+
+    def checkpoint(self, wait: bool = True) -> bool:
+        """Learn any partial batch, then write model + state + offsets atomically (learner thread).
+
+        False (and serving goes on) when there is nothing to write to or the write fails. `wait=False`
+        writes in the background (see `CheckpointScheduler.write`); a waiting call first finishes
+        any write in flight.
+        """
+        scheduler = self.scheduler
+        if scheduler is None or self.strategy is None:
+            return False
+        scheduler.finish_pending()
+        self._learn_pending()  # the offsets saved must cover exactly what the model has learned
+        if scheduler.unchanged(self.learned, self.offsets):
+            return True  # nothing new since the last checkpoint
+        return scheduler.write(self.state_dict, self.offsets, self.learned, wait)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -38,7 +38,7 @@ import msgpack
 import torch
 
 from stream_cl.config import Config, ModelConfig, StrategyConfig, build
-from stream_cl.serve.snapshot import Snapshot
+from stream_cl.serve.snapshot import Snapshot, build_snapshot
 from stream_cl.types import Label, TaskId
 
 FORMAT = 1
@@ -241,21 +241,4 @@ def rebuild(published: PublishedSnapshot, config: Config) -> Snapshot:
         raise
     except Exception as e:  # an unknown strategy here, a config this version cannot build, ...
         raise SnapshotRejected("unloadable", f"{type(e).__name__}: {e}") from e
-    task_ids: tuple[TaskId, ...] = tuple(m["tasks"])
-    index_of = {tid: i for i, tid in enumerate(task_ids)}
-    inner = strategy.predictor()
-
-    # The same wrapping as Learner.publish: the strategy speaks task indices, the socket task ids.
-    def predictor(x: torch.Tensor, task: TaskId | None) -> tuple[torch.Tensor, list[TaskId | None]]:
-        proba, routes = inner(x, None if task is None else index_of[task])
-        return proba, [None if r is None else task_ids[r] for r in routes]
-
-    return Snapshot(
-        version=int(m["version"]),
-        strategy=str(m["strategy"]),
-        labels=tuple(m["labels"]),
-        tasks=task_ids,
-        input_shape=input_shape,
-        predictor=predictor,
-        device=str(strategy.device),
-    )
+    return build_snapshot(strategy, int(m["version"]), m["labels"], m["tasks"], input_shape)

@@ -1,8 +1,9 @@
 """The daemon: source thread → learner thread → snapshots → prediction server and /metrics.
 
 Lifecycle (uvicorn-style): signal handlers only set a flag; the main loop notices it and shuts
-down in a fixed order under a deadline: stop consuming, let the learner finish its step, commit
-the processed offsets, drain and close the socket, stop /metrics. A second signal forces exit.
+down in the reverse order of start-up under a deadline: stop consuming, let the learner finish its
+step, write the last checkpoint, commit the processed offsets, drain and close the socket, stop
+/metrics. A second signal forces exit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -25,13 +27,15 @@ from stream_cl.config import Config
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.fetcher import make_source
 from stream_cl.ingest.source import Chunk, QueueItem
-from stream_cl.learn.keyed import KeyedModels, per_key_config
+from stream_cl.learn.keyed import KeyedModels
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.learning import Learning
+from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics, start_metrics_server
 from stream_cl.replicate.snapshots import SnapshotPublisher
 from stream_cl.runtime.tuning import ProcessTuning
-from stream_cl.serve.registry import DEFAULT_KEY, SnapshotRegistry
+from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.serve.server import PredictionServer
 from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.store.checkpoints import CheckpointStore
@@ -49,20 +53,52 @@ def checkpoint_dir(config: Config) -> Path:
 
 
 class Daemon:
-    """One daemon: owns every component and their threads. `start()`, then `stop()` (or `run()`)."""
+    """One daemon: the composition root. Builds every component once, `start()`s them in a fixed
+    order and `stop()`s them in the reverse order (or `run()` for both around the signals)."""
 
     def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.log = get_logger("stream_cl.runtime.daemon")
         self.metrics = Metrics(registry, config.metrics.max_task_labels)
-        self.holder = SnapshotHolder()
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=8)
-        # models.per_key: one model per message key, moved between daemons through the shared store
-        self.keyed = self._keyed_models() if config.models.per_key else None
-        self.registry = (
-            self.keyed.registry if self.keyed is not None else SnapshotRegistry.single(self.holder)
+        self.tuning = ProcessTuning(config)  # applied at start, undone at stop (runtime/tuning.py)
+        self._predictions: KafkaProducer | None = None  # kafka.predictions_topic, connected at start
+        # publish.topic: snapshots go to Kafka for `serve --follow` replicas (replicate/snapshots.py)
+        self._publisher = (
+            SnapshotPublisher(config, self.metrics, serving=lambda key: self.registry.get(key) is not None)
+            if config.publish.topic
+            else None
         )
-        self.source = make_source(  # kafka.fetch_in_subprocess: a ProcessSource (fetcher.py)
+        self.learner: Learner | None = None  # the one model, or
+        self.keyed: KeyedModels | None = None  # models.per_key: one model per message key
+        self.holder = SnapshotHolder()
+        self.checkpoints: CheckpointStore | None = None
+        outputs = LearnerOutputs(
+            processed=lambda partition, offset: self.source.mark_processed(partition, offset),
+            dead_letter=lambda *args: self.source.dead_letter(*args),
+            prediction=self._publish_prediction if config.kafka.predictions_topic else None,
+            published=self._on_publish,
+            checkpointed=lambda offsets: self.source.request_commit(),
+        )
+        self.learning: Learning
+        if config.models.per_key:
+            self.keyed = KeyedModels(
+                config,
+                SnapshotRegistry(keyed=True),
+                self.metrics,
+                self.queue,
+                SharedModelStore(checkpoint_dir(config), config.checkpoint.keep),
+                outputs,
+            )
+            self.registry = self.keyed.registry
+            self.learning = self.keyed
+        else:
+            if config.checkpoint.enabled:
+                self.checkpoints = CheckpointStore(checkpoint_dir(config), config.checkpoint.keep)
+            self.learner = Learner(config, self.holder, self.metrics, outputs, self.checkpoints)
+            self.registry = SnapshotRegistry.single(self.holder)
+            self.learning = self.learner
+        self.source = make_source(  # kafka.fetch_in_subprocess: a ProcessSource (ingest/fetcher.py)
             config,
             self.queue,
             self.metrics,
@@ -70,36 +106,9 @@ class Daemon:
             on_revoke=None if self.keyed is None else self.keyed.on_revoke,
             on_assign=None if self.keyed is None else self.keyed.on_assign,
         )
-        self._predictions: KafkaProducer | None = None
-        # publish.topic: snapshots go to Kafka for `serve --follow` replicas (replica.py)
-        self._publisher = (
-            SnapshotPublisher(config, self.metrics, serving=lambda key: self.registry.get(key) is not None)
-            if config.publish.topic
-            else None
-        )
-        self.checkpoints = (
-            CheckpointStore(checkpoint_dir(config), config.checkpoint.keep)
-            if config.checkpoint.enabled and self.keyed is None
-            else None
-        )
-        # The one model; with models.per_key an idle stand-in (the models are in self.keyed)
-        self.learner = Learner(
-            config if self.keyed is None else per_key_config(config),
-            self.holder,
-            self.metrics,
-            on_processed=self.source.mark_processed,
-            dead_letter=self.source.dead_letter,
-            on_unlabeled=self._publish_prediction if config.kafka.predictions_topic else None,
-            checkpoints=self.checkpoints,
-            on_checkpoint=lambda offsets: self.source.request_commit(),
-            on_publish=lambda learner, snapshot: self._on_publish(DEFAULT_KEY, learner, snapshot),
-        )
-        # What the learner thread feeds: the one model, or the per-key models
-        self.models: Learner | KeyedModels = self.learner if self.keyed is None else self.keyed
         self.server: PredictionServer | None = None
         self.serve_port: int | None = None
         self.metrics_port: int | None = None
-        self._metrics_server: Any = None
         self._learner_stop = threading.Event()
         self._learner_thread = threading.Thread(
             target=self._learn_loop, name="stream-cl-learner", daemon=True
@@ -109,30 +118,18 @@ class Daemon:
         self._shutdown = threading.Event()
         self._signals = 0
         self._restored = False
-        self.tuning = ProcessTuning(config)  # applied at start, undone at stop (runtime/tuning.py)
+        # what `start` started, as (name, stop(seconds left)): `stop` runs them last first
+        self._started: list[tuple[str, Callable[[float], None]]] = []
 
     def _input_size(self) -> int | None:
-        return self.learner.input_size
-
-    def _keyed_models(self) -> KeyedModels:
-        cfg = self.config
-        return KeyedModels(
-            cfg,
-            SnapshotRegistry(keyed=True),
-            self.metrics,
-            self.queue,
-            SharedModelStore(checkpoint_dir(cfg), cfg.checkpoint.keep),
-            dead_letter=lambda *args: self.source.dead_letter(*args),
-            on_publish=lambda key, learner, snapshot: self._on_publish(key, learner, snapshot),
-            on_unlabeled=self._publish_prediction if cfg.kafka.predictions_topic else None,
-            mark_processed=lambda partition, offset: self.source.mark_processed(partition, offset),
-            request_commit=lambda: self.source.request_commit(),
-        )
+        if self.learner is not None:
+            return self.learner.input_size
+        return self.config.model.input_dim or None
 
     # -- start / stop ---------------------------------------------------------------------------
     def restore(self) -> bool:
         """Load the newest valid checkpoint (if any) and arrange for the source to resume at its offsets."""
-        if self.checkpoints is None or self._restored:
+        if self.checkpoints is None or self.learner is None or self._restored:
             return self._restored
         self._restored = True
         found = self.checkpoints.load_latest()
@@ -150,6 +147,7 @@ class Daemon:
         cfg = self.config
         self.restore()
         self.tuning.plan_cpus()
+        self._started.append(("tuning", lambda left: self.tuning.undo()))
         with self.tuning.starting_threads():  # pinned: what starts here runs off the learner's cores
             self._start_components()
         self.log.info(
@@ -162,44 +160,61 @@ class Daemon:
         )
 
     def _start_components(self) -> None:
+        """Each component in the order the data needs them, its stop registered as it starts."""
         cfg = self.config
+        started = self._started
         if cfg.metrics.enabled:
-            self._metrics_server, self.metrics_port = start_metrics_server(
+            metrics_server, self.metrics_port = start_metrics_server(
                 self.metrics, cfg.metrics.host, cfg.metrics.port
             )
+
+            def stop_metrics(left: float) -> None:
+                metrics_server.shutdown()
+                metrics_server.server_close()
+
+            started.append(("metrics", stop_metrics))
         if cfg.serve.enabled:
-            self.server = PredictionServer(cfg.serve, self.registry, self.metrics)
-            self.serve_port = self.server.start()
+            server = self.server = PredictionServer(cfg.serve, self.registry, self.metrics)
+            self.serve_port = server.start()
+            started.append(("server", lambda left: server.stop(drain_timeout=left)))
         if cfg.kafka.predictions_topic:
-            self._predictions = KafkaProducer(
+            producer = self._predictions = KafkaProducer(
                 bootstrap_servers=cfg.kafka.bootstrap_servers.split(","), linger_ms=5
             )
+            started.append(("predictions", lambda left: producer.close(timeout=left)))
         if self._publisher is not None:
             self._publisher.start()  # sends the restored model's snapshot, if any, at once
-        if self.learner.evaluator is not None:
-            self.learner.evaluator.start()
-        self.tuning.apply()
+            started.append(("publisher", self._stop_publisher))
         self.source.connect()  # with kafka.fetch_in_subprocess, starts the fetcher process
-        self._source_thread.start()
+        # the final commit: after the last learning, whose processed offsets it commits
+        started.append(("commit", self._close_source))
+        self.learning.start()
+        started.append(
+            ("learning", lambda left: self.learning.close(final=not self._learner_thread.is_alive()))
+        )
+        self.tuning.apply()
         self._learner_thread.start()
+        started.append(("learner thread", self._stop_learner_thread))
+        self._source_thread.start()
+        started.append(("consuming", self._stop_consuming))
 
     def _learn_loop(self) -> None:
-        models = self.models
+        learning = self.learning
         try:
             with self.tuning.learner_thread():
-                self._learn_until_stopped(models)
+                self._learn_until_stopped(learning)
         except BaseException as e:
             self.learner_error = e
             self.log.exception("learner_failed")
         finally:
             self._shutdown.set()
 
-    def _learn_until_stopped(self, models: Learner | KeyedModels) -> None:
+    def _learn_until_stopped(self, learning: Learning) -> None:
         while not self._learner_stop.is_set():
             try:
                 item = self.queue.get(timeout=0.05)
             except queue.Empty:
-                models.flush()  # the stream went quiet: learn the partial batch, publish
+                learning.flush()  # the stream went quiet: learn the partial batch, publish
                 self._publish_idle()
                 if self.source.stop_event.is_set():
                     break
@@ -207,46 +222,41 @@ class Daemon:
             if not isinstance(item, Chunk):  # a task in stream order (a rebalance handover)
                 item()
                 continue
-            models.process(item)
+            learning.process(item)
             if item.rows:
                 self.tuning.after_first_records()
 
     def stop(self, deadline_s: float = 10.0) -> None:
-        """Stop in order: consuming, learning (finish the step), commit, serving, metrics."""
+        """Stop what `start` started, in reverse order, under one deadline: consuming, the learner
+        thread, learning's final step and checkpoint, the final commit, the publisher, the
+        predictions producer, serving, /metrics, and last the process tuning."""
         t_end = time.monotonic() + deadline_s
         self.log.info("daemon_stopping")
+        while self._started:
+            name, stop = self._started.pop()
+            try:
+                stop(max(0.1, t_end - time.monotonic()))
+            except Exception:
+                self.log.exception("stop_failed", component=name)
+        self.log.info("daemon_stopped", **self.learning.stats())
+
+    def _stop_consuming(self, left: float) -> None:
         self.source.stop_event.set()
-        self._source_thread.join(max(0.1, t_end - time.monotonic()))
+        self._source_thread.join(left)
+
+    def _stop_learner_thread(self, left: float) -> None:
         self._learner_stop.set()
-        self._learner_thread.join(max(0.1, t_end - time.monotonic()))
-        if not self._learner_thread.is_alive():
-            self.learner.flush()
-            if self.learner.evaluator is not None:
-                self.learner.evaluator.stop()  # scores the rows still waiting: they are checkpointed
-            if self.learner.strategy is not None:
-                self.learner.checkpoint()
-            if self.keyed is not None:
-                self.keyed.close()  # every model and partition manifest to the shared store
+        self._learner_thread.join(left)
+
+    def _close_source(self, left: float) -> None:
         # Records still queued were never learned and are not committed: the next run re-reads them.
-        try:
-            self.source.close()
-        except Exception:
-            self.log.exception("final_commit_failed")
-        if self.learner.evaluator is not None:
-            self.learner.evaluator.stop()
-        if self._publisher is not None:
-            if not self._learner_thread.is_alive():  # the final model reaches the replicas too
-                self._publisher.capture_uncaptured()
-            self._publisher.close(max(0.1, t_end - time.monotonic()))
-        if self._predictions is not None:
-            self._predictions.close(timeout=max(0.1, t_end - time.monotonic()))
-        if self.server is not None:
-            self.server.stop(drain_timeout=max(0.1, t_end - time.monotonic()))
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
-        self.tuning.undo()
-        self.log.info("daemon_stopped", **self.models.stats())
+        self.source.close()
+
+    def _stop_publisher(self, left: float) -> None:
+        assert self._publisher is not None
+        if not self._learner_thread.is_alive():  # the final model reaches the replicas too
+            self._publisher.capture_uncaptured()
+        self._publisher.close(left)
 
     @property
     def failed(self) -> BaseException | None:
@@ -260,7 +270,7 @@ class Daemon:
         """Wait until everything learned so far is in the published snapshot."""
         t_end = time.monotonic() + timeout
         while time.monotonic() < t_end:
-            stats = self.models.stats()
+            stats = self.learning.stats()
             if stats["unpublished_steps"] == 0 and self.queue.empty():
                 return True
             time.sleep(0.05)

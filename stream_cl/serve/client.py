@@ -1,4 +1,4 @@
-"""Python client for the prediction socket (design.md, "Prediction socket").
+"""Python client for the prediction socket (docs/socket-protocol.md).
 
 Blocking and dependency-light (socket, msgpack, numpy) so it drops into notebooks, scripts and
 load generators alike. One client = one connection; it is not thread-safe (give each thread its

@@ -1,4 +1,4 @@
-"""Prediction-socket frames: a 4-byte big-endian length, then one msgpack map (design.md)."""
+"""Prediction-socket frames: a 4-byte big-endian length, then one msgpack map (docs/socket-protocol.md)."""
 
 from __future__ import annotations
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stream_cl.strategies.base import Strategy
 from stream_cl.types import Label, TaskId
 
 # Maps a float32 batch [n, *input_shape] and an optional task hint to
@@ -88,3 +89,32 @@ class SnapshotHolder:
                 lambda: self._snapshot is not None and self._snapshot.version >= min_version, timeout
             )
             return self._snapshot
+
+
+def build_snapshot(
+    strategy: Strategy,
+    version: int,
+    labels: Sequence[Label],
+    task_ids: Sequence[TaskId],
+    input_shape: Sequence[int],
+) -> Snapshot:
+    """The immutable snapshot of `strategy` now: its frozen predictor, wrapped so that requests
+    speak task ids while the strategy speaks task indices. The learner and the replicas build
+    every snapshot here, so what a replica serves is what the learner served."""
+    tasks: tuple[TaskId, ...] = tuple(task_ids)
+    index_of = {tid: i for i, tid in enumerate(tasks)}
+    inner = strategy.predictor()
+
+    def predictor(x: torch.Tensor, task: TaskId | None) -> tuple[torch.Tensor, list[TaskId | None]]:
+        proba, routes = inner(x, None if task is None else index_of[task])
+        return proba, [None if r is None else tasks[r] for r in routes]
+
+    return Snapshot(
+        version=version,
+        strategy=strategy.name,
+        labels=tuple(labels),
+        tasks=tasks,
+        input_shape=tuple(input_shape),
+        predictor=predictor,
+        device=str(strategy.device),
+    )

@@ -1,5 +1,5 @@
 """`stream-cl compress`: sparsify a checkpoint's model along a functionally invariant path (FIP's
-second use, field guide §3).
+second use).
 
 Zeroing the p% smallest weights at once (magnitude pruning) changes the network's function;
 instead we walk towards the sparse network while holding the function still on a memory of inputs:

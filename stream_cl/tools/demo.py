@@ -75,6 +75,8 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
             config = _for_demo(config, broker.bootstrap_servers, ckpt)
             broker.create_topic(config.kafka.topic)
             daemon = Daemon(config)
+            learner = daemon.learner
+            assert learner is not None  # the demo runs one model
             daemon.start()
             print(
                 f"broker {broker.bootstrap_servers} | predictions on {config.serve.host}:{daemon.serve_port}"
@@ -92,11 +94,9 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
             completed = _watch(daemon, total, stop, producer_error)
             if completed:
                 print(_report(daemon, stream))
-                if daemon.learner.evaluator is not None:
-                    daemon.learner.evaluator.run_once()  # the final model on the held-out reservoirs
-                    paths = write_report(
-                        daemon.learner.evaluator.summary(), "reports", source="stream-cl demo"
-                    )
+                if learner.evaluator is not None:
+                    learner.evaluator.run_once()  # the final model on the held-out reservoirs
+                    paths = write_report(learner.evaluator.summary(), "reports", source="stream-cl demo")
                     print("report (held-out accuracy matrix and accuracy over time):")
                     for name, path in paths.items():
                         print(f"  {name}: {path}")
@@ -123,7 +123,7 @@ def _watch(daemon: Daemon, total: int, stop: threading.Event, producer_error: li
     t0 = time.monotonic()
     window: list[tuple[float, int]] = []
     while not stop.wait(0.25):
-        stats = daemon.learner.stats()
+        stats = daemon.learning.stats()
         done = stats["learned"] + stats["held_out"] + daemon.source.dead_lettered
         now = time.monotonic()
         window = [(t, n) for t, n in window if now - t <= 3.0] + [(now, stats["learned"])]

@@ -1,6 +1,6 @@
 """Replay samples into a Kafka topic: a built-in benchmark stream or a file of samples.
 
-Files hold samples in the wire format's fields (design.md, "Sample on Kafka"):
+Files hold samples in the wire format's fields (docs/sample-format.md):
 - `.jsonl`: one JSON map per line, `x` as a number array;
 - `.msgpack`: a concatenation of msgpack maps (what `write_stream_file` writes, `x` as float32 bin).
 

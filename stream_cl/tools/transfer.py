@@ -1,4 +1,4 @@
-"""Trajectory transfer (Chijiwa, arXiv 2305.14122; field guide §4): bootstrap a differently
+"""Trajectory transfer (Chijiwa, arXiv 2305.14122): bootstrap a differently
 initialized model from the stored endpoints of a learning trajectory plus a small data buffer.
 
 The daemon keeps, per task, the weights when the task started and when it ended
