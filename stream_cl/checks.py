@@ -59,10 +59,9 @@ def factory_for(
     def build(
         *, head: str | None = None, head_options: Mapping[str, Any] | None = None, seed: int = 0
     ) -> Strategy:
-        model = ModelConfig(hidden=[12], seed=seed, device="cpu", batch_size=BATCH)
-        return cls(
+        return cls.build(
             INPUT_SHAPE,
-            model=model,
+            model=_model(seed),
             head=head or default_head,
             head_options=head_options if head is not None else default_options,
             device="cpu",
@@ -70,6 +69,10 @@ def factory_for(
         )
 
     return build
+
+
+def _model(seed: int = 0) -> ModelConfig:
+    return ModelConfig(hidden=[12], seed=seed, device="cpu", batch_size=BATCH)
 
 
 # -- driving a strategy as the learner does --------------------------------------------------------
