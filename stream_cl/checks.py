@@ -16,7 +16,9 @@ Third-party strategies can run the suite in their own tests:
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import pickle
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -24,8 +26,19 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from stream_cl.config import ModelConfig
-from stream_cl.strategies import HEAD_POLICIES, Batch, Boundary, StepResult, Strategy
+from stream_cl.config import Config, ModelConfig, StrategyConfig
+from stream_cl.strategies import (
+    HEAD_POLICIES,
+    Batch,
+    Boundary,
+    StepResult,
+    Strategy,
+    StrategyOptions,
+    available,
+    check_config,
+    from_config,
+    get,
+)
 
 INPUT_SHAPE = (1, 4, 4)
 BATCH = 8
@@ -59,10 +72,9 @@ def factory_for(
     def build(
         *, head: str | None = None, head_options: Mapping[str, Any] | None = None, seed: int = 0
     ) -> Strategy:
-        model = ModelConfig(hidden=[12], seed=seed, device="cpu", batch_size=BATCH)
-        return cls(
+        return cls.build(
             INPUT_SHAPE,
-            model=model,
+            model=_model(seed),
             head=head or default_head,
             head_options=head_options if head is not None else default_options,
             device="cpu",
@@ -70,6 +82,10 @@ def factory_for(
         )
 
     return build
+
+
+def _model(seed: int = 0) -> ModelConfig:
+    return ModelConfig(hidden=[12], seed=seed, device="cpu", batch_size=BATCH)
 
 
 # -- driving a strategy as the learner does --------------------------------------------------------
@@ -293,6 +309,53 @@ def check_composes_with_head_policies(factory: StrategyFactory) -> None:
         _assert_proba(s.predict_proba(probe())[0], 4)
 
 
+def _toml(value: Any) -> str:
+    """`value` as TOML text, as `--set strategy.options.KEY=TEXT` and the environment deliver it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def check_options_roundtrip(factory: StrategyFactory) -> None:
+    """`options_type` is a frozen `StrategyOptions` dataclass with a default for every field (so
+    `strategy.options = {}` builds the strategy), and options written to `strategy.options`, as
+    TOML values or as text, come back equal from `from_config`."""
+    s = factory()
+    cls = type(s)
+    kind = cls.options_type
+    assert dataclasses.is_dataclass(kind) and issubclass(kind, StrategyOptions), (
+        f"{cls.__qualname__}.options_type is not a StrategyOptions dataclass"
+    )
+    params = getattr(kind, "__dataclass_params__", None)
+    assert params is not None and params.frozen, f"{kind.__qualname__} is not frozen"
+    for f in dataclasses.fields(kind):
+        missing = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        assert not missing, f"{kind.__qualname__}.{f.name} has no default"
+    defaults = kind()
+    defaults.validate()
+    assert cls.parse_options({}) == defaults, "strategy.options = {} does not give the defaults"
+    assert isinstance(s.options, kind), f"built with {type(s.options).__qualname__}, not {kind.__qualname__}"
+    raw = dataclasses.asdict(s.options)
+    assert cls.parse_options(raw) == s.options, "options do not round-trip through strategy.options"
+    text = {k: v if isinstance(v, str) else _toml(v) for k, v in raw.items()}  # strings stay raw
+    assert cls.parse_options(text) == s.options, "options do not round-trip through --set text"
+    if cls.name not in available() or get(cls.name) is not cls:
+        return  # not registered (a strategy under test): `from_config` cannot select it
+    for options in (raw, text):
+        config = Config(
+            model=_model(),
+            strategy=StrategyConfig(name=cls.name, head="random", options=dict(options)),
+        )
+        built = from_config(config, INPUT_SHAPE)
+        assert type(built) is cls, f"from_config built {type(built).__qualname__}"
+        assert built.options == s.options, "options do not round-trip through from_config"
+        assert check_config(config) is cls
+
+
 Check = Callable[[StrategyFactory], None]
 
 CHECKS: tuple[Check, ...] = (
@@ -309,4 +372,5 @@ CHECKS: tuple[Check, ...] = (
     check_predictor_is_a_frozen_copy,
     check_memory_bounded,
     check_composes_with_head_policies,
+    check_options_roundtrip,
 )

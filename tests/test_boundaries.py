@@ -301,7 +301,7 @@ def test_learner_delivers_each_event_once_to_strategy_log_and_metrics(
     overrides = ["model.hidden=[16]", "model.lr=0.02", "evaluation.holdout_fraction=0"]
     config: Config = load_config(None, overrides, env={})
     monkeypatch.setattr(
-        learner_module, "from_config", lambda cfg, shape: RecordingFinetune(shape, model=cfg.model)
+        learner_module, "from_config", lambda cfg, shape: RecordingFinetune.build(shape, model=cfg.model)
     )
     rng = np.random.default_rng(0)
     x = rng.random((3000, 4)).astype(np.float32)

@@ -33,7 +33,7 @@ def _strategy(backbone: str, optimizer: str, seed: int = 0, **options: Any) -> E
         "router_features": 64,
         **options,
     }
-    return Eidetic(SHAPE, model=model, device="cpu", **opts)
+    return Eidetic.build(SHAPE, model=model, device="cpu", **opts)
 
 
 def _batch(task: int, classes: list[int], rng: np.random.Generator) -> Batch:
@@ -138,7 +138,7 @@ def test_layernorm_in_a_protected_layer_is_refused() -> None:
 def test_capacity_runs_out_loudly_and_serving_goes_on() -> None:
     """With no free neuron left, a warning is logged, the ratio reads 0, and prediction still works."""
     model = ModelConfig(hidden=[1], seed=0, device="cpu", batch_size=8)
-    s = Eidetic(SHAPE, model=model, device="cpu", task_buffer=16, recovery_steps=1, router_features=16)
+    s = Eidetic.build(SHAPE, model=model, device="cpu", task_buffer=16, recovery_steps=1, router_features=16)
     rng = np.random.default_rng(0)
     assert s.free_capacity_ratio() == 1.0
     _learn_task(s, 0, rng)
@@ -216,7 +216,7 @@ def test_no_hint_answers_with_the_best_joint_task_class_score(weight: float) -> 
 def test_bad_options_name_their_key(key: str, value: Any) -> None:
     """A bad option value raises an error that names strategy.options.KEY."""
     with pytest.raises(ValueError, match=f"strategy.options.{key}"):
-        Eidetic(SHAPE, model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
+        Eidetic.build(SHAPE, model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
 
 
 def test_taylor_scores_consolidate() -> None:

@@ -80,7 +80,7 @@ def test_fip_learns_the_new_task(step: str) -> None:
 
 def test_memory_is_bounded_and_snapshotted_at_boundaries() -> None:
     """The memory never exceeds `memory_size`; anchors exist only after a boundary snapshot."""
-    fip = FIP((DIM,), model=model_config(), memory_size=20)
+    fip = FIP.build((DIM,), model=model_config(), memory_size=20)
     fip.on_boundary(Boundary(previous_task=None, task=0, reason="explicit"))
     fip.add_classes([0, 1], 0)
     x, y = two_tasks()[0]
@@ -95,7 +95,7 @@ def test_memory_is_bounded_and_snapshotted_at_boundaries() -> None:
 def test_targets_first_keeps_each_input_anchored_to_its_own_task(targets: str) -> None:
     """`first`: an anchored input keeps the outputs snapshotted at its own task's end through later
     boundaries (new classes' columns are zero); `latest`: every input is re-snapshotted."""
-    fip = FIP((DIM,), model=model_config(), memory_size=50, targets=targets)
+    fip = FIP.build((DIM,), model=model_config(), memory_size=50, targets=targets)
     (x0, y0), (x1, y1) = two_tasks()
     fip.on_boundary(Boundary(previous_task=None, task=0, reason="explicit"))
     fip.add_classes([0, 1], 0)

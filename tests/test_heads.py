@@ -241,7 +241,7 @@ def test_refresh_recomputes_statistics_under_the_current_backbone() -> None:
 
 def _finetune(head: str, **head_options: object) -> Finetune:
     model = ModelConfig(hidden=[16], weight_decay=0.1, seed=0, device="cpu")
-    return Finetune((1, 4, 4), model=model, head=head, head_options=head_options, device="cpu")
+    return Finetune.build((1, 4, 4), model=model, head=head, head_options=head_options, device="cpu")
 
 
 @pytest.mark.parametrize("head", list(strategies.HEAD_POLICIES))
@@ -278,7 +278,7 @@ def test_policy_state_round_trips_through_a_checkpoint(head: str) -> None:
 
 def test_mse_loss_scores_squared_error_against_one_hot() -> None:
     """With loss=mse the step's per-sample losses are the squared error to one-hot targets."""
-    s = Finetune((1, 4, 4), model=ModelConfig(hidden=[8], device="cpu"), loss="mse", device="cpu")
+    s = Finetune.build((1, 4, 4), model=ModelConfig(hidden=[8], device="cpu"), loss="mse", device="cpu")
     s.add_classes([0, 1], 0)
     batch = checks.make_batch(0, [0, 1])
     with torch.no_grad():

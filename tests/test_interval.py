@@ -194,7 +194,7 @@ def test_recurring_task_thaws_its_embedding() -> None:
 def test_bad_options_name_the_key(key: str, value: object) -> None:
     """A bad option raises ValueError naming `strategy.options.KEY`."""
     with pytest.raises(ValueError, match=f"strategy.options.{key}"):
-        Interval((1, 4, 4), model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
+        Interval.build((1, 4, 4), model=ModelConfig(hidden=[4], device="cpu"), device="cpu", **{key: value})
 
 
 def test_ramp_counts_samples_not_steps() -> None:

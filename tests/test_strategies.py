@@ -262,3 +262,25 @@ def test_optimizer_falls_back_where_torch_has_no_fused_kernel(monkeypatch: pytes
     strategy.add_classes([0, 1], 0)
     assert isinstance(strategy.optimizer, NoFusedAdam) and not strategy.optimizer.param_groups[0]["fused"]
     strategy.learn(strategies.Batch(x=torch.randn(4, 4), y=torch.tensor([0, 1, 0, 1]), task=0))
+
+
+def test_config_toml_points_at_every_options_dataclass() -> None:
+    """config.toml's [strategy] names each built-in strategy's and head policy's options dataclass
+    and every one of its fields (the dataclass documents them; config.toml only points there)."""
+    import dataclasses
+    from pathlib import Path
+
+    from stream_cl.strategies import HEAD_POLICIES
+
+    text = (Path(__file__).resolve().parents[1] / "config.toml").read_text()
+    section = text[text.index("[strategy]") : text.index("[learner]")]
+    builtins = ["finetune", "replay", "fip", "interval", "eidetic"]
+    kinds = [strategies.get(n).options_type for n in builtins] + [
+        p.options_type for p in HEAD_POLICIES.values()
+    ]
+    for kind in kinds:
+        fields = [f.name for f in dataclasses.fields(kind)]
+        if fields:
+            assert kind.__name__ in section, f"config.toml does not point at {kind.__name__}"
+        for name in fields:
+            assert name in section, f"config.toml does not name {kind.__name__}.{name}"

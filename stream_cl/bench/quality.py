@@ -302,8 +302,8 @@ def run_quality(
 def _interval_figures(strategy: Strategy | None) -> dict[str, float]:
     """`interval` only: the mean half-width of its tasks' weight boxes. (Its universal network is
     the `class` scenario's row, its task-routed networks the `task` scenario's.)"""
-    radius = getattr(strategy, "weight_radius", None)
-    return {} if radius is None else {"weight_half_width": float(radius())}
+    radius = None if strategy is None else strategy.weight_radius()
+    return {} if radius is None else {"weight_half_width": float(radius)}
 
 
 def format_quality(result: dict[str, Any]) -> str:

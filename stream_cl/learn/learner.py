@@ -310,11 +310,13 @@ class Learner:
             self.evaluator.on_boundary(event.previous_task, event.task, snapshot, event.reason)
 
     def _capacity_gauges(self) -> None:
-        """Strategies with finite capacity (eidetic) expose it; export it after each boundary."""
-        ratio = getattr(self.strategy, "free_capacity_ratio", None)
-        if callable(ratio):
-            self.metrics.free_capacity_ratio.set(ratio())
-            self.metrics.capacity_exhausted.set(float(getattr(self.strategy, "exhausted", False)))
+        """Strategies with finite capacity (eidetic) report it; export it after each boundary."""
+        if self.strategy is None:
+            return
+        free = self.strategy.free_capacity()
+        if free is not None:
+            self.metrics.free_capacity_ratio.set(free)
+            self.metrics.capacity_exhausted.set(float(self.strategy.capacity_exhausted()))
 
     def _unlabeled(self, partition: int, offset: int, sample: Sample) -> None:
         self.metrics.samples.labels(outcome="unlabeled").inc()

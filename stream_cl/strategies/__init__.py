@@ -1,29 +1,46 @@
 """Strategy registry: name → class, built-ins plus the `stream_cl.strategies` entry-point group.
 
-A third-party package registers a strategy in its own pyproject.toml:
+A strategy is a `Strategy` subclass with a `name`, an `options_type` (a frozen dataclass
+deriving `StrategyOptions`, a default for every field, `validate()` raising
+ValueError("strategy.options.KEY: ...")) and a constructor `__init__(self, context, options)`
+that calls `super().__init__(context, options)` first:
+
+    @dataclass(frozen=True)
+    class MyOptions(StrategyOptions):
+        memory: int = 500  # samples kept (documented here, and only here)
+
+    class MyStrategy(Strategy):
+        name = "my_strategy"
+        options_type = MyOptions
+        options: MyOptions
+
+        def __init__(self, context: StrategyContext, options: MyOptions | None = None) -> None:
+            super().__init__(context, options)
+            ...  # self.options.memory, self.input_shape, self.device, self.model_config
+
+A third-party package registers it in its own pyproject.toml:
 
     [project.entry-points."stream_cl.strategies"]
     my_strategy = "my_package.module:MyStrategy"
 
-and it is selected with `[strategy] name = "my_strategy"` like a built-in one; the conformance
-suite (`stream_cl.checks`) then runs over it as well.
+and it is selected with `[strategy] name = "my_strategy"`, `options = { memory = 100 }` like a
+built-in one; the conformance suite (`stream_cl.checks`) then runs over it as well.
 """
 
 from __future__ import annotations
 
-import inspect
-import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from stream_cl.config import ConfigError
-from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy
+from stream_cl.config import ConfigError, ModelConfig
+from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy, StrategyContext
 from stream_cl.strategies.eidetic.strategy import Eidetic
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.fip import FIP
-from stream_cl.strategies.heads import HEAD_POLICIES, HeadPolicy, parse_options, parse_text
+from stream_cl.strategies.heads import HEAD_POLICIES, HeadPolicy, parse_options
 from stream_cl.strategies.interval.strategy import Interval
+from stream_cl.strategies.options import StrategyOptions
 from stream_cl.strategies.replay import Replay
 
 if TYPE_CHECKING:
@@ -36,8 +53,11 @@ __all__ = [
     "HeadPolicy",
     "StepResult",
     "Strategy",
+    "StrategyContext",
+    "StrategyOptions",
     "available",
     "check_config",
+    "context_from_config",
     "create",
     "from_config",
     "get",
@@ -78,8 +98,21 @@ def get(name: str) -> type[Strategy]:
         raise KeyError(f"unknown strategy {name!r}; valid: {', '.join(available())}") from None
 
 
-def create(name: str, input_shape: Any, **kwargs: Any) -> Strategy:
-    return get(name)(input_shape, **kwargs)
+def create(
+    name: str,
+    input_shape: Sequence[int],
+    *,
+    model: ModelConfig | None = None,
+    head: str = "random",
+    head_options: Mapping[str, Any] | None = None,
+    loss: str = "ce",
+    device: str = "auto",
+    **options: Any,
+) -> Strategy:
+    """The strategy `name` from plain arguments (`Strategy.build`); ValueError names the key."""
+    return get(name).build(
+        input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device, **options
+    )
 
 
 def check_config(config: Config) -> type[Strategy]:
@@ -87,6 +120,11 @@ def check_config(config: Config) -> type[Strategy]:
 
     Raises ConfigError naming the key at fault, so the daemon fails before consuming anything.
     """
+    cls, _ = _parse(config)
+    return cls
+
+
+def _parse(config: Config) -> tuple[type[Strategy], StrategyOptions]:
     try:
         cls = get(config.strategy.name)
     except KeyError:
@@ -99,43 +137,33 @@ def check_config(config: Config) -> type[Strategy]:
         )
     try:
         parse_options(config.strategy.head, config.strategy.head_options)
+        # `--set strategy.options.KEY=4` and the environment deliver text: parsed by field type.
+        return cls, cls.parse_options(config.strategy.options)
     except ValueError as e:
         raise _config_error(e) from e
-    params = inspect.signature(cls.__init__).parameters
-    fixed = {"self", "input_shape", "model", "head", "head_options", "loss", "device"}
-    valid = sorted(n for n in params if n not in fixed)
-    for key in config.strategy.options:
-        if key not in params or key in fixed:
-            raise ConfigError(
-                f"strategy.options.{key}",
-                f"not an option of strategy {cls.name!r} (valid: {', '.join(valid) or 'none'})",
-            )
-    return cls
 
 
-def from_config(config: Config, input_shape: Sequence[int]) -> Strategy:
-    """Build the configured strategy; bad options or values raise ConfigError naming the key."""
-    cls = check_config(config)
+def context_from_config(config: Config, input_shape: Sequence[int]) -> StrategyContext:
+    """The `StrategyContext` of `[model]` and `[strategy]` for inputs shaped `input_shape`."""
     try:
-        hints = typing.get_type_hints(cls.__init__)
-    except NameError:  # annotations naming types imported only for type checking
-        hints = {}
-    options = {
-        # `--set strategy.options.KEY=4` and the environment deliver text: parse it unless the
-        # option is a string.
-        key: parse_text(value) if isinstance(value, str) and hints.get(key) is not str else value
-        for key, value in config.strategy.options.items()
-    }
-    try:
-        return cls(
+        return StrategyContext.create(
             input_shape,
             model=config.model,
             head=config.strategy.head,
             head_options=config.strategy.head_options,
             loss=config.strategy.loss,
             device=config.model.device,
-            **options,
         )
+    except ValueError as e:
+        raise _config_error(e) from e
+
+
+def from_config(config: Config, input_shape: Sequence[int]) -> Strategy:
+    """Build the configured strategy; bad options or values raise ConfigError naming the key."""
+    cls, options = _parse(config)
+    context = context_from_config(config, input_shape)
+    try:
+        return cls(context, options)
     except (TypeError, ValueError) as e:
         raise _config_error(e) from e
 

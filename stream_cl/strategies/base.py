@@ -21,7 +21,7 @@ import abc
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from torch.nn import functional as F
 
 from stream_cl.config import ModelConfig
 from stream_cl.strategies.backbones import Classifier, build_backbone, frozen_copy, resolve_device
-from stream_cl.strategies.heads import FrozenRows, HeadRows, make_head_policy
+from stream_cl.strategies.heads import FrozenRows, HeadRows, make_head_policy, parse_options
+from stream_cl.strategies.options import HeadOptions, StrategyOptions, parse_typed
 
 LOSSES = ("ce", "mse")
 
@@ -61,44 +62,88 @@ class Boundary:
     recurring: bool = False
 
 
-class Strategy(abc.ABC):
-    """Base class; subclasses set `name` and implement `learn`.
+@dataclass(frozen=True)
+class StrategyContext:
+    """What every strategy is built from besides its own options, checked once: `from_config`
+    builds it from `[model]` and `[strategy]`, and the `Strategy` base does the shared setup
+    (backbone, head policy, optimizer, seeded generator) from it."""
 
-    Constructor parameters after `device` are the strategy's own options (`strategy.options`);
-    raise ValueError("strategy.options.KEY: ...") for a bad value so the error names the key.
+    input_shape: tuple[int, ...]
+    model: ModelConfig  # backbone, widths, optimizer, seed
+    device: torch.device  # resolved (`auto` is CUDA when available)
+    loss: str  # one of LOSSES
+    head: str  # head policy name (`strategy.head`)
+    head_options: HeadOptions  # parsed and validated `strategy.head_options`
+    seed: int  # model initialization and strategy randomness (`model.seed`)
+
+    @classmethod
+    def create(
+        cls,
+        input_shape: Sequence[int],
+        model: ModelConfig | None = None,
+        head: str = "random",
+        head_options: Mapping[str, Any] | HeadOptions | None = None,
+        loss: str = "ce",
+        device: str = "auto",
+    ) -> StrategyContext:
+        """Check and resolve everything once; ValueError("strategy.KEY: ...") names the key at fault."""
+        model = model or ModelConfig()
+        if loss not in LOSSES:
+            raise ValueError(f"strategy.loss: expected one of {', '.join(LOSSES)}; got {loss!r}")
+        if not isinstance(head_options, HeadOptions):
+            head_options = parse_options(head, head_options or {})
+        return cls(
+            input_shape=tuple(int(d) for d in input_shape),
+            model=model,
+            device=resolve_device(device if device != "auto" else model.device),
+            loss=loss,
+            head=head,
+            head_options=head_options,
+            seed=model.seed,
+        )
+
+
+class Strategy(abc.ABC):
+    """Base class; subclasses set `name` and `options_type` and implement `learn`.
+
+    Built as `cls(context, options)`: the shared `StrategyContext` and the strategy's own options
+    (`strategy.options`), an instance of `options_type`, whose fields document them. A bad value
+    raises ValueError("strategy.options.KEY: ...") from `options_type.validate`, so the error
+    names the key. `build` does both from plain arguments (tests, scripts).
     """
 
     name: ClassVar[str] = ""
+    #: The strategy's options: a frozen dataclass with a default for every field.
+    options_type: ClassVar[type[StrategyOptions]] = StrategyOptions
     #: Reasons a conformance check does not apply, e.g. {"check_seeded_determinism": "why"}.
     check_opt_outs: ClassVar[dict[str, str]] = {}
     #: Options the conformance suite builds the strategy with, to keep its runs small (river's
     #: `_unit_test_params`), e.g. {"buffer_size": 16}.
     unit_test_options: ClassVar[dict[str, Any]] = {}
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        model: ModelConfig | None = None,
-        head: str = "random",
-        head_options: Mapping[str, Any] | None = None,
-        loss: str = "ce",
-        device: str = "auto",
-    ) -> None:
-        self.input_shape = tuple(int(d) for d in input_shape)
-        self.model_config = model or ModelConfig()
-        if loss not in LOSSES:
-            raise ValueError(f"strategy.loss: expected one of {', '.join(LOSSES)}; got {loss!r}")
-        self.loss = loss
-        self.device = resolve_device(device if device != "auto" else self.model_config.device)
-        seed = self.model_config.seed
+    def __init__(self, context: StrategyContext, options: StrategyOptions | None = None) -> None:
+        options = self.options_type() if options is None else options
+        if not isinstance(options, self.options_type):
+            raise TypeError(
+                f"{type(self).__qualname__} takes {self.options_type.__qualname__}, "
+                f"got {type(options).__qualname__}"
+            )
+        options.validate()
+        self.options = options
+        self.context = context
+        self.input_shape = context.input_shape
+        self.model_config = context.model
+        self.loss = context.loss
+        self.device = context.device
+        seed = context.seed
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             backbone = build_backbone(self.model_config.backbone, self.input_shape, self.model_config.hidden)
             self.model = Classifier(backbone, backbone.feature_dim).to(self.device)
         self.head_policy = make_head_policy(
-            head,
-            head_options or {},
-            loss=loss,
+            context.head,
+            context.head_options,
+            loss=self.loss,
             feature_dim=backbone.feature_dim,
             seed=seed,
             device=self.device,
@@ -108,6 +153,46 @@ class Strategy(abc.ABC):
         self.task_classes: list[list[int]] = []  # task index -> class indices seen in that task
         self.current_task = 0
         self.optimizer = self._make_optimizer()
+
+    @classmethod
+    def parse_options(cls, raw: Mapping[str, Any]) -> StrategyOptions:
+        """`strategy.options` as `options_type`, type-checked and validated; ValueError
+        "strategy.options.KEY: ..." for an unknown key or a bad value."""
+        options = parse_typed(cls.options_type, raw, "strategy.options", f"strategy {cls.name!r}")
+        options.validate()
+        return options
+
+    @classmethod
+    def build(
+        cls,
+        input_shape: Sequence[int],
+        *,
+        model: ModelConfig | None = None,
+        head: str = "random",
+        head_options: Mapping[str, Any] | None = None,
+        loss: str = "ce",
+        device: str = "auto",
+        **options: Any,
+    ) -> Self:
+        """Context and options from plain arguments, checked like `from_config` checks config."""
+        context = StrategyContext.create(
+            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
+        )
+        return cls(context, cls.parse_options(options))
+
+    # -- optional capabilities (the learner and the benches ask every strategy) ----------------
+    def free_capacity(self) -> float | None:
+        """Fraction of the capacity for new tasks left (1 = all, 0 = exhausted); None when the
+        strategy's capacity is not finite. Exported as `stream_cl_free_capacity_ratio`."""
+        return None
+
+    def capacity_exhausted(self) -> bool:
+        """True once no capacity is left for new tasks (exported as `stream_cl_capacity_exhausted`)."""
+        return False
+
+    def weight_radius(self) -> float | None:
+        """Mean half-width of interval weight boxes (`interval`); None for point-weight strategies."""
+        return None
 
     # -- the one abstract method ---------------------------------------------------------------
     @abc.abstractmethod

@@ -11,7 +11,7 @@ boundary, the network's softmax outputs on them. Every step then minimizes
 (the Bhattacharyya distance between the new and the snapshotted output distributions). The paper
 moves along the normalized gradient, `w ← w − step_size · g / ||g||` (`step = "normalized"`); by
 default the model's own optimizer takes the step on the same objective, which on a one-pass
-stream both learns better and forgets less (measured: see `FIP`). The reference code also uses a
+stream both learns better and forgets less (measured: see `FIPOptions`). The reference code also uses a
 far heavier distance weight than a mean over the memory batch suggests (a *sum* over a large
 memory batch), hence the default β = 50.
 
@@ -20,18 +20,20 @@ The same distance drives `stream_cl.tools.compress` (a path towards a sparse net
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from stream_cl.config import ModelConfig
 from stream_cl.strategies.base import (
     Batch,
     Boundary,
     StepResult,
     Strategy,
+    StrategyContext,
+    StrategyOptions,
     check_int_options,
     check_number_options,
 )
@@ -160,23 +162,9 @@ STEPS = ("optimizer", "normalized")
 TARGETS = ("first", "latest")
 
 
-class FIP(Strategy):
-    """Options: `memory_size` (inputs kept), `memory_batch` (anchors per step; 0 = the batch's
-    size), `beta` (weight of the distance term), `temperature` (T: the distance compares
-    softmax(z/T) of the new and the old logits), `step` (how the weights move on the combined
-    objective), `step_size` (the normalized step's length), `targets` (which outputs anchor an
-    input).
-
-    `step = "optimizer"` (default) takes the model's optimizer step (`model.optimizer`, `model.lr`)
-    on CE + β·D; `"normalized"` is the paper's fixed-length step `w ← w − step_size · g/||g||`.
-    On a one-pass stream the fixed length is too coarse: it learns each task worse (permuted-mnist
-    task 0, before any anchor exists: 0.81 against Adam's 0.88) and its steps keep kicking the
-    weights off the path once the new task's loss is small, so it forgot more than `replay`
-    (0.054 against 0.033); a shorter step forgets less only by learning less (see `stream-cl bench
-    quality`). `targets = "first"` (default) keeps each memory input's output from the first
-    boundary after it entered (its own task's end), so old tasks are held to their best function;
-    `"latest"` re-snapshots every input at every boundary, which folds each task's drift into the
-    target.
+@dataclass(frozen=True)
+class FIPOptions(StrategyOptions):
+    """`strategy.options` of `fip`.
 
     Defaults come from sweeps on split-mnist and permuted-mnist, seeds 0–2 (class-incremental,
     `stream-cl bench quality --strategies replay,fip`, replay's 500-sample buffer = `memory_size`):
@@ -189,47 +177,63 @@ class FIP(Strategy):
       → 0.41× on each seed), average accuracy 0.891 → 0.898. Split-mnist forgetting stays
       0.008–0.020 (replay 0.25–0.33), accuracy 0.730 → 0.727. T = 4 forgets less on permuted-mnist
       (0.33–0.40×) but lets new classes' logits creep up on old inputs: split-mnist forgetting
-      0.04–0.085. The larger memory batch costs ~15% of samples/s."""
+      0.04–0.085. The larger memory batch costs ~15% of samples/s.
+    - `step` "optimizer": on a one-pass stream the paper's fixed-length step is too coarse: it
+      learns each task worse (permuted-mnist task 0, before any anchor exists: 0.81 against Adam's
+      0.88) and its steps keep kicking the weights off the path once the new task's loss is small,
+      so it forgot more than `replay` (0.054 against 0.033); a shorter step forgets less only by
+      learning less (see `stream-cl bench quality`).
+    """
+
+    # Old-task inputs kept (no labels), plus the outputs snapshotted on them at boundaries.
+    memory_size: int = 500
+    # Memory inputs (anchors) per step; 0 = the stream batch's size.
+    memory_batch: int = 256
+    # Weight of the output-space (Bhattacharyya) distance on the memory.
+    beta: float = 50.0
+    # How the weights move on CE + β·D: "optimizer" takes the model's optimizer step
+    # (`model.optimizer`, `model.lr`); "normalized" is the paper's `w ← w − step_size · g/||g||`.
+    step: str = "optimizer"
+    # Length of each normalized-gradient step (`step = "normalized"` only).
+    step_size: float = 0.1
+    # Which outputs anchor an input: "first" keeps those of the first boundary after it entered
+    # (its own task's end), so old tasks are held to their best function; "latest" re-snapshots
+    # every input at every boundary, which folds each task's drift into the target.
+    targets: str = "first"
+    # T: the distance compares softmax(z / T) of the new and the old logits.
+    temperature: float = 2.0
+
+    def validate(self) -> None:
+        check_int_options(1, memory_size=self.memory_size)
+        check_int_options(0, memory_batch=self.memory_batch)
+        check_number_options(0, strict=True, step_size=self.step_size, temperature=self.temperature)
+        check_number_options(0, beta=self.beta)
+        if self.step not in STEPS:
+            raise ValueError(f"strategy.options.step: expected one of {', '.join(STEPS)}, got {self.step!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(
+                f"strategy.options.targets: expected one of {', '.join(TARGETS)}, got {self.targets!r}"
+            )
+
+
+class FIP(Strategy):
+    """Output-space anchoring on a bounded input memory. Options: `FIPOptions`."""
 
     name = "fip"
+    options_type = FIPOptions
+    options: FIPOptions
     unit_test_options = {"memory_size": 12}
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        model: ModelConfig | None = None,
-        head: str = "random",
-        head_options: Mapping[str, Any] | None = None,
-        loss: str = "ce",
-        device: str = "auto",
-        memory_size: int = 500,
-        memory_batch: int = 256,
-        beta: float = 50.0,
-        step: str = "optimizer",
-        step_size: float = 0.1,
-        targets: str = "first",
-        temperature: float = 2.0,
-    ) -> None:
-        check_int_options(1, memory_size=memory_size)
-        check_int_options(0, memory_batch=memory_batch)
-        check_number_options(0, strict=True, step_size=step_size, temperature=temperature)
-        check_number_options(0, beta=beta)
-        if step not in STEPS:
-            raise ValueError(f"strategy.options.step: expected one of {', '.join(STEPS)}, got {step!r}")
-        if targets not in TARGETS:
-            raise ValueError(
-                f"strategy.options.targets: expected one of {', '.join(TARGETS)}, got {targets!r}"
-            )
-        super().__init__(
-            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
-        )
-        self.memory_batch = memory_batch
-        self.step = step
-        self.step_size = float(step_size)
-        self.beta = float(beta)
-        self.targets = targets
-        self.temperature = float(temperature)
-        self.memory = InputMemory(memory_size, self.input_shape, self.device)
+    def __init__(self, context: StrategyContext, options: FIPOptions | None = None) -> None:
+        super().__init__(context, options)
+        o = self.options
+        self.memory_batch = o.memory_batch
+        self.step = o.step
+        self.step_size = float(o.step_size)
+        self.beta = float(o.beta)
+        self.targets = o.targets
+        self.temperature = float(o.temperature)
+        self.memory = InputMemory(o.memory_size, self.input_shape, self.device)
 
     def learn(self, batch: Batch) -> StepResult:
         self.model.train()

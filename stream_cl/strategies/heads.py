@@ -475,12 +475,14 @@ def get_policy(name: str) -> type[HeadPolicy]:
 
 def make_head_policy(
     name: str,
-    options: Mapping[str, Any],
+    options: Mapping[str, Any] | HeadOptions,
     *,
     loss: str,
     feature_dim: int,
     seed: int,
     device: torch.device,
 ) -> HeadPolicy:
-    """Build a policy from its config name and raw options (validated, errors name the key)."""
-    return get_policy(name)(parse_options(name, options), loss, feature_dim, seed, device)
+    """Build a policy from its config name and raw (or already parsed) options; errors name the key."""
+    if not isinstance(options, HeadOptions):
+        options = parse_options(name, options)
+    return get_policy(name)(options, loss, feature_dim, seed, device)

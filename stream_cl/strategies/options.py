@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import tomllib
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,8 +30,11 @@ def parse_typed(options_type: type[T], raw: Mapping[str, Any], prefix: str, owne
             value = parse_text(value)  # from `--set PREFIX.KEY=...` or the environment
         if not _has_type(value, expected):
             raise ValueError(
-                f"{prefix}.{key}: expected {expected.__name__}, got {type(value).__name__} {value!r}"
+                f"{prefix}.{key}: expected {getattr(expected, '__name__', expected)}, "
+                f"got {type(value).__name__} {value!r}"
             )
+        if typing.get_origin(expected) is tuple and isinstance(value, list):
+            value = tuple(value)  # a TOML array; the options stay immutable
         values[key] = value
     return options_type(**values)
 
@@ -45,8 +48,11 @@ def parse_text(text: str) -> Any:
         return text
 
 
-def _has_type(value: Any, expected: type) -> bool:
-    """TOML-typed check: bools are not numbers, and an integer is a fine float."""
+def _has_type(value: Any, expected: Any) -> bool:
+    """TOML-typed check: bools are not numbers, and an integer is a fine float. A sequence type
+    (`tuple[int, ...]`) takes any TOML array; its items are the options' `validate` to check."""
+    if typing.get_origin(expected) in (list, tuple, Sequence):
+        return isinstance(value, list | tuple)
     if expected is bool or isinstance(value, bool):
         return expected is bool and isinstance(value, bool)
     if expected is float:
@@ -55,6 +61,15 @@ def _has_type(value: Any, expected: type) -> bool:
 
 
 # -- options ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StrategyOptions:
+    """A strategy's own options (`strategy.options` in config.toml); base of every strategy's
+    `options_type`. Every field needs a default: `strategy.options = {}` must build the strategy."""
+
+    def validate(self) -> None:
+        """Raise ValueError("strategy.options.KEY: ...") for a bad value."""
+
+
 @dataclass(frozen=True)
 class HeadOptions:
     """Options every policy takes (`strategy.head_options` in config.toml)."""

@@ -7,40 +7,46 @@ their length). The reservoir never holds more than `buffer_size` samples.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from stream_cl.config import ModelConfig
-from stream_cl.strategies.base import Batch, StepResult, Strategy, check_int_options
+from stream_cl.strategies.base import (
+    Batch,
+    StepResult,
+    Strategy,
+    StrategyContext,
+    StrategyOptions,
+    check_int_options,
+)
 from stream_cl.strategies.buffers import ReservoirBuffer
 
 
+@dataclass(frozen=True)
+class ReplayOptions(StrategyOptions):
+    """`strategy.options` of `replay`."""
+
+    buffer_size: int = 500  # reservoir of past samples (bounded)
+    replay_batch: int = 0  # samples replayed per step; 0 = the stream batch's size
+
+    def validate(self) -> None:
+        check_int_options(1, buffer_size=self.buffer_size)
+        check_int_options(0, replay_batch=self.replay_batch)
+
+
 class Replay(Strategy):
-    """Options: `buffer_size` (samples kept), `replay_batch` (replayed per step; 0 = the batch's size)."""
+    """Options: `ReplayOptions`."""
 
     name = "replay"
+    options_type = ReplayOptions
+    options: ReplayOptions
     unit_test_options = {"buffer_size": 12}
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        model: ModelConfig | None = None,
-        head: str = "random",
-        head_options: Mapping[str, Any] | None = None,
-        loss: str = "ce",
-        device: str = "auto",
-        buffer_size: int = 500,
-        replay_batch: int = 0,
-    ) -> None:
-        check_int_options(1, buffer_size=buffer_size)
-        check_int_options(0, replay_batch=replay_batch)
-        super().__init__(
-            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
-        )
-        self.replay_batch = replay_batch
-        self.buffer = ReservoirBuffer(buffer_size, self.input_shape, self.device)
+    def __init__(self, context: StrategyContext, options: ReplayOptions | None = None) -> None:
+        super().__init__(context, options)
+        self.replay_batch = self.options.replay_batch
+        self.buffer = ReservoirBuffer(self.options.buffer_size, self.input_shape, self.device)
 
     def learn(self, batch: Batch) -> StepResult:
         self.model.train()

@@ -30,19 +30,18 @@ A task hint bypasses the router; the route taken is returned.
 
 Consolidation runs synchronously inside `on_boundary`, on the learner thread: serving keeps
 answering from the last published snapshot, and the learner publishes the consolidated model when
-`on_boundary` returns. Capacity is finite: `free_capacity_ratio()` says how much is left (the
+`on_boundary` returns. Capacity is finite: `free_capacity()` says how much is left (the
 learner exports it as `stream_cl_free_capacity_ratio`); when no free neuron reaches the head, a
 `capacity_exhausted` warning is logged and later tasks train their head rows on the owned features.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from stream_cl.config import ModelConfig
 from stream_cl.log import get_logger
 from stream_cl.strategies.backbones import frozen_copy
 from stream_cl.strategies.base import (
@@ -50,6 +49,8 @@ from stream_cl.strategies.base import (
     Boundary,
     StepResult,
     Strategy,
+    StrategyContext,
+    StrategyOptions,
     check_int_options,
     check_number_options,
 )
@@ -60,72 +61,86 @@ from stream_cl.strategies.router import RidgeRouter, route_and_predict
 __all__ = ["Eidetic", "protected_layers"]
 
 
-class Eidetic(Strategy):
-    """Mask freezing + a task router. Options (all bounded):
+@dataclass(frozen=True)
+class EideticOptions(StrategyOptions):
+    """`strategy.options` of `eidetic` (all bounded)."""
 
-    `task_buffer` samples of the current task kept for consolidation; `prune_step` fraction of the
-    task's free neurons pruned per step (halved after an undone step); `recovery_steps` optimizer
-    steps after each; `tol` relative accuracy drop allowed; `score` l1 | l2 | taylor;
-    `max_prune_steps` pruning steps per boundary, undone ones included;
-    `router_features` random features of the router; `router_lam` its ridge λ (relative to the
-    mean feature energy); `router_weight` the weight of its (task, class) scores against the heads'
-    log-probabilities when a request has no task id; `router_refresh` learned samples after which
-    it is solved again at most (within a task it is solved when the task's samples doubled since
-    the last solve, and at every boundary).
-    """
+    # Reservoir of the ending task's samples, pruned and recovered on at its boundary.
+    task_buffer: int = 1000
+    # Fraction of the task's free neurons pruned per step (halved after an undone step).
+    prune_step: float = 0.5
+    # Optimizer steps on the buffer after each pruning step.
+    recovery_steps: int = 20
+    # Relative accuracy drop allowed: a step leaving buffer accuracy < best · (1 − tol) is undone
+    # and retried smaller.
+    tol: float = 0.01
+    # Pruning score: l1 | l2 (norm of a neuron's incoming weights) | taylor (|a · ∂L/∂a|).
+    score: str = "l1"
+    # Pruning steps per boundary at most, undone ones included.
+    max_prune_steps: int = 10
+    # Random features of the task router (without a task hint it scores every (task, class) pair);
+    # its memory is ~ router_features² floats, its cost ~ router_features² per sample.
+    router_features: int = 1024
+    # The router's ridge λ, relative to the mean feature energy.
+    router_lam: float = 0.001
+    # Without a task hint, the best (task, class) by log p_head + router_weight · router score answers.
+    router_weight: float = 30.0
+    # Most learned samples between two router solves (it is also solved at every boundary, and
+    # within a task whenever the task's samples doubled since the last solve).
+    router_refresh: int = 2000
+
+    def validate(self) -> None:
+        check_int_options(
+            1,
+            task_buffer=self.task_buffer,
+            router_features=self.router_features,
+            router_refresh=self.router_refresh,
+        )
+        check_int_options(0, recovery_steps=self.recovery_steps, max_prune_steps=self.max_prune_steps)
+        check_number_options(0.0, strict=True, router_lam=self.router_lam, router_weight=self.router_weight)
+        if not 0 < self.prune_step < 1:
+            raise ValueError(
+                f"strategy.options.prune_step: expected 0 < prune_step < 1, got {self.prune_step!r}"
+            )
+        if not 0 <= self.tol < 1:
+            raise ValueError(f"strategy.options.tol: expected 0 <= tol < 1, got {self.tol!r}")
+        if self.score not in SCORES:
+            raise ValueError(
+                f"strategy.options.score: expected one of {', '.join(SCORES)}, got {self.score!r}"
+            )
+
+
+class Eidetic(Strategy):
+    """Mask freezing + a task router. Options: `EideticOptions`."""
 
     name = "eidetic"
+    options_type = EideticOptions
+    options: EideticOptions
     unit_test_options = {"task_buffer": 16, "recovery_steps": 2, "max_prune_steps": 3, "router_features": 64}
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        model: ModelConfig | None = None,
-        head: str = "random",
-        head_options: Mapping[str, Any] | None = None,
-        loss: str = "ce",
-        device: str = "auto",
-        task_buffer: int = 1000,
-        prune_step: float = 0.5,
-        recovery_steps: int = 20,
-        tol: float = 0.01,
-        score: str = "l1",
-        max_prune_steps: int = 10,
-        router_features: int = 1024,
-        router_lam: float = 0.001,
-        router_weight: float = 30.0,
-        router_refresh: int = 2000,
-    ) -> None:
-        check_int_options(
-            1, task_buffer=task_buffer, router_features=router_features, router_refresh=router_refresh
+    def __init__(self, context: StrategyContext, options: EideticOptions | None = None) -> None:
+        super().__init__(context, options)
+        o = self.options
+        self.task_buffer_size, self.prune_step, self.recovery_steps = (
+            o.task_buffer,
+            o.prune_step,
+            o.recovery_steps,
         )
-        check_int_options(0, recovery_steps=recovery_steps, max_prune_steps=max_prune_steps)
-        check_number_options(0.0, strict=True, router_lam=router_lam, router_weight=router_weight)
-        if not 0 < prune_step < 1:
-            raise ValueError(f"strategy.options.prune_step: expected 0 < prune_step < 1, got {prune_step!r}")
-        if not 0 <= tol < 1:
-            raise ValueError(f"strategy.options.tol: expected 0 <= tol < 1, got {tol!r}")
-        if score not in SCORES:
-            raise ValueError(f"strategy.options.score: expected one of {', '.join(SCORES)}, got {score!r}")
-        super().__init__(
-            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
-        )
-        self.task_buffer_size, self.prune_step, self.recovery_steps = task_buffer, prune_step, recovery_steps
-        self.tol, self.score, self.max_prune_steps = tol, score, max_prune_steps
+        self.tol, self.score, self.max_prune_steps = o.tol, o.score, o.max_prune_steps
         self.layers = protected_layers(self.model.backbone)
         self.masks = NeuronMasks(self.layers)
         self.consolidations: list[int] = []  # task consolidated at each rank
         self.task_heads: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
-        self.task_buffer = ReservoirBuffer(task_buffer, self.input_shape, self.device)
+        self.task_buffer = ReservoirBuffer(o.task_buffer, self.input_shape, self.device)
         self.router = RidgeRouter(
             self.input_shape,
-            router_features,
-            router_lam,
-            router_refresh,
-            self.model_config.seed + 2,
+            o.router_features,
+            o.router_lam,
+            o.router_refresh,
+            context.seed + 2,
             self.device,
         )
-        self.router_weight = float(router_weight)
+        self.router_weight = float(o.router_weight)
         self.exhausted = False
         self.log = get_logger("stream_cl.strategies.eidetic.strategy")
         self.optimizer = self._make_optimizer()  # the model's BatchNorm modules were swapped
@@ -267,6 +282,13 @@ class Eidetic(Strategy):
     def free_capacity_ratio(self) -> float:
         """Fraction of protected neurons no task owns yet (exported as stream_cl_free_capacity_ratio)."""
         return self.masks.free_capacity_ratio()
+
+    def free_capacity(self) -> float | None:
+        return self.free_capacity_ratio()
+
+    def capacity_exhausted(self) -> bool:
+        """True once no free neuron reaches the head (warned about once, as `capacity_exhausted`)."""
+        return self.exhausted
 
     # -- prediction ----------------------------------------------------------------------------
     def predict_proba(

@@ -68,22 +68,18 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from stream_cl.config import ModelConfig
 from stream_cl.strategies.backbones import Classifier
 from stream_cl.strategies.base import (
     Batch,
     Boundary,
     StepResult,
     Strategy,
-    check_int_options,
-    check_number_options,
-    is_int,
+    StrategyContext,
 )
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.interval.bounds import (
@@ -93,19 +89,18 @@ from stream_cl.strategies.interval.bounds import (
     universal_embedding,
     write_mlp,
 )
+from stream_cl.strategies.interval.options import IntervalOptions
 from stream_cl.strategies.router import entropy_route
 
-ROUTINGS = ("universal", "entropy")
-IMPORTANCES = ("none", "fisher")
 _FISHER_CHUNK = 64  # samples per vectorized per-sample gradient
 
 
 class Interval(Strategy):
-    """Options: `embedding_dim`, `epsilon`, `beta`, `hyper_hidden`, `chunk_size`, `chunk_dim`,
-    `ramp_steps`, `consolidation_steps`, `consolidation_buffer`, `max_tasks`, `routing`,
-    `importance`."""
+    """HyperInterval. Options: `IntervalOptions`."""
 
     name = "interval"
+    options_type = IntervalOptions
+    options: IntervalOptions
     unit_test_options = {
         "embedding_dim": 4,
         "hyper_hidden": [8],
@@ -115,76 +110,34 @@ class Interval(Strategy):
         "max_tasks": 4,
     }
 
-    def __init__(
-        self,
-        input_shape: Sequence[int],
-        model: ModelConfig | None = None,
-        head: str = "random",
-        head_options: Mapping[str, Any] | None = None,
-        loss: str = "ce",
-        device: str = "auto",
-        embedding_dim: int = 24,
-        epsilon: float = 0.5,
-        beta: float = 0.01,
-        hyper_hidden: Sequence[int] = (100, 100),
-        chunk_size: int = 2048,
-        chunk_dim: int = 8,
-        ramp_steps: int = 100,
-        consolidation_steps: int = 50,
-        consolidation_buffer: int = 500,
-        max_tasks: int = 32,
-        routing: str = "universal",
-        importance: str = "fisher",
-    ) -> None:
-        check_int_options(
-            1,
-            embedding_dim=embedding_dim,
-            chunk_size=chunk_size,
-            chunk_dim=chunk_dim,
-            consolidation_buffer=consolidation_buffer,
-            max_tasks=max_tasks,
-        )
-        check_int_options(0, ramp_steps=ramp_steps, consolidation_steps=consolidation_steps)
-        check_number_options(0, epsilon=epsilon, beta=beta)
-        if not isinstance(hyper_hidden, Sequence) or not all(is_int(h) and h > 0 for h in hyper_hidden):
+    def __init__(self, context: StrategyContext, options: IntervalOptions | None = None) -> None:
+        if context.model.backbone != "mlp":
             raise ValueError(
-                f"strategy.options.hyper_hidden: expected a list of positive widths, got {hyper_hidden!r}"
+                f"strategy.options: interval generates an MLP backbone; model.backbone is "
+                f"{context.model.backbone!r}"
             )
-        if routing not in ROUTINGS:
-            raise ValueError(
-                f"strategy.options.routing: expected one of {', '.join(ROUTINGS)}; got {routing!r}"
-            )
-        if importance not in IMPORTANCES:
-            raise ValueError(
-                f"strategy.options.importance: expected one of {', '.join(IMPORTANCES)}; got {importance!r}"
-            )
-        cfg = model or ModelConfig()
-        if cfg.backbone != "mlp":
-            raise ValueError(
-                f"strategy.options: interval generates an MLP backbone; model.backbone is {cfg.backbone!r}"
-            )
-        super().__init__(
-            input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device
-        )
-        self.epsilon = float(epsilon)
-        self.beta = float(beta)
-        self.ramp_steps = ramp_steps
-        self.consolidation_steps = consolidation_steps
+        super().__init__(context, options)
+        o = self.options
+        max_tasks = o.max_tasks
+        self.epsilon = float(o.epsilon)
+        self.beta = float(o.beta)
+        self.ramp_steps = o.ramp_steps
+        self.consolidation_steps = o.consolidation_steps
         self.max_tasks = max_tasks
-        self.routing = routing
-        self.importance = importance
+        self.routing = o.routing
+        self.importance = o.importance
         self.layout = TargetLayout([math.prod(self.input_shape), *self.model_config.hidden])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.model_config.seed + 2)
             self.hyper = HyperNetwork(
-                self.layout, embedding_dim, list(hyper_hidden), chunk_size, chunk_dim, max_tasks
+                self.layout, o.embedding_dim, list(o.hyper_hidden), o.chunk_size, o.chunk_dim, max_tasks
             ).to(self.device)
         # A submodule of the classifier: optimizer (rebuilt on head growth), checkpoints and
         # pickling then carry H and the embeddings like any other weight.
         self.model.hyper = self.hyper
         for p in self.model.backbone.parameters():
             p.requires_grad_(False)  # materialized from H; never trained directly
-        self.buffer = ReservoirBuffer(consolidation_buffer, self.input_shape, self.device)
+        self.buffer = ReservoirBuffer(o.consolidation_buffer, self.input_shape, self.device)
         self.frozen_embeddings = torch.zeros_like(self.hyper.embeddings.detach())
         self.targets = torch.zeros(max_tasks, self.layout.n_weights, device=self.device)
         self.frozen_slots: list[int] = []  # slots with a frozen embedding and a stored target
