@@ -30,7 +30,7 @@ def _tester() -> tuple[list[str], str]:
     """(command prefix, user name) of an unprivileged user to run the set-up as.
 
     As root: `stream-cl-tester`, created when missing (not in sudoers). Not root: the current user,
-    who already is unprivileged (sudo is shadowed below either way)."""
+    who already is unprivileged (and finds no sudo on the PATH given below)."""
     if os.geteuid() != 0:
         return [], getpass.getuser()
     if shutil.which("runuser") is None:
@@ -43,7 +43,7 @@ def _tester() -> tuple[list[str], str]:
         )
         if made.returncode not in (0, 9):  # 9: created meanwhile by a concurrent run
             pytest.fail(f"useradd {TESTER} failed: {made.stderr}")
-    return ["runuser", "-u", TESTER, "--"], TESTER
+    return _prefix(TESTER), TESTER
 
 
 @pytest.fixture
@@ -56,9 +56,14 @@ def workspace() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _unprivileged_env(workspace: Path, user: str) -> tuple[dict[str, str], Path]:
-    """The environment of a fresh login: no virtualenv or Python overrides of this run, no sudo on
-    PATH (when one is installed, a shim that fails and leaves a marker shadows it)."""
+# Not on the tester's PATH: no sudo, and no Prometheus either, so that the set-up is tried where the
+# tests' system tools are missing too (this machine has them; the old set-up skipped its apt-get here).
+HIDDEN = ("sudo", "promtool", "prometheus")
+
+
+def _unprivileged_env(workspace: Path, user: str) -> dict[str, str]:
+    """The environment of a fresh login, minus this run's virtualenv and Python overrides, whose PATH
+    is one directory of links to what the user can run on today's PATH, except HIDDEN."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -66,19 +71,32 @@ def _unprivileged_env(workspace: Path, user: str) -> tuple[dict[str, str], Path]
     }
     venv_bin = str(Path(sys.prefix) / "bin") if sys.prefix != sys.base_prefix else None
     path = [p for p in env.get("PATH", "/usr/local/bin:/usr/bin:/bin").split(os.pathsep) if p != venv_bin]
-    shim_dir, marker = workspace / "nosudo", workspace / "sudo-was-called"
-    if shutil.which("sudo", path=os.pathsep.join(path)):
-        shim_dir.mkdir()
-        shim = shim_dir / "sudo"
-        shim.write_text(f"#!/bin/sh\ntouch {marker}\necho 'sudo: not available to this user' >&2\nexit 1\n")
-        shim.chmod(0o755)
-        path.insert(0, str(shim_dir))
-    tmp = workspace / "tmp"
+    tmp, farm = workspace / "tmp", workspace / "bin"
     tmp.mkdir()
-    env.update(PATH=os.pathsep.join(path), TMPDIR=str(tmp), USER=user, LOGNAME=user)
+    farm.mkdir()
+    env.update(PATH=str(farm), TMPDIR=str(tmp), USER=user, LOGNAME=user)
     if os.geteuid() == 0:
         env["HOME"] = pwd.getpwnam(user).pw_dir
-    return env, marker
+        subprocess.run(["chown", "-R", f"{user}:", str(workspace)], check=True)
+    # Linked as the user, first match wins as on PATH, so what they cannot run (root's pyenv shims
+    # under /root) is left out rather than shadowing the system's.
+    link = (
+        'for d in $(printf %s "$SEARCH" | tr : " "); do for f in "$d"/*; do n=${f##*/}; '
+        f'case " {" ".join(HIDDEN)} " in *" $n "*) continue;; esac; '
+        '[ -f "$f" ] && [ -x "$f" ] && [ ! -e "$FARM/$n" ] && ln -s "$f" "$FARM/$n"; done; done; true'
+    )
+    subprocess.run(
+        [*_prefix(user), "/bin/sh", "-c", link],
+        env={"SEARCH": os.pathsep.join(path), "FARM": str(farm), "PATH": "/usr/bin:/bin"},
+        check=True,
+        timeout=120,
+    )
+    assert not any((farm / name).exists() for name in HIDDEN)
+    return env
+
+
+def _prefix(user: str) -> list[str]:
+    return [shutil.which("runuser") or "runuser", "-u", user, "--"] if os.geteuid() == 0 else []
 
 
 def _tail(proc: subprocess.CompletedProcess[str]) -> str:
@@ -88,20 +106,17 @@ def _tail(proc: subprocess.CompletedProcess[str]) -> str:
 @pytest.mark.timeout(900)
 def test_quick_start_setup_and_demo_run_without_root_or_sudo(workspace: Path) -> None:
     """The README's first quick-start command, `bash .ci/setup && .venv/bin/stream-cl demo`, in a
-    fresh clone, as a user who is not root and cannot sudo (the set-up once ended in an
-    `apt-get install prometheus` and failed there, before the demo)."""
+    fresh clone, as a user who is not root and cannot sudo (the set-up once ended in
+    `apt-get install prometheus` where promtool was missing, and failed there before the demo)."""
     prefix, user = _tester()
     clone = workspace / "stream-cl"
     subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
-    env, sudo_marker = _unprivileged_env(workspace, user)
-    if os.geteuid() == 0:
-        subprocess.run(["chown", "-R", f"{user}:", str(workspace)], check=True)
+    env = _unprivileged_env(workspace, user)
 
     setup = subprocess.run(
         [*prefix, "bash", ".ci/setup"], cwd=clone, env=env, capture_output=True, text=True, timeout=600
     )
     assert setup.returncode == 0, _tail(setup)
-    assert not sudo_marker.exists(), "the set-up called sudo"
     assert (clone / ".venv" / ".stream_cl-installed-demo").exists()
 
     # The quick start's demo on the smallest built-in stream (~1.8k samples), ports left to the OS.
