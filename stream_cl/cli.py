@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 
 # Before torch is imported anywhere: idle OpenMP threads sleep instead of spinning. The daemon runs
-# its learner, prediction worker and evaluator side by side; spinning threads starved the batched
-# forward (32-client throughput fell ~20x on 2 cores). An explicit setting in the environment wins.
+# its learner, prediction worker and evaluator side by side; spinning threads starve the batched
+# forward on a machine with few cores. An explicit setting in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402

@@ -36,8 +36,8 @@ A task's input signature (per-feature mean and variance) sums every input it was
 except while the stream names its tasks (a trusted `task` field): then its id finds it again and
 drift, whose matches read signatures and the recent window, is off. Its signature is still kept,
 for a stream that stops naming tasks later, but from every `EXPLICIT_INPUT_EVERY`-th input of each
-visit only (the first included; the recent window likewise): summing every MNIST-sized input cost
-the learner thread ~1.5 µs per sample, ~7% of the daemon's throughput on `finetune`.
+visit only (the first included; the recent window likewise): summing every input would cost the
+learner thread a share of its time on every sample for a signature nobody reads.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ class TaskSignature:
         the signature would round differently.
 
         The rows are reduced in `scratch` (float64, at least [n + 1, size]), which the caller keeps
-        between calls: a fresh [n + 1, size] array per call (1.6 MB for 256 MNIST inputs) cost
-        more in page faults than the sums themselves (~1.4 ms against ~0.2 ms per 256 inputs).
+        between calls: a fresh [n + 1, size] array per call costs more in page faults than the sums
+        themselves.
         """
         n = len(xs)
         if n == 0:
@@ -127,8 +127,8 @@ class TaskSignature:
         return float(np.sqrt(np.mean((mean - mu) ** 2 / var)))
 
     def state_dict(self) -> dict[str, Any]:
-        # Tensors, not lists: a list of floats per input feature cost ~70 ms per checkpoint
-        # (conversion, the background writer's copy, pickling) on MNIST-sized inputs.
+        # Tensors, not lists: a list of floats per input feature is slow to convert, copy for the
+        # background writer and pickle at every checkpoint.
         return {"n": self.n, "sum": torch.tensor(self.sum), "sumsq": torch.tensor(self.sumsq)}
 
     @classmethod
@@ -317,8 +317,8 @@ class BoundaryDetector:
         if x is not None and self.use_inputs:
             if self.explicit_stream and (self.samples_in_task - 1) % EXPLICIT_INPUT_EVERY:
                 return  # the stream names this task (see the module docstring)
-            # a view: float64 only where it is summed (the per-sample copy was ~20 µs); the method,
-            # not np.ravel, whose dispatch cost ~4x more per sample
+            # a view: float64 only where it is summed (no per-sample copy); the method, not
+            # np.ravel, whose dispatch is slower per call
             flat = x.ravel()
             self.recent_x.append(flat)
             self._unfolded.append(flat)

@@ -57,7 +57,7 @@ class Reservoir:
     """Uniform reservoir sample (Vitter's algorithm R) of one task's held-out samples.
 
     Inputs live in one preallocated array (rows [0, len) filled), so scoring a reservoir copies
-    one block instead of stacking `capacity` arrays: the stacking was ~20% of the evaluator's time.
+    one block instead of stacking `capacity` arrays, which dominated the evaluator's time.
     A reader takes that array itself (`share`), copy-on-write: the next write copies it first, so
     an old task's reservoir, which no longer changes, is never copied for scoring.
     """
@@ -143,7 +143,7 @@ class Evaluator:
         # Scores by snapshot version, then (task, reservoir.seen, hint): a snapshot is immutable
         # and a reservoir changes only by `add` (which bumps `seen`), so a hit is exactly the score
         # a forward pass would give. Right after a boundary and while evaluating densely, the
-        # same version is often scored twice (~30% of scorings on split-mnist).
+        # same version is often scored twice.
         self._scores: dict[int, dict[tuple[int, int, TaskId | None], float]] = {}
         # What is scored, per task: (reservoir.seen, inputs, labels), taken (copy-on-write, see
         # `Reservoir`) only when the reservoir changed since, and the labels as indices into the

@@ -88,7 +88,7 @@ class Learner:
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
         self._lock = threading.Lock()  # guards stats read by other threads
-        # Hot-path bookkeeping (per sample at up to ~10k samples/s): Prometheus children resolved
+        # Hot-path bookkeeping (it runs for every sample): Prometheus children resolved
         # once (`labels()` costs microseconds), held-out counts reported per step, and
         # `note_task` called once per (task, class) pair (it is idempotent).
         self._learned_counter = metrics.samples.labels(outcome="learned")
@@ -239,7 +239,7 @@ class Learner:
             return
         pending, self._pending = self._pending, []
         strategy = self.strategy
-        # one concatenate, then the reshape below: ~2x cheaper than np.stack's per-row expand_dims
+        # one concatenate, then the reshape below: cheaper than np.stack's per-row expand_dims
         x = torch.from_numpy(np.concatenate([p[0] for p in pending]))
         x = x.reshape((len(pending), *self.input_shape)).to(strategy.device)  # type: ignore[misc]
         y = torch.tensor([p[1] for p in pending], dtype=torch.long, device=strategy.device)

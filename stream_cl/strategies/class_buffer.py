@@ -29,7 +29,7 @@ class ClassBalancedBuffer(SampleStore):
     It runs once per learned batch, so one batch costs a fixed handful of torch ops: the random
     numbers are drawn at once, the slots are chosen in Python from a mirror of the held labels,
     and the kept items are written with one indexed copy (per item, the draws, reads and writes
-    were ~10 small torch ops, ~5 µs a sample, each releasing and retaking the GIL).
+    would be about ten small torch ops a sample, each releasing and retaking the GIL).
     """
 
     def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:

@@ -177,7 +177,7 @@ class FIPOptions(StrategyOptions):
       → 0.41× on each seed), average accuracy 0.891 → 0.898. Split-mnist forgetting stays
       0.008–0.020 (replay 0.25–0.33), accuracy 0.730 → 0.727. T = 4 forgets less on permuted-mnist
       (0.33–0.40×) but lets new classes' logits creep up on old inputs: split-mnist forgetting
-      0.04–0.085. The larger memory batch costs ~15% of samples/s.
+      0.04–0.085. The larger memory batch costs some speed.
     - `step` "optimizer": on a one-pass stream the paper's fixed-length step is too coarse: it
       learns each task worse (permuted-mnist task 0, before any anchor exists: 0.81 against Adam's
       0.88) and its steps keep kicking the weights off the path once the new task's loss is small,

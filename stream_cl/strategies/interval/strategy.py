@@ -51,8 +51,8 @@ and 1.0 all learn.
 Width (measured, permuted-mnist, 10 tasks, class scenario, universal network): the target MLP's
 width decides how much the regularizer keeps. [256, 256] (default): forgetting 0.026 / 0.039
 (seeds 0 / 1); [512, 512]: 0.019 / 0.025; [1000, 1000], the paper's permuted-mnist network:
-0.014 / 0.015 / 0.005 (seeds 0–2), average accuracy 95.4–96.6% of joint, at ~1/10 the samples/s
-of the default. Also tried, at [256, 256] or [512, 512] (seed 1), none better than the defaults:
+0.014 / 0.015 / 0.005 (seeds 0–2), average accuracy 95.4–96.6% of joint, at a
+fraction of the default's speed. Also tried, at [256, 256] or [512, 512] (seed 1), none better than the defaults:
 a stronger β (0.02: 0.032 at [512, 512]); SGD with momentum instead of Adam (β 0.01: 0.038;
 β 0.1 diverges); the Fisher with labels sampled from the model (0.031 on seed 0); and keeping
 each frozen task's target from its own boundary instead of refreshing all targets (the targets of
