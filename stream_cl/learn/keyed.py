@@ -39,8 +39,9 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from stream_cl.config import Config
+from stream_cl.ingest.chunk import Chunk, Record
 from stream_cl.ingest.codec import Sample
-from stream_cl.ingest.source import INVALID_ROW, Chunk, DeadLetter, QueueItem, Record, Row
+from stream_cl.ingest.source import DeadLetter, QueueItem
 from stream_cl.learn.learner import Learner
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
@@ -180,29 +181,30 @@ class KeyedModels:
         """Route one polled chunk to the keys' models (each key's records in stream order)."""
         if not isinstance(chunk, Chunk):
             chunk = Chunk.of(chunk)
-        by_key: dict[str, list[Row]] = {}
+        by_key: dict[str, list[int]] = {}  # key -> the indices of its messages in the chunk
         revoked = self._revoked
         on_routed = self.on_routed
-        for row in chunk.rows:
-            p, offset = row[0], row[1]
+        for i, p, offset, raw_key, invalid in zip(
+            range(len(chunk)), chunk.partitions, chunk.offsets, chunk.keys, chunk.invalid, strict=True
+        ):
             if p in revoked:  # its handover was abandoned: the new owner learns it
                 continue
             if offset < self._accepted.get(p, 0):
                 continue  # routed already (a re-delivery after a seek)
             self._accepted[p] = offset + 1
-            if len(row) == INVALID_ROW:  # dead-lettered by the source
+            if invalid is not None:  # dead-lettered by the source
                 continue
             try:
-                key = model_key(row[2])
+                key = model_key(raw_key)
             except InvalidKey as e:
-                self.dead_letter(chunk.raw(row), e.reason, e.detail, p, offset)
+                self.dead_letter(chunk.raw(i), e.reason, e.detail, p, offset)
                 continue
             model = self._models.get(key)
             if model is None:
                 model = self._activate(key)
                 if model is None:
                     self.dead_letter(
-                        chunk.raw(row),
+                        chunk.raw(i),
                         "too_many_keys",
                         f"key {key[:100]!r} would be model {self.max_keys + 1} here (models.max_keys)",
                         p,
@@ -216,11 +218,11 @@ class KeyedModels:
                 model.partitions.add(p)
                 self._partition_keys.setdefault(p, set()).add(key)
             model.unsaved_from.setdefault(p, offset)
-            by_key.setdefault(key, []).append(row)
+            by_key.setdefault(key, []).append(i)
             if on_routed is not None:
                 on_routed(key, p, offset)
-        for key, rows in by_key.items():
-            self._models[key].learner.process(chunk.select(rows))
+        for key, indices in by_key.items():
+            self._models[key].learner.process(chunk.select(indices))
             self._touched.add(key)
         self._housekeeping()
 
