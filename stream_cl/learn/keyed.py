@@ -43,6 +43,7 @@ from stream_cl.ingest.chunk import Chunk, Record
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.source import DeadLetter, QueueItem
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.offsets import OffsetTracker
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 from stream_cl.serve.registry import SnapshotRegistry
@@ -83,7 +84,7 @@ class KeyedModel:
     partitions: set[int] = field(default_factory=set)
     # per partition: the next offset the model takes in (lower ones it has: dropped, exactly once),
     # and the first offset it took in since its newest checkpoint
-    taken: dict[int, int] = field(default_factory=dict)
+    taken: OffsetTracker = field(default_factory=OffsetTracker)
     unsaved_from: dict[int, int] = field(default_factory=dict)
 
 
@@ -154,7 +155,7 @@ class KeyedModels:
         self.handover_timeout_s = 0.5 * min(kafka.max_poll_interval_ms, kafka.session_timeout_ms) / 1000
         self._models: dict[str, KeyedModel] = {}
         self._parked: dict[str, KeyedModel] = {}  # given up, checkpointed, maybe assigned back
-        self._accepted: dict[int, int] = {}  # partition -> next offset not yet routed
+        self._accepted = OffsetTracker()  # per partition, the next offset not yet routed
         self._partition_keys: dict[int, set[str]] = {}  # partition -> keys whose models learned from it
         self._manifests: dict[int, tuple[int, tuple[str, ...]]] = {}  # partition -> last written
         self._manifests_due = False
@@ -184,14 +185,14 @@ class KeyedModels:
         by_key: dict[str, list[int]] = {}  # key -> the indices of its messages in the chunk
         revoked = self._revoked
         on_routed = self.on_routed
+        take = self._accepted.take
         for i, p, offset, raw_key, invalid in zip(
             range(len(chunk)), chunk.partitions, chunk.offsets, chunk.keys, chunk.invalid, strict=True
         ):
             if p in revoked:  # its handover was abandoned: the new owner learns it
                 continue
-            if offset < self._accepted.get(p, 0):
+            if not take(p, offset):
                 continue  # routed already (a re-delivery after a seek)
-            self._accepted[p] = offset + 1
             if invalid is not None:  # dead-lettered by the source
                 continue
             try:
@@ -211,9 +212,8 @@ class KeyedModels:
                         offset,
                     )
                     continue
-            if offset < model.taken.get(p, 0):
+            if not model.taken.take(p, offset):
                 continue  # in the model already (its checkpoint's offsets, or learned here)
-            model.taken[p] = offset + 1
             if p not in model.partitions:
                 model.partitions.add(p)
                 self._partition_keys.setdefault(p, set()).add(key)
@@ -246,7 +246,8 @@ class KeyedModels:
     def _housekeeping(self) -> None:
         revoked = self._revoked
         if revoked and (
-            revoked & self._accepted.keys() or any(m.partitions & revoked for m in self._models.values())
+            revoked & self._accepted.partitions()
+            or any(m.partitions & revoked for m in self._models.values())
         ):
             self._give_up(sorted(revoked), save=False)  # an abandoned handover: drop, save nothing
         every_s = self.config.checkpoint.every_s
@@ -298,7 +299,7 @@ class KeyedModels:
         if found is not None:
             state, path = found
             learner.load_state_dict(state)
-            model.taken = dict(learner.offsets)
+            model.taken = OffsetTracker(learner.offsets)
             model.partitions = set(learner.offsets)
             self.handovers.labels(direction="in").inc()
             self.log.info(
@@ -329,7 +330,7 @@ class KeyedModels:
         for p in partitions:
             if p not in self._accepted or p in self._revoked:
                 continue
-            next_offset = self._accepted[p]
+            next_offset = self._accepted.next_offset(p)
             for model in self._models.values():
                 unsaved = model.unsaved_from.get(p)
                 if unsaved is not None and unsaved < next_offset:
@@ -370,7 +371,7 @@ class KeyedModels:
             else:
                 self.registry.remove(model.key)
         for p in gone:
-            self._accepted.pop(p, None)
+            self._accepted.forget(p)
             self._partition_keys.pop(p, None)
             self._manifests.pop(p, None)
         self.models_gauge.set(len(self._models))
@@ -386,7 +387,7 @@ class KeyedModels:
         for p in partitions:
             manifest = manifests.get(p)
             if manifest is not None:
-                self._accepted[p] = manifest.next_offset
+                self._accepted.resume(p, manifest.next_offset)
                 self._partition_keys[p] = set(manifest.keys)
                 self._manifests[p] = (manifest.next_offset, manifest.keys)
                 wanted.update(manifest.keys)

@@ -25,6 +25,7 @@ from stream_cl.ingest.chunk import Chunk, Record
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.source import DeadLetter
 from stream_cl.learn.checkpointing import BackgroundWrite, CheckpointMixin
+from stream_cl.learn.offsets import OffsetTracker
 from stream_cl.learn.trajectory import TrajectoryRecorder
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
@@ -61,9 +62,7 @@ class Learner(CheckpointMixin):
         self.on_checkpoint = on_checkpoint
         self.on_publish = on_publish  # called on the learner thread after each publish
         self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
-        self._accepted: dict[
-            int, int
-        ] = {}  # partition -> next offset not yet taken in (processed or pending)
+        self._accepted = OffsetTracker()  # what was taken in (processed or pending): exactly once
         self.log = get_logger("stream_cl.learn.learner")
         check_config(config)  # fail on a bad [strategy] before consuming anything
         self.detector = BoundaryDetector(config.boundaries)
@@ -142,7 +141,7 @@ class Learner(CheckpointMixin):
         """Handle one polled chunk of records in stream order (a list of Records is made a Chunk)."""
         if not isinstance(chunk, Chunk):
             chunk = Chunk.of(chunk)
-        accepted = self._accepted
+        take = self._accepted.take
         label_index = self.label_index
         detector = self.detector
         evaluator = self.evaluator
@@ -159,9 +158,8 @@ class Learner(CheckpointMixin):
             chunk.tasks,
             strict=True,
         ):
-            if offset < accepted.get(partition, 0):
+            if not take(partition, offset):
                 continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
-            accepted[partition] = offset + 1
             if invalid is not None:  # dead-lettered by the source
                 self._done_without_learning(partition, offset)
                 continue
@@ -449,7 +447,7 @@ class Learner(CheckpointMixin):
         self._prequential.clear()
         self._prequential.extend(state["prequential"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
-        self._accepted = dict(self.offsets)
+        self._accepted.reset(self.offsets)
         self._offsets_at_checkpoint = dict(self.offsets)
         self.detector.load_state_dict(state["detector"])
         self.trajectory.load_state_dict(state.get("trajectory") or [])
