@@ -292,9 +292,9 @@ def _fields(rec: Record) -> tuple[object, ...]:
 
 
 def test_a_chunk_holds_its_records_and_a_selection_shares_its_blocks() -> None:
-    """What the source hands the learner: rows over one x block and one bytes block; the records
+    """What the source hands the learner: columns over one x block and one bytes block; the records
     come back out field for field (dead-lettered ones without a sample), in any selection."""
-    from stream_cl.ingest.source import Chunk
+    from stream_cl.ingest.chunk import Chunk
 
     records = [
         Record(0, 5, Sample(np.arange(4, dtype=np.float32), 1, "t", 7, 1.5, (2, 2)), b"raw-a", b"k1"),
@@ -305,6 +305,6 @@ def test_a_chunk_holds_its_records_and_a_selection_shares_its_blocks() -> None:
     chunk = Chunk.of(records)
     assert len(chunk) == 4 and chunk.xs.dtype == np.float32 and chunk.xs.size == 11
     assert [_fields(r) for r in chunk.records()] == [_fields(r) for r in records]
-    picked = chunk.select([chunk.rows[3], chunk.rows[0]])
+    picked = chunk.select([3, 0])
     assert picked.xs is chunk.xs
     assert [_fields(r) for r in picked.records()] == [_fields(records[3]), _fields(records[0])]

@@ -119,8 +119,8 @@ Tape = list[tuple[str, tuple[Any, ...], dict[str, Any]]]
 def learn_with_tape(config: Config, stream: LabeledStream) -> tuple[list[Any], Tape]:
     """Learn `stream` through the daemon's `Learner`; returns its boundary events and detector calls."""
     from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
+    from stream_cl.ingest.chunk import Record
     from stream_cl.ingest.codec import Sample
-    from stream_cl.ingest.source import Record
     from stream_cl.learn.learner import Learner
     from stream_cl.metrics import Metrics
     from stream_cl.serve.snapshot import SnapshotHolder

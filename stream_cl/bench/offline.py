@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from stream_cl.config import Config
+from stream_cl.ingest.chunk import Record
 from stream_cl.ingest.codec import Sample
-from stream_cl.ingest.source import Record
 from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
 from stream_cl.serve.snapshot import SnapshotHolder

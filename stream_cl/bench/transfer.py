@@ -65,8 +65,8 @@ def learn_source(config: Config, stream: BenchmarkStream, epochs: int) -> dict[s
     in a row (as if the stream sent them again): mnist1d needs more than one pass to learn."""
     import dataclasses
 
+    from stream_cl.ingest.chunk import Record
     from stream_cl.ingest.codec import Sample
-    from stream_cl.ingest.source import Record
     from stream_cl.learn.learner import Learner
     from stream_cl.metrics import Metrics
     from stream_cl.serve.snapshot import SnapshotHolder

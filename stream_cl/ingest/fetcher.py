@@ -12,13 +12,14 @@ threads are forked, and the parent's `__main__` is not re-imported):
     parent (ProcessSource.run, the source thread): Chunks into the learner queue, metrics
 
 - **Records** cross as one frame per poll (`_records_frame`): a msgpack header with the poll's
-  `Chunk` rows (per message its partition, offset, key, where its `x` and its original bytes lie,
-  decoded `y`, `task`, `id`, `ts`, `shape`); then every `x` back to back as one aligned float32
-  block, then every original message back to back. The parent hands the learner a `Chunk` over
-  the one received buffer: nothing is built or copied per message on the source thread, and no
-  `x` is unaligned (reading each `x` out of its message cost a copy, and unpacking the bytes of
-  each message another). Messages the child dead-lettered cross as (partition, offset, key,
-  reason), so the learner still marks them processed in order.
+  `Chunk` columns, one msgpack array each (`chunk.COLUMNS`: partitions, offsets, keys, dead-letter
+  reasons, where each `x` and each original message lie, decoded `y`, `task`, `id`, `ts`,
+  `shape`); then every `x` back to back as one aligned float32 block, then every original
+  message back to back. The parent hands the learner a `Chunk` over the one received buffer:
+  nothing is built or copied per message on the source thread, and no `x` is unaligned (reading
+  each `x` out of its message cost a copy, and unpacking the bytes of each message another).
+  Messages the child dead-lettered cross too, marked with their reason, so the learner still
+  marks them processed in order. The frame is internal to the parent and its child.
 - **Rebalances** are calls: inside the child's `poll`, its listener sends `revoke`/`lost`/`assign`
   and waits; the parent runs `_SeekOnAssign` (the in-process listener, hooks included) on its
   own state and answers (for `assign`: the offsets to seek to, which the child applies). Records
@@ -41,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any, cast
 
@@ -51,7 +52,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
 from stream_cl.config import Config, KafkaConfig
-from stream_cl.ingest.source import INVALID_ROW, Chunk, ChunkBuilder, KafkaSource, QueueItem, _SeekOnAssign
+from stream_cl.ingest.chunk import Chunk, ChunkBuilder
+from stream_cl.ingest.source import KafkaSource, QueueItem, _SeekOnAssign
 from stream_cl.metrics import Metrics
 
 CLOSE_TIMEOUT_S = 15.0
@@ -78,7 +80,7 @@ def _block_at(header_size: int) -> int:
 
 def _records_frame(decoded: ChunkBuilder, high: dict[int, int]) -> bytes:
     """RECORDS, header length (4 bytes LE), msgpack header, padding to 16, x block, raw block."""
-    header = _pack("records", decoded.rows, high, decoded.x_size)
+    header = _pack("records", decoded.columns(), high, decoded.x_size)
     pad = _block_at(len(header)) - _HEADER_AT - len(header)
     block = decoded.x_block().tobytes()
     return b"".join([RECORDS, len(header).to_bytes(4, "little"), header, bytes(pad), block, *decoded.raws])
@@ -112,17 +114,17 @@ def _read_exactly(fd: int, size: int) -> memoryview:
 
 
 def _message(blob: bytes | memoryview) -> list[Any]:
-    """A message from the fetcher; a records frame becomes ["records", rows, high, xs, raws] with
-    `xs` (float32) and `raws` views into `blob`."""
+    """A message from the fetcher; a records frame becomes ["records", columns, high, xs, raws]
+    with `xs` (float32) and `raws` views into `blob`."""
     if blob[:1] != RECORDS:
         return cast(list[Any], _unpack(blob))
     view = memoryview(blob)
     size = int.from_bytes(view[len(RECORDS) : _HEADER_AT], "little")
-    # rows as tuples (each shape a tuple): untracked by the garbage collector once it sees them
-    kind, rows, high, n = _unpack(view[_HEADER_AT : _HEADER_AT + size], use_list=False)
+    # columns as tuples (each shape a tuple): untracked by the garbage collector once it sees them
+    kind, columns, high, n = _unpack(view[_HEADER_AT : _HEADER_AT + size], use_list=False)
     start = _block_at(size)
     xs = np.frombuffer(blob, dtype="<f4", count=n, offset=start)
-    return [kind, rows, high, xs, view[start + 4 * n :]]
+    return [kind, columns, high, xs, view[start + 4 * n :]]
 
 
 class _SeekRecorder:
@@ -226,7 +228,7 @@ class ProcessSource(KafkaSource):
         kind = message[0]
         if kind == "records":
             self._highwater.update({int(p): int(h) for p, h in message[2].items()})
-            if message[1] and deliver:
+            if message[1][0] and deliver:  # any messages (the partitions column)
                 self._put(self._chunk(message[1], message[3], message[4]))
         elif kind in ("revoke", "lost"):
             tps = [TopicPartition(self.config.topic, p) for p in message[1]]
@@ -257,14 +259,15 @@ class ProcessSource(KafkaSource):
         elif kind == "closed":
             self._closed = True
 
-    def _chunk(self, rows: list[Any], xs: np.ndarray, raws: memoryview) -> Chunk:
+    def _chunk(self, columns: Sequence[Any], xs: np.ndarray, raws: memoryview) -> Chunk:
         """The poll's Chunk over the received blocks; the child's dead letters are counted here."""
-        for row in rows:
-            if len(row) == INVALID_ROW:
+        chunk = Chunk.from_columns(columns, xs, raws)
+        for reason in chunk.invalid:
+            if reason is not None:
                 self.dead_lettered += 1
                 self.metrics.samples.labels(outcome="invalid").inc()
-                self.metrics.dead_letters.labels(reason=row[3]).inc()
-        return Chunk(rows, xs, raws)
+                self.metrics.dead_letters.labels(reason=reason).inc()
+        return chunk
 
     def commit(self) -> None:
         """Ask the child to commit the processed offsets (after the learner's dead letters are durable)."""
@@ -422,7 +425,7 @@ class _Fetcher:
                         h = consumer.highwater(tp)
                         if h is not None:
                             high[tp.partition] = h
-                if decoded.rows or high:
+                if len(decoded) or high:
                     self.conn.send_bytes(_records_frame(decoded, high))
             while self.stash:
                 self._control(self.stash.pop(0))

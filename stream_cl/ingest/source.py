@@ -12,116 +12,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from stream_cl.config import KafkaConfig
-from stream_cl.ingest.codec import InvalidSample, Sample, decode_sample
+from stream_cl.ingest.chunk import Chunk, ChunkBuilder
+from stream_cl.ingest.chunk import Record as Record  # re-exported: what callers of the source hand over
+from stream_cl.ingest.codec import InvalidSample, decode_sample
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
-
-
-@dataclass(slots=True)  # immutable by convention: a frozen dataclass cost ~1.5 µs more per sample to build
-class Record:
-    partition: int
-    offset: int
-    sample: Sample | None  # None: the message was invalid and is already dead-lettered
-    raw: bytes | memoryview  # the original message value, for dead letters raised later by the learner
-    key: bytes | None = None  # the Kafka message key (per-key models route by it)
-
-
-# A chunk's row: (partition, offset, key, x0, x1, r0, r1, y, task, id, ts, shape) for a decoded
-# sample, whose x is `xs[x0:x1]` and original bytes `raws[r0:r1]`; (partition, offset, key, reason)
-# for a message the source dead-lettered, forwarded so the learner marks it processed in order.
-Row = tuple[Any, ...]
-INVALID_ROW = 4  # len() of a dead-lettered message's row
-
-
-@dataclass(slots=True)
-class Chunk:
-    """One poll's records, in stream order, as rows (see `Row`) over two shared blocks: what the
-    source hands the learner.
-
-    Nothing is built per message on the source thread: a Record and a Sample each (~2 µs and ~6
-    objects for the garbage collector per message, whose collections the source then triggered)
-    held the GIL the learner thread needs. The learner takes each `x` as a view of `xs` when it
-    gets to it.
-    """
-
-    rows: list[Row]
-    xs: np.ndarray  # float32, flat: every decoded sample's x back to back
-    raws: bytes | memoryview  # every decoded message's original bytes back to back
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def raw(self, row: Row) -> bytes | memoryview:
-        return b"" if len(row) == INVALID_ROW else self.raws[row[5] : row[6]]
-
-    def sample(self, row: Row) -> Sample:
-        _, _, _, x0, x1, _, _, y, task, sid, ts, shape = row
-        return Sample(self.xs[x0:x1], y, task, sid, ts, None if shape is None else tuple(shape))
-
-    def records(self) -> list[Record]:
-        """One Record per row (what per-record code, such as per-key routing, works with)."""
-        return [
-            Record(row[0], row[1], None, b"", row[2])
-            if len(row) == INVALID_ROW
-            else Record(row[0], row[1], self.sample(row), self.raw(row), row[2])
-            for row in self.rows
-        ]
-
-    def select(self, rows: list[Row]) -> Chunk:
-        """Some of this chunk's rows (in the order given) over the same blocks."""
-        return Chunk(rows, self.xs, self.raws)
-
-    @classmethod
-    def of(cls, records: list[Record]) -> Chunk:
-        """The chunk holding `records` (x and bytes copied into the blocks)."""
-        builder = ChunkBuilder()
-        for rec in records:
-            if rec.sample is None:
-                builder.add_invalid(rec.partition, rec.offset, rec.key, "")
-            else:
-                builder.add(rec.partition, rec.offset, rec.key, rec.sample, rec.raw)
-        return builder.build()
-
-
-class ChunkBuilder:
-    """Rows and the pieces of the two blocks, message by message (the source's decode loop)."""
-
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self.xs: list[np.ndarray] = []
-        self.raws: list[bytes | memoryview] = []
-        self.x_size = self._raw_at = 0
-
-    def add(
-        self, partition: int, offset: int, key: bytes | None, sample: Sample, raw: bytes | memoryview
-    ) -> None:
-        x = sample.x
-        x_at, raw_at = self.x_size, self._raw_at
-        self.x_size, self._raw_at = x_at + x.size, raw_at + len(raw)
-        self.xs.append(x)
-        self.raws.append(raw)
-        shape = None if sample.shape is None else list(sample.shape)
-        row = (partition, offset, key, x_at, self.x_size, raw_at, self._raw_at)
-        self.rows.append((*row, sample.y, sample.task, sample.id, sample.ts, shape))
-
-    def add_invalid(self, partition: int, offset: int, key: bytes | None, reason: str) -> None:
-        self.rows.append((partition, offset, key, reason))
-
-    def x_block(self) -> np.ndarray:
-        return np.concatenate(self.xs).astype("<f4", copy=False) if self.xs else np.empty(0, "<f4")
-
-    def build(self) -> Chunk:
-        return Chunk(self.rows, self.x_block(), b"".join(self.raws))
-
 
 # Work for the learner thread that must run in stream order, after every record queued before it
 # (e.g. a rebalance handover: checkpoint the models of revoked partitions).
@@ -272,7 +174,7 @@ class KafkaSource:
             self.stop_event.wait(self._backoff)
             return False
         decoded = self._decode(polled)
-        if decoded.rows:
+        if len(decoded):
             self._put(decoded.build())
         return True
 
@@ -285,7 +187,7 @@ class KafkaSource:
                 continue
 
     def _decode(self, polled: dict[TopicPartition, list[Any]]) -> ChunkBuilder:
-        """Decode a poll; invalid messages are dead-lettered here and forwarded as invalid rows."""
+        """Decode a poll; invalid messages are dead-lettered here and forwarded, marked invalid."""
         builder = ChunkBuilder()
         expected = self.expected_size()
         for tp, messages in polled.items():

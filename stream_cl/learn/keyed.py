@@ -39,8 +39,10 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from stream_cl.config import Config
-from stream_cl.ingest.source import INVALID_ROW, Chunk, QueueItem, Record, Row
+from stream_cl.ingest.chunk import Chunk, Record
+from stream_cl.ingest.source import QueueItem
 from stream_cl.learn.learner import Learner
+from stream_cl.learn.offsets import OffsetTracker
 from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
@@ -81,7 +83,7 @@ class KeyedModel:
     partitions: set[int] = field(default_factory=set)
     # per partition: the next offset the model takes in (lower ones it has: dropped, exactly once),
     # and the first offset it took in since its newest checkpoint
-    taken: dict[int, int] = field(default_factory=dict)
+    taken: OffsetTracker = field(default_factory=OffsetTracker)
     unsaved_from: dict[int, int] = field(default_factory=dict)
 
 
@@ -146,7 +148,7 @@ class KeyedModels:
         self.handover_timeout_s = 0.5 * min(kafka.max_poll_interval_ms, kafka.session_timeout_ms) / 1000
         self._models: dict[str, KeyedModel] = {}
         self._parked: dict[str, KeyedModel] = {}  # given up, checkpointed, maybe assigned back
-        self._accepted: dict[int, int] = {}  # partition -> next offset not yet routed
+        self._accepted = OffsetTracker()  # per partition, the next offset not yet routed
         self._partition_keys: dict[int, set[str]] = {}  # partition -> keys whose models learned from it
         self._manifests: dict[int, tuple[int, tuple[str, ...]]] = {}  # partition -> last written
         self._manifests_due = False
@@ -173,47 +175,47 @@ class KeyedModels:
         """Route one polled chunk to the keys' models (each key's records in stream order)."""
         if not isinstance(chunk, Chunk):
             chunk = Chunk.of(chunk)
-        by_key: dict[str, list[Row]] = {}
+        by_key: dict[str, list[int]] = {}  # key -> the indices of its messages in the chunk
         revoked = self._revoked
         on_routed = self.on_routed
-        for row in chunk.rows:
-            p, offset = row[0], row[1]
+        take = self._accepted.take
+        for i, p, offset, raw_key, invalid in zip(
+            range(len(chunk)), chunk.partitions, chunk.offsets, chunk.keys, chunk.invalid, strict=True
+        ):
             if p in revoked:  # its handover was abandoned: the new owner learns it
                 continue
-            if offset < self._accepted.get(p, 0):
+            if not take(p, offset):
                 continue  # routed already (a re-delivery after a seek)
-            self._accepted[p] = offset + 1
-            if len(row) == INVALID_ROW:  # dead-lettered by the source
+            if invalid is not None:  # dead-lettered by the source
                 continue
             try:
-                key = model_key(row[2])
+                key = model_key(raw_key)
             except InvalidKey as e:
-                self.dead_letter(chunk.raw(row), e.reason, e.detail, p, offset)
+                self.dead_letter(chunk.raw(i), e.reason, e.detail, p, offset)
                 continue
             model = self._models.get(key)
             if model is None:
                 model = self._activate(key)
                 if model is None:
                     self.dead_letter(
-                        chunk.raw(row),
+                        chunk.raw(i),
                         "too_many_keys",
                         f"key {key[:100]!r} would be model {self.max_keys + 1} here (models.max_keys)",
                         p,
                         offset,
                     )
                     continue
-            if offset < model.taken.get(p, 0):
+            if not model.taken.take(p, offset):
                 continue  # in the model already (its checkpoint's offsets, or learned here)
-            model.taken[p] = offset + 1
             if p not in model.partitions:
                 model.partitions.add(p)
                 self._partition_keys.setdefault(p, set()).add(key)
             model.unsaved_from.setdefault(p, offset)
-            by_key.setdefault(key, []).append(row)
+            by_key.setdefault(key, []).append(i)
             if on_routed is not None:
                 on_routed(key, p, offset)
-        for key, rows in by_key.items():
-            self._models[key].learner.process(chunk.select(rows))
+        for key, indices in by_key.items():
+            self._models[key].learner.process(chunk.select(indices))
             self._touched.add(key)
         self._housekeeping()
 
@@ -243,7 +245,8 @@ class KeyedModels:
     def _housekeeping(self) -> None:
         revoked = self._revoked
         if revoked and (
-            revoked & self._accepted.keys() or any(m.partitions & revoked for m in self._models.values())
+            revoked & self._accepted.partitions()
+            or any(m.partitions & revoked for m in self._models.values())
         ):
             self._give_up(sorted(revoked), save=False)  # an abandoned handover: drop, save nothing
         every_s = self.config.checkpoint.every_s
@@ -309,7 +312,7 @@ class KeyedModels:
         if found is not None:
             state, path = found
             learner.load_state_dict(state)
-            model.taken = dict(learner.offsets)
+            model.taken = OffsetTracker(learner.offsets)
             model.partitions = set(learner.offsets)
             self.handovers.labels(direction="in").inc()
             self.log.info(
@@ -340,7 +343,7 @@ class KeyedModels:
         for p in partitions:
             if p not in self._accepted or p in self._revoked:
                 continue
-            next_offset = self._accepted[p]
+            next_offset = self._accepted.next_offset(p)
             for model in self._models.values():
                 unsaved = model.unsaved_from.get(p)
                 if unsaved is not None and unsaved < next_offset:
@@ -381,7 +384,7 @@ class KeyedModels:
             else:
                 self.registry.remove(model.key)
         for p in gone:
-            self._accepted.pop(p, None)
+            self._accepted.forget(p)
             self._partition_keys.pop(p, None)
             self._manifests.pop(p, None)
         self.models_gauge.set(len(self._models))
@@ -397,7 +400,7 @@ class KeyedModels:
         for p in partitions:
             manifest = manifests.get(p)
             if manifest is not None:
-                self._accepted[p] = manifest.next_offset
+                self._accepted.resume(p, manifest.next_offset)
                 self._partition_keys[p] = set(manifest.keys)
                 self._manifests[p] = (manifest.next_offset, manifest.keys)
                 wanted.update(manifest.keys)

@@ -19,9 +19,10 @@ import torch
 from stream_cl.config import Config
 from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
 from stream_cl.evaluate.evaluator import Evaluator
+from stream_cl.ingest.chunk import Chunk, Record
 from stream_cl.ingest.codec import Sample
-from stream_cl.ingest.source import INVALID_ROW, Chunk, Record
 from stream_cl.learn.checkpointing import CheckpointScheduler
+from stream_cl.learn.offsets import OffsetTracker
 from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.learn.trajectory import TrajectoryRecorder
 from stream_cl.log import get_logger
@@ -54,9 +55,7 @@ class Learner:
         self.outputs = outputs if outputs is not None else LearnerOutputs()
         self.checkpoints = checkpoints
         self.offsets: dict[int, int] = {}  # partition -> next offset; every record before it is processed
-        self._accepted: dict[
-            int, int
-        ] = {}  # partition -> next offset not yet taken in (processed or pending)
+        self._accepted = OffsetTracker()  # what was taken in (processed or pending): exactly once
         self.log = get_logger("stream_cl.learn.learner")
         check_config(config)  # fail on a bad [strategy] before consuming anything
         self.detector = BoundaryDetector(config.boundaries)
@@ -141,37 +140,45 @@ class Learner:
         """Handle one polled chunk of records in stream order (a list of Records is made a Chunk)."""
         if not isinstance(chunk, Chunk):
             chunk = Chunk.of(chunk)
-        accepted = self._accepted
+        take = self._accepted.take
         label_index = self.label_index
         detector = self.detector
         evaluator = self.evaluator
         batch_size = self.config.model.batch_size
         xs = chunk.xs
-        for row in chunk.rows:
-            partition, offset = row[0], row[1]
-            if offset < accepted.get(partition, 0):
+        for i, partition, offset, invalid, x0, x1, y, sample_task in zip(
+            range(len(chunk)),
+            chunk.partitions,
+            chunk.offsets,
+            chunk.invalid,
+            chunk.x_starts,
+            chunk.x_ends,
+            chunk.ys,
+            chunk.tasks,
+            strict=True,
+        ):
+            if not take(partition, offset):
                 continue  # already taken in (re-delivered after a rebalance or a restore): exactly once
-            accepted[partition] = offset + 1
-            if len(row) == INVALID_ROW:  # dead-lettered by the source
+            if invalid is not None:  # dead-lettered by the source
                 self._done_without_learning(partition, offset)
                 continue
-            x0, x1 = row[3], row[4]
             if self.input_size is not None and x1 - x0 != self.input_size:
                 detail = f"'x' has {x1 - x0} features, expected {self.input_size}"
-                self._reject(partition, offset, chunk.raw(row), "bad_length", detail)
+                self._reject(partition, offset, chunk.raw(i), "bad_length", detail)
                 continue
             x = xs[x0:x1]
-            strategy = self.strategy if self.strategy is not None else self._ensure_strategy(x, row[11])
-            y = row[7]
+            strategy = (
+                self.strategy if self.strategy is not None else self._ensure_strategy(x, chunk.shapes[i])
+            )
             if y is None:
-                self._unlabeled(partition, offset, chunk.sample(row))
+                self._unlabeled(partition, offset, chunk.sample(i))
                 continue
             cls = label_index.get(y)
             if cls is None and len(self.labels) >= self.config.model.max_classes:
                 detail = f"label {y!r} beyond model.max_classes"
-                self._reject(partition, offset, chunk.raw(row), "too_many_classes", detail)
+                self._reject(partition, offset, chunk.raw(i), "too_many_classes", detail)
                 continue
-            event = detector.observe(row[8], cls is None, partition, offset, label=y, x=x)
+            event = detector.observe(sample_task, cls is None, partition, offset, label=y, x=x)
             if event is not None:
                 self._learn_pending()
                 self._boundary(event)
@@ -442,7 +449,7 @@ class Learner:
         self._prequential.clear()
         self._prequential.extend(state["prequential"])
         self.offsets = {int(p): int(o) for p, o in state["offsets"].items()}
-        self._accepted = dict(self.offsets)
+        self._accepted.reset(self.offsets)
         if self.scheduler is not None:
             self.scheduler.restored(self.learned, self.offsets)
         self.detector.load_state_dict(state["detector"])

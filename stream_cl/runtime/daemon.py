@@ -24,9 +24,10 @@ from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from stream_cl.config import Config
+from stream_cl.ingest.chunk import Chunk
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.fetcher import make_source
-from stream_cl.ingest.source import Chunk, QueueItem
+from stream_cl.ingest.source import QueueItem
 from stream_cl.learn.keyed import KeyedModels
 from stream_cl.learn.learner import Learner
 from stream_cl.learn.learning import Learning
@@ -223,7 +224,7 @@ class Daemon:
                 item()
                 continue
             learning.process(item)
-            if item.rows:
+            if len(item):
                 self.tuning.after_first_records()
 
     def stop(self, deadline_s: float = 10.0) -> None:
