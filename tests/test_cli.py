@@ -35,3 +35,16 @@ def test_help_renders(path: list[str], capsys: pytest.CaptureFixture[str]) -> No
     assert out.startswith("usage: stream-cl")
     if path == ["bench"]:
         assert all(verb in out for verb in VERBS)
+
+
+def test_the_old_client_import_path_still_works_with_a_deprecation_warning() -> None:
+    """`stream_cl.client` moved to `stream_cl.serve.client`; the old path warns and gives the same class."""
+    import importlib
+    import sys
+
+    from stream_cl.serve.client import PredictionClient
+
+    sys.modules.pop("stream_cl.client", None)
+    with pytest.warns(DeprecationWarning, match="stream_cl.serve.client"):
+        old = importlib.import_module("stream_cl.client")
+    assert old.PredictionClient is PredictionClient
