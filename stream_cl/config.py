@@ -45,7 +45,7 @@ class KafkaConfig:
     fetch_max_bytes: int = 52_428_800
     max_partition_fetch_bytes: int = 10_485_760
     commit_interval_s: float = 5.0
-    fetch_in_subprocess: bool = True  # fetch + decode in a child process (stream_cl/fetcher.py)
+    fetch_in_subprocess: bool = True  # fetch + decode in a child process (stream_cl/ingest/fetcher.py)
 
     def validate(self) -> None:
         _choice("kafka.auto_offset_reset", self.auto_offset_reset, ("earliest", "latest"))
@@ -90,7 +90,7 @@ class ModelConfig:
 
 @dataclass
 class ModelsConfig:
-    """`[models]`: one model for the stream, or one per Kafka message key (see keyed.py)."""
+    """`[models]`: one model for the stream, or one per Kafka message key (see learn/keyed.py)."""
 
     per_key: bool = False
     max_keys: int = 100
@@ -274,7 +274,7 @@ class CheckpointConfig:
     at_boundary: bool = True
     min_interval_s: float = 1.0  # scheduled writes at most this often; closer requests share one
     keep: int = 3
-    background: bool = True  # scheduled writes on a writer thread (stream_cl/checkpoint_writer.py)
+    background: bool = True  # scheduled writes on a writer thread (stream_cl/learn/checkpointing.py)
 
     def validate(self) -> None:
         _positive("checkpoint.keep", self.keep)

@@ -7,7 +7,7 @@ moves models between the daemons of a consumer group on a rebalance:
 - revoke (`on_revoke`, inside the consumer's rebalance): a handover task goes through the
   learner's queue behind every record fetched so far; the learner thread learns those, checkpoints
   every model of the revoked partitions to the shared store, writes the partitions' manifests
-  (model_store.py) and parks the models; the rebalance waits for it, bounded by the rebalance
+  (store/keyed_store.py) and parks the models; the rebalance waits for it, bounded by the rebalance
   timeout. Offsets are never committed inside the rebalance.
 - assign (`on_assign`): each partition resumes at its manifest's `next_offset`; the learner thread
   then loads the manifest's models (a parked model whose newest checkpoint is still the one this

@@ -14,7 +14,7 @@ snapshot every few steps, far too often to ship each one. The publisher therefor
 
 `SnapshotFollower` (in `stream-cl serve --follow TOPIC`): reads the topic from the start with no
 consumer group (every replica reads everything), reassembles and verifies each snapshot
-(`replica_wire`), rebuilds the strategy and publishes a `Snapshot` with exactly the learner's
+(`replicate/wire.py`), rebuilds the strategy and publishes a `Snapshot` with exactly the learner's
 version into its `SnapshotRegistry`; `PredictionServer` serves it with the same socket protocol.
 Until it has read up to where the topic ended when it started, it only assembles: a replica
 joining late loads each model's latest snapshot once, not its whole history.

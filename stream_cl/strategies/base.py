@@ -10,7 +10,7 @@ daemon owns the mapping from the stream's raw labels and task ids. Every strateg
 - `state_dict()` / `load_state_dict()`  everything needed to resume from a checkpoint.
 
 Only `learn` is abstract; the rest has a sensible default here. A strategy is *backbone
-protection × head policy* (design.md): subclasses implement protection in `learn` using
+protection × head policy* (docs/strategies.md): subclasses implement protection in `learn` using
 `_forward` and `_step`, and the head policy (`strategy.head`, see `heads.py`) plugs in here,
 so every protection composes with every head policy without knowing which one it got.
 """

@@ -1,4 +1,4 @@
-"""`fip`: functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334; field guide §3).
+"""`fip`: functionally invariant paths (Raghavan & Thomson, arXiv 2205.00334).
 
 The paper moves the weights along a path on which the old tasks' *function* stays put: each step
 minimizes `θᵀ g θ` (g = the output-space metric of the old network) against progress on a

@@ -7,7 +7,7 @@ policy when classes appear; protection strategies never know which policy is in 
 - `random`      PyTorch's default Linear init (the draw `ExpandingHead.grow` makes);
 - `class_mean`  the row points along the mean of the class's L2-normalized features (SGM);
 - `ls`          the class's row of the ridge (least-squares) classifier on the features
-                (Harun & Kanan, "A Good Start Matters"; field-guide §1).
+                (Harun & Kanan, "A Good Start Matters").
 
 When rows are written. The learner grows the head when a label first shows up, before any sample
 of it is learned, so nothing is known about the class yet: every policy starts its row with the
@@ -238,7 +238,7 @@ class LSHead(_DeferredHead):
       spike stays at 1x `random`. So the row is mapped onto the head's logits, measured on the
       refresh buffer (`_to_logits`): on its class it beats the strongest old row by `margin`.
     - mse: ridge rows are on the training loss's scale and are written as solved, without an
-      intercept (the field guide's bias-free closed form). With one, every row also outputs
+      intercept (the bias-free closed form). With one, every row also outputs
       about its class's share of the targets, 1/C, on inputs unlike any class it was solved on,
       so when the next task's classes arrive the earlier rows' outputs on them are larger; those
       outputs are about half of a new class's loss spike (`stream-cl bench heads` reports them

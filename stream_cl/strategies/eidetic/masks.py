@@ -1,4 +1,4 @@
-"""Neuron ownership for `eidetic` (mask freezing, field-guide §5): which task owns which neuron.
+"""Neuron ownership for `eidetic` (mask freezing, EideticNet): which task owns which neuron.
 
 `NeuronMasks` holds, for every protected layer (each Linear/Conv2d of the backbone, output units =
 neurons), the consolidation that owns each unit (or FREE), and the *fixed* entries of the

@@ -1,4 +1,4 @@
-"""`eidetic`: mask freezing (EideticNet, field-guide §5) with a task router; no forgetting by construction.
+"""`eidetic`: mask freezing (EideticNet) with a task router; no forgetting by construction.
 
 Per task the network learns online on its *free* neurons. At the boundary that ends a task the
 strategy consolidates on a bounded buffer of that task: it prunes the free neurons with the lowest
@@ -10,7 +10,7 @@ weights, bias and BatchNorm parameters are *fixed* from then on, and so are thei
 neurons not owned by this or an earlier task, which are set to zero. So an owned neuron computes
 the same function of the input forever: it reads only neurons that are themselves fixed (forward
 transfer from old to new neurons stays allowed, never the reverse). The pruned neurons are
-re-initialized as free capacity for the next task (`eidetic_masks.py`). The task's head rows are
+re-initialized as free capacity for the next task (`eidetic/masks.py`). The task's head rows are
 then copied, their columns for neurons it does not own zeroed: predicting with a task hint for a
 consolidated task uses that copy, so its logits are bit-identical after any later learning (eval
 mode).
@@ -22,7 +22,7 @@ was free), and after every optimizer step fixed entries are written back from th
 BatchNorm channels of owned neurons normalize with their stored running statistics even in
 training mode, and those statistics are never updated. LayerNorm mixes neurons, so it is refused.
 
-Routing without a task id (`eidetic_router.py`): a streaming ridge classifier over fixed random
+Routing without a task id (`strategies/router.py`): a streaming ridge classifier over fixed random
 features of the input scores every (task, class) pair; added to the heads' log-probabilities
 (weighted by `router_weight`), the best pair picks the task whose head answers. It learns from
 every sample's statistics (no replay, fixed memory, no forgetting) and is solved at each boundary.

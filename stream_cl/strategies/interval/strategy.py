@@ -1,6 +1,6 @@
 """`interval`: HyperInterval — a hypernetwork, interval task embeddings, one universal network.
 
-Protection (field guide §2, Krukowski et al. 2024): a hypernetwork `H` (`interval_bounds`)
+Protection (HyperInterval, Krukowski et al. 2024): a hypernetwork `H` (`interval/bounds.py`)
 generates every weight of the MLP backbone from a task embedding; the head stays an ordinary
 `ExpandingHead` run by the head policy, so `ls` / `class_mean` rows and `freeze_old` compose.
 Task `t` owns the embedding box `c_t ± ε/M` with the nested centre `c_t = (ε/2M)·cos(e_t)`.
@@ -45,7 +45,7 @@ universal one, are nearly the same network. In the nested variant this is what m
 for every task (each box contains every other task's centre); the protection of old tasks is then
 the regularizer's. An earlier version collapsed at the paper's ε = 0.5–1: the chunked `H` had no
 per-weight output bias, so every Adam step moved whole chunks coherently (new tasks stayed at
-chance, and the worst case killed every ReLU); with the bias (see `interval_bounds`) ε = 0.1, 0.5
+chance, and the worst case killed every ReLU); with the bias (see `interval/bounds.py`) ε = 0.1, 0.5
 and 1.0 all learn.
 
 Width (measured, permuted-mnist, 10 tasks, class scenario, universal network): the target MLP's
@@ -61,7 +61,7 @@ nearly one network then disagree: accuracy 0.42).
 Memory: `max_tasks` embedding slots and stored targets (`max_tasks × |θ|`; a task index beyond the
 last slot shares the last slot), one importance vector (`|θ|` + head), and the
 `consolidation_buffer` reservoir. `H` stays small through
-chunking (`chunk_size`), see `interval_bounds`.
+chunking (`chunk_size`), see `interval/bounds.py`.
 """
 
 from __future__ import annotations
