@@ -455,3 +455,33 @@ def test_detector_state_saved_as_float_lists_still_loads() -> None:
     assert all(np.array_equal(a, b) for a, b in zip(fresh.recent_x, legacy.recent_x, strict=True))
     for name in ("n", "sum", "sumsq"):
         assert np.array_equal(getattr(fresh.signatures[0], name), getattr(legacy.signatures[0], name))
+
+
+class _Threshold:
+    """A drift detector that is not river's: fires while the value is above `limit`."""
+
+    def __init__(self, limit: float = 0.5) -> None:
+        self.limit = limit
+        self.drift_detected = False
+
+    def update(self, x: float) -> None:
+        self.drift_detected = x > self.limit
+
+
+def test_a_registered_non_river_detector_is_built_from_config_and_fires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The detector registry takes any class with river's interface; parameters are checked by name."""
+    from stream_cl.detect.drift import DetectorSpec, DriftMonitor, canonical_name, detector_params
+
+    monkeypatch.setitem(
+        DETECTORS,
+        "Threshold",
+        DetectorSpec(__name__, binary=False, defaults={"limit": 2.0}, class_name="_Threshold"),
+    )
+    name = canonical_name("threshold")
+    assert detector_params(name, {}) == {"limit": 2.0}
+    monitor = DriftMonitor(name, detector_params(name, {"limit": 3.0}), "loss")
+    assert [monitor.update(x) for x in (1.0, 2.5, 3.5)] == [False, False, True]
+    with pytest.raises(ConfigError, match=r"boundaries\.drift_params\.window_size"):
+        detector_params(name, {"window_size": 4})

@@ -1,4 +1,5 @@
-"""river's drift detectors behind one small wrapper: built from config, fed a per-sample signal.
+"""Drift detectors (river's, and any registered with `register_detector`) behind one small
+wrapper: built from config, fed a per-sample signal.
 
 Why a wrapper rather than river's objects as they are:
 - river's `drift_detected` holds for one update only, and a detector resets itself on the update
@@ -20,8 +21,9 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from stream_cl.config import ConfigError
 
@@ -29,9 +31,22 @@ HISTORY_LIMIT = 20_000
 RISE_WINDOW = 32  # recent values compared with the earlier ones by the rise check
 
 
+class DriftDetector(Protocol):
+    """What a detector must do to be registered: river's drift-detector interface. river's own
+    detectors have it; so can any other class (`register_detector`)."""
+
+    drift_detected: bool
+
+    def update(self, x: float) -> Any: ...
+
+
+def _always(params: dict[str, Any]) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class DetectorSpec:
-    """A river detector as stream_cl uses it.
+    """A drift detector as stream_cl uses it: river's, or any class with `DriftDetector`'s interface.
 
     `defaults` are stream_cl's values over river's own, tuned for the per-sample loss or error of a
     model learning online (see `stream-cl bench boundaries`); `boundaries.drift_params` overrides
@@ -43,6 +58,9 @@ class DetectorSpec:
     defaults: dict[str, Any] = field(default_factory=dict)
     ranges: dict[str, str] = field(default_factory=dict)
     feed_correct: bool = False  # FHDDM fires when its input's mean *falls* (MOA feeds it accuracy)
+    class_name: str = ""  # the class in `module`; "" = the registry name
+    # whether, with these parameters, it fires only when its input rises (else a rise check follows)
+    rises_only: Callable[[dict[str, Any]], bool] = _always
 
 
 DETECTORS: dict[str, DetectorSpec] = {
@@ -50,6 +68,7 @@ DETECTORS: dict[str, DetectorSpec] = {
         "river.drift.adwin",
         binary=False,
         defaults={"delta": 1e-5, "clock": 8},
+        rises_only=lambda params: False,
         ranges={
             "delta": "unit",
             "clock": "count",
@@ -62,6 +81,7 @@ DETECTORS: dict[str, DetectorSpec] = {
         "river.drift.page_hinkley",
         binary=False,
         defaults={"mode": "up", "delta": 0.1, "threshold": 40.0},
+        rises_only=lambda params: params.get("mode", "both") == "up",
         ranges={
             "min_instances": "count",
             "delta": "nonneg",
@@ -74,6 +94,7 @@ DETECTORS: dict[str, DetectorSpec] = {
         "river.drift.kswin",
         binary=False,
         defaults={"alpha": 1e-5, "seed": 0},
+        rises_only=lambda params: False,
         ranges={"alpha": "unit", "window_size": "count", "stat_size": "count"},
     ),
     "DDM": DetectorSpec(
@@ -95,11 +116,13 @@ DETECTORS: dict[str, DetectorSpec] = {
     "HDDMA": DetectorSpec(
         "river.drift.binary.hddm_a",
         binary=True,
+        rises_only=lambda params: not params.get("two_sided_test", False),
         ranges={"drift_confidence": "unit", "warning_confidence": "unit"},
     ),
     "HDDMW": DetectorSpec(
         "river.drift.binary.hddm_w",
         binary=True,
+        rises_only=lambda params: not params.get("two_sided_test", False),
         ranges={"drift_confidence": "unit", "warning_confidence": "unit", "lambda_val": "unit]"},
     ),
 }
@@ -111,6 +134,12 @@ _RANGE_TEXT = {
     "nonneg": "a number >= 0",
     "count": "an integer >= 1",
 }
+
+
+def register_detector(name: str, spec: DetectorSpec) -> None:
+    """Make `name` a valid `boundaries.drift_detector`: the class `spec.class_name` (or `name`) in
+    `spec.module`, built with `spec.defaults` over its own and `boundaries.drift_params` over both."""
+    DETECTORS[name] = spec
 
 
 def canonical_name(name: str) -> str:
@@ -183,22 +212,17 @@ def _in_range(value: float, kind: str) -> bool:
 
 
 def _detector_class(name: str) -> Any:
-    return getattr(importlib.import_module(DETECTORS[name].module), name)
+    spec = DETECTORS[name]
+    return getattr(importlib.import_module(spec.module), spec.class_name or name)
 
 
 def rises_only(name: str, params: dict[str, Any]) -> bool:
     """Whether the configured detector can fire only on a rise of the error (no rise check needed)."""
-    if name in ("ADWIN", "KSWIN"):
-        return False
-    if name == "PageHinkley":
-        return params.get("mode", "both") == "up"
-    if name in ("HDDMA", "HDDMW"):
-        return not params.get("two_sided_test", False)
-    return True  # DDM, EDDM, FHDDM (fed correctness)
+    return DETECTORS[name].rises_only(params)
 
 
 class DriftMonitor:
-    """One river detector fed one value per sample; `update` returns True when it fired on a rise."""
+    """One drift detector fed one value per sample; `update` returns True when it fired on a rise."""
 
     def __init__(self, name: str, params: dict[str, Any], signal: str) -> None:
         self.name = name

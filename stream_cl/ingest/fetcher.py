@@ -48,11 +48,12 @@ from typing import Any, cast
 
 import msgpack
 import numpy as np
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 
 from stream_cl.config import Config, KafkaConfig
 from stream_cl.ingest.chunk import Chunk, ChunkBuilder
+from stream_cl.ingest.sinks import kafka_producer
 from stream_cl.ingest.source import KafkaSource, QueueItem, _SeekOnAssign
 from stream_cl.metrics import Metrics
 
@@ -183,12 +184,9 @@ class ProcessSource(KafkaSource):
             )
         self._conn = Connection(parent.detach())
         self._conn.send((c, self.max_features, self._log_settings))  # pickled: the child's settings
-        self._dead_letters = KafkaProducer(  # the learner's dead letters (bad length, class cap)
-            bootstrap_servers=c.bootstrap_servers.split(","),
-            linger_ms=5,
-            acks="all",
-            enable_idempotence=False,
-        )
+        self._dead_letters = kafka_producer(
+            c, durable=True
+        )  # the learner's dead letters (bad length, class cap)
 
     def _send(self, *message: Any) -> None:
         assert self._conn is not None

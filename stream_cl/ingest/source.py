@@ -22,6 +22,7 @@ from stream_cl.config import KafkaConfig
 from stream_cl.ingest.chunk import Chunk, ChunkBuilder
 from stream_cl.ingest.chunk import Record as Record  # re-exported: what callers of the source hand over
 from stream_cl.ingest.codec import InvalidSample, decode_sample
+from stream_cl.ingest.sinks import dead_letter_headers, kafka_producer
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
 
@@ -31,14 +32,6 @@ LearnerTask = Callable[[], None]
 QueueItem = Chunk | LearnerTask
 # Sends one message to the dead-letter topic: (original bytes, reason, detail, partition, offset).
 DeadLetter = Callable[[bytes | memoryview | None, str, str, int, int], None]
-
-
-def dead_letter_headers(reason: str, detail: str, topic: str, partition: int, offset: int) -> list:
-    return [
-        ("stream_cl.reason", reason.encode()),
-        ("stream_cl.detail", detail[:500].encode()),
-        ("stream_cl.source", f"{topic}:{partition}:{offset}".encode()),
-    ]
 
 
 class KafkaSource:
@@ -129,12 +122,7 @@ class KafkaSource:
         )
         self.consumer.subscribe([c.topic], listener=_SeekOnAssign(self))
         # Created up front: both the source and the learner thread dead-letter (the producer is thread-safe).
-        self._dead_letters = KafkaProducer(
-            bootstrap_servers=c.bootstrap_servers.split(","),
-            linger_ms=5,
-            acks="all",  # a dead letter must be durable before its offset is committed
-            enable_idempotence=False,  # not needed: offsets are committed only after flush()
-        )
+        self._dead_letters = kafka_producer(c, durable=True)
 
     def run(self) -> None:
         """The source thread: fetch, hand records to the learner, commit and report lag on schedule."""

@@ -19,14 +19,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import msgpack
-from kafka import KafkaProducer
 from prometheus_client import CollectorRegistry
 
 from stream_cl.config import Config
 from stream_cl.ingest.chunk import Chunk
 from stream_cl.ingest.codec import Sample
 from stream_cl.ingest.fetcher import make_source
+from stream_cl.ingest.sinks import PredictionsSink
 from stream_cl.ingest.source import QueueItem
 from stream_cl.learn.keyed import KeyedModels
 from stream_cl.learn.learner import Learner
@@ -63,7 +62,7 @@ class Daemon:
         self.metrics = Metrics(registry, config.metrics.max_task_labels)
         self.queue: queue.Queue[QueueItem] = queue.Queue(maxsize=8)
         self.tuning = ProcessTuning(config)  # applied at start, undone at stop (runtime/tuning.py)
-        self._predictions: KafkaProducer | None = None  # kafka.predictions_topic, connected at start
+        self._predictions: PredictionsSink | None = None  # kafka.predictions_topic, connected at start
         # publish.topic: snapshots go to Kafka for `serve --follow` replicas (replicate/snapshots.py)
         self._publisher = (
             SnapshotPublisher(config, self.metrics, serving=lambda key: self.registry.get(key) is not None)
@@ -179,10 +178,8 @@ class Daemon:
             self.serve_port = server.start()
             started.append(("server", lambda left: server.stop(drain_timeout=left)))
         if cfg.kafka.predictions_topic:
-            producer = self._predictions = KafkaProducer(
-                bootstrap_servers=cfg.kafka.bootstrap_servers.split(","), linger_ms=5
-            )
-            started.append(("predictions", lambda left: producer.close(timeout=left)))
+            predictions = self._predictions = PredictionsSink(cfg.kafka)
+            started.append(("predictions", predictions.close))
         if self._publisher is not None:
             self._publisher.start()  # sends the restored model's snapshot, if any, at once
             started.append(("publisher", self._stop_publisher))
@@ -314,7 +311,5 @@ class Daemon:
 
     # -- unlabeled samples ----------------------------------------------------------------------
     def _publish_prediction(self, sample: Sample, prediction: dict[str, Any]) -> None:
-        if self._predictions is None:
-            return
-        message = {"id": sample.id, **prediction}
-        self._predictions.send(self.config.kafka.predictions_topic, msgpack.packb(message, use_bin_type=True))
+        if self._predictions is not None:
+            self._predictions.send(sample, prediction)
