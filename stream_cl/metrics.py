@@ -7,13 +7,42 @@ stay bounded: `task` labels are capped at `max_task_labels` (the most recent tas
 from __future__ import annotations
 
 import contextlib
+import platform
 import threading
 from collections import OrderedDict
+from importlib import metadata
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    Info,
+    ProcessCollector,
+    start_http_server,
+)
 
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+def build_info() -> dict[str, str]:
+    """Versions of stream_cl and what it runs on, for `stream_cl_build_info` and `--version`."""
+
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "unknown"
+
+    return {
+        "version": version("stream-cl"),
+        "python": platform.python_version(),
+        "torch": version("torch"),
+        "kafka_python": version("kafka-python"),
+    }
 
 
 class Metrics:
@@ -23,6 +52,13 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.max_task_labels = max_task_labels
         r = self.registry
+        # The process's CPU, memory and file descriptors (Linux) and the garbage collector's work,
+        # on this registry like every other series (prometheus_client registers them only globally).
+        ProcessCollector(registry=r)
+        if GC_COLLECTOR is not None:
+            GCCollector(registry=r)
+        self.build = Info("stream_cl_build", "The running stream_cl build (one series, value 1).", registry=r)
+        self.build.info(build_info())
         self.samples = Counter("stream_cl_samples", "Samples consumed, by outcome.", ["outcome"], registry=r)
         for outcome in ("learned", "held_out", "invalid", "unlabeled"):
             self.samples.labels(outcome=outcome)
