@@ -151,8 +151,12 @@ class EvaluationConfig:
     task_hint: bool = False
     history: int = 1000
     max_cpu_share: float = 0.05
+    keyed_reservoir_size: int = 50  # models.per_key: held-out samples per task and model
+    keyed_max_samples: int = 20000  # models.per_key: held-out samples over all models (then none more)
 
     def validate(self) -> None:
+        _positive("evaluation.keyed_reservoir_size", self.keyed_reservoir_size)
+        _positive("evaluation.keyed_max_samples", self.keyed_max_samples)
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(
                 "evaluation.holdout_fraction", f"must be in [0, 1), got {self.holdout_fraction}"
@@ -259,10 +263,12 @@ class MetricsConfig:
     host: str = "127.0.0.1"
     port: int = 9108
     max_task_labels: int = 64
+    max_model_labels: int = 32  # models.per_key: models with series of their own (all are in the aggregate)
 
     def validate(self) -> None:
         _port("metrics.port", self.port)
         _positive("metrics.max_task_labels", self.max_task_labels)
+        _positive("metrics.max_model_labels", self.max_model_labels)
 
 
 @dataclass

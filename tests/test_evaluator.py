@@ -10,7 +10,8 @@ import pytest
 
 from stream_cl.bench.offline import stream_records
 from stream_cl.config import EvaluationConfig, load_config
-from stream_cl.evaluate.evaluator import Evaluator, Reservoir
+from stream_cl.evaluate.evaluator import Evaluator
+from stream_cl.evaluate.holdout import Reservoir
 from stream_cl.learn.learner import Learner
 from stream_cl.metrics import Metrics
 from stream_cl.serve.snapshot import SnapshotHolder

@@ -20,7 +20,8 @@ from support import kafka_overrides, wait_until
 from stream_cl.config import Config, ConfigError, load_config
 from stream_cl.ingest.codec import Sample, encode_sample
 from stream_cl.ingest.source import Chunk, QueueItem, Record
-from stream_cl.learn.keyed import InvalidKey, KeyedModels, model_key
+from stream_cl.learn.keyed import KeyedModels
+from stream_cl.learn.keys import InvalidKey, model_key
 from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.metrics import Metrics
 from stream_cl.runtime.daemon import Daemon, checkpoint_dir
@@ -43,6 +44,7 @@ def _config(*overrides: str) -> Config:
             "model.batch_size=8",
             "model.lr=0.01",
             "learner.snapshot_every_steps=1",
+            "evaluation.holdout_fraction=0",  # every sample learned: these tests count them
             *overrides,
         ],
         env={},
@@ -421,3 +423,65 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         manifest = store.read_manifest(i)
         assert manifest is not None and manifest.keys == (key,)
         assert manifest.next_offset == 350 + (1 if i in (0, 1) else 0)  # past the two dead letters
+
+
+def test_per_key_models_hold_out_score_and_export_forgetting_within_bounds(
+    broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    """Each key's model holds out and is scored like a single model; the daemon exports the
+    aggregate over its models and per-model series for at most metrics.max_model_labels models,
+    with held-out memory bounded per model and in total."""
+    topic = f"keyed-eval-{time.monotonic_ns()}"
+    broker.create_topic(topic, partitions=len(KEYS))
+    config = _config(
+        *kafka_overrides(broker.bootstrap_servers, topic),
+        f"checkpoint.dir={tmp_path}",
+        "serve.enabled=false",
+        "metrics.enabled=false",
+        "evaluation.holdout_fraction=0.2",
+        "evaluation.every_samples=20",
+        "evaluation.every_s=0.2",
+        "evaluation.max_cpu_share=1.0",
+        "evaluation.keyed_reservoir_size=10",
+        "evaluation.keyed_max_samples=70",
+        "metrics.max_model_labels=2",
+    )
+    rng = np.random.default_rng(0)
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers, linger_ms=5)
+    for task, labels in (("a", (0, 1)), ("b", (2, 3))):  # two tasks per key, classes of their own
+        for n in range(120):
+            for i, key in enumerate(KEYS):
+                y = labels[n % 2]
+                value = encode_sample(_features(y, rng) + (2.0 if task == "b" else 0.0), y=y, task=task)
+                producer.send(topic, value=value, key=key.encode(), partition=i)
+    producer.flush()
+    producer.close()
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        keyed = daemon.keyed
+        assert keyed is not None and keyed.evaluation is not None
+        wait_until(lambda: sum(keyed.learned_by_key().values()) > 0 and daemon.queue.empty(), 60, "learning")
+        value = daemon.metrics.sample_value
+        wait_until(lambda: value("stream_cl_models_evaluated") == len(KEYS), 60, "every model scored")
+        wait_until(lambda: value("stream_cl_average_forgetting") is not None, 60, "the aggregate forgetting")
+        assert 0.0 <= value("stream_cl_average_accuracy") <= 1.0  # type: ignore[operator]
+        labelled = [k for k in KEYS if value("stream_cl_model_average_accuracy", {"model": k}) is not None]
+        assert len(labelled) == 2  # metrics.max_model_labels; the others are in the aggregate only
+        assert (
+            value("stream_cl_model_accuracy_matrix", {"model": labelled[0], "after_task": "a", "task": "a"})
+            is not None
+        )
+        held = {key: model.learner.evaluator.held() for key, model in keyed._models.items()}  # type: ignore[union-attr]
+        assert all(0 < n <= 2 * 10 for n in held.values()), held  # two tasks of at most 10 each
+        assert sum(held.values()) <= 70 and keyed.evaluation.budget.held == sum(held.values())
+        both = next(k for k, m in keyed._models.items() if len(m.learner.evaluator.reservoirs) == 2)  # type: ignore[union-attr]
+    finally:
+        daemon.stop()
+    # each model's own accuracy matrix is in its checkpoint: `stream-cl report` on its directory
+    from stream_cl.evaluate.evaluator import summary_from_checkpoint_state
+
+    found = SharedModelStore(checkpoint_dir(config)).key_store(both).load_latest()
+    assert found is not None
+    summary = summary_from_checkpoint_state(found[0])
+    assert summary["tasks"] == ["a", "b"] and summary["matrix"][0][0] is not None  # R[a][a], at a's boundary

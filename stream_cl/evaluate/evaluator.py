@@ -35,13 +35,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from stream_cl.config import EvaluationConfig
+from stream_cl.evaluate.holdout import HoldoutBudget, Reservoir
 from stream_cl.evaluate.scoring import label_targets, predicted_indices
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
@@ -52,58 +52,8 @@ MATRIX_TASKS = 16  # tasks exported in stream_cl_accuracy_matrix (bounded label 
 MAX_WAITING_ROWS = 8  # boundary rows (each holding its snapshot) that may wait for the CPU budget
 
 
-@dataclass
-class Reservoir:
-    """Uniform reservoir sample (Vitter's algorithm R) of one task's held-out samples.
-
-    Inputs live in one preallocated array (rows [0, len) filled), so scoring a reservoir copies
-    one block instead of stacking `capacity` arrays, which dominated the evaluator's time.
-    A reader takes that array itself (`share`), copy-on-write: the next write copies it first, so
-    an old task's reservoir, which no longer changes, is never copied for scoring.
-    """
-
-    capacity: int
-    ys: list[Label] = field(default_factory=list)
-    seen: int = 0
-    _x: np.ndarray | None = None  # [capacity, features], allocated by the first add
-    _shared: bool = False  # `_x` is held by a reader: copy it before the next write
-
-    @property
-    def xs(self) -> np.ndarray:
-        """The held inputs, [len(ys), features] (a view: copy it before letting go of the lock)."""
-        return self._x[: len(self.ys)] if self._x is not None else np.empty((0, 0), dtype=np.float32)
-
-    def add(self, x: np.ndarray, y: Label, rng: random.Random) -> None:
-        self.seen += 1
-        if len(self.ys) < self.capacity:
-            self._row(len(self.ys), x)
-            self.ys.append(y)
-            return
-        k = rng.randrange(self.seen)
-        if k < self.capacity:
-            self._row(k, x)
-            self.ys[k] = y
-
-    def share(self) -> tuple[np.ndarray, list[Label]]:
-        """The held inputs and labels as they are now, for a reader; they never change afterwards."""
-        self._shared = True
-        return self.xs, list(self.ys)
-
-    def load(self, xs: np.ndarray, ys: list[Label]) -> None:
-        """Hold exactly these inputs and labels (at most `capacity`)."""
-        n = min(len(ys), self.capacity)
-        self._x, self.ys, self._shared = None, list(ys[:n]), False
-        if n:
-            self._x = np.empty((self.capacity, xs[0].size), dtype=xs.dtype)
-            self._x[:n] = xs[:n].reshape(n, -1)
-
-    def _row(self, i: int, x: np.ndarray) -> None:
-        flat = np.ravel(x)
-        if self._x is None:
-            self._x = np.empty((self.capacity, flat.size), dtype=flat.dtype)
-        elif self._shared:
-            self._x, self._shared = self._x.copy(), False
-        self._x[i] = flat
+# (holder, task_id_of, seed) -> an evaluator, for a learner whose evaluator someone else runs
+EvaluatorFactory = Callable[[SnapshotHolder, Callable[[int], TaskId], int], "Evaluator"]
 
 
 class Evaluator:
@@ -116,8 +66,14 @@ class Evaluator:
         metrics: Metrics,
         task_id_of: Callable[[int], TaskId],
         seed: int = 0,
+        export: Callable[[Evaluator], None] | None = None,
+        budget: HoldoutBudget | None = None,
     ) -> None:
+        """`export`: where each scoring's figures go (default: the daemon's gauges); `budget`:
+        a bound on held-out samples shared with other evaluators (per-key models)."""
         self.config = config
+        self.export = export if export is not None else _export_to_metrics
+        self.budget = budget
         self.holder = holder
         self.metrics = metrics
         self.task_id_of = task_id_of
@@ -140,6 +96,7 @@ class Evaluator:
         self._thread: threading.Thread | None = None
         self._resume_at = 0.0  # monotonic time before which the budget lets no scoring start
         self.evaluations = 0
+        self.revision = 0  # bumped by every row finalized and every scoring: what a checkpoint holds
         # Scores by snapshot version, then (task, reservoir.seen, hint): a snapshot is immutable
         # and a reservoir changes only by `add` (which bumps `seen`), so a hit is exactly the score
         # a forward pass would give. Right after a boundary and while evaluating densely, the
@@ -154,12 +111,29 @@ class Evaluator:
 
     # -- learner side (learner thread) ----------------------------------------------------------
     def hold_out(self) -> bool:
+        if self.budget is not None and not self.budget.has_room():
+            return False
         return self.config.holdout_fraction > 0 and self.rng.random() < self.config.holdout_fraction
 
     def add(self, task: int, x: np.ndarray, y: Label) -> None:
         with self._lock:
             reservoir = self.reservoirs.setdefault(task, Reservoir(self.config.reservoir_size))
+            before = len(reservoir.ys)
             reservoir.add(x, y, self.rng)
+            grew = len(reservoir.ys) - before
+        if grew and self.budget is not None:
+            self.budget.take(grew)
+
+    def held(self) -> int:
+        """Held-out samples in the reservoirs."""
+        with self._lock:
+            return sum(len(r.ys) for r in self.reservoirs.values())
+
+    def wants_scoring(self) -> bool:
+        """Whether a scoring was asked for since the last call (for a thread shared by evaluators)."""
+        wanted = self._wake.is_set()
+        self._wake.clear()
+        return wanted
 
     def on_learned(self, learned: int) -> None:
         self.learned = learned
@@ -255,6 +229,7 @@ class Evaluator:
                 ended, snap = self._pending_boundaries.popleft()
             row = self.evaluate(snap)
             with self._lock:
+                self.revision += 1
                 self.final_rows[ended] = row
                 self._gap_window = (self.learned + self.config.stability_window, dict(row))
                 self.stability_gap = 0.0  # a new boundary: its own gap is measured from here
@@ -267,6 +242,7 @@ class Evaluator:
         with self._lock:
             self.current.update(scores)
             self.evaluations += 1
+            self.revision += 1
             self.history.append(
                 {
                     "t": time.time(),
@@ -283,7 +259,7 @@ class Evaluator:
                     self.stability_gap = max(self.stability_gap, max(drops))
                 if self.learned > until:  # the window closed: the gap holds until the next boundary
                     self._gap_window = None
-        self._export()
+        self.export(self)
 
     # -- derived figures ------------------------------------------------------------------------
     def figures(self) -> dict[str, Any]:
@@ -312,6 +288,14 @@ class Evaluator:
             "stability_gap": self.stability_gap,
         }
 
+    def matrix_rows(self) -> dict[int, dict[int, float]]:
+        """R's rows: the finalized ones and the current task's latest."""
+        with self._lock:
+            rows = {**self.final_rows}
+            if self.current_task is not None:
+                rows[self.current_task] = dict(self.current)
+        return rows
+
     def _export(self) -> None:
         f = self.figures()
         m = self.metrics
@@ -327,10 +311,7 @@ class Evaluator:
         m.backward_transfer.set(f["backward_transfer"])
         m.stability_gap.set(f["stability_gap"])
         m.evaluations.inc()
-        with self._lock:
-            rows = {**self.final_rows}
-            if self.current_task is not None:
-                rows[self.current_task] = dict(self.current)
+        rows = self.matrix_rows()
         recent = sorted(rows)[-MATRIX_TASKS:]
         m.accuracy_matrix.clear()
         for i in recent:
@@ -426,6 +407,13 @@ class Evaluator:
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        before = self.held()
+        self._load_state(state)
+        if self.budget is not None:  # restored reservoirs count against the shared budget
+            self.budget.give_back(before)
+            self.budget.take(self.held())
+
+    def _load_state(self, state: dict[str, Any]) -> None:
         with self._lock:
             self._scores.clear()
             self._held.clear()
@@ -449,6 +437,11 @@ class Evaluator:
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         with self._lock:
             return {f"reservoir[{t}]": (len(r.ys), r.capacity) for t, r in self.reservoirs.items()}
+
+
+def _export_to_metrics(evaluator: Evaluator) -> None:
+    """The one model's figures to the daemon's gauges."""
+    evaluator._export()
 
 
 def _rng_state(rng: random.Random) -> dict[str, Any]:

@@ -307,9 +307,9 @@ class _SeekOnAssign(ConsumerRebalanceListener):
             # Everything before a resume position is in the models already: it is processed, and
             # committed at the next poll, so the group's lag is true before any new record arrives.
             with source._lock:
-                for p, offset in offsets.items():
-                    if offset > source._processed.get(p, -1):
-                        source._processed[p] = offset
+                for partition, resume_at in offsets.items():
+                    if resume_at > source._processed.get(partition, -1):
+                        source._processed[partition] = resume_at
             if offsets:
                 source.request_commit()
             source.log.info("partitions_assigned", partitions=partitions, resume_at=offsets)

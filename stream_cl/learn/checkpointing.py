@@ -118,6 +118,7 @@ class CheckpointScheduler:
         self.requested = False  # a boundary asked for one (`checkpoint.at_boundary`)
         self._learned_at_last = 0
         self._offsets_at_last: dict[int, int] = {}
+        self._evaluated_at_last = 0  # the evaluator's revision the last checkpoint holds
         self._last = time.monotonic()
         self._last_attempt = -math.inf  # none yet (monotonic time can be near 0 after boot)
         self._write: BackgroundWrite | None = None
@@ -150,18 +151,28 @@ class CheckpointScheduler:
         if self._write is not None:
             self._finish_write()
 
-    def unchanged(self, learned: int, offsets: dict[int, int]) -> bool:
-        """Nothing learned or processed since the last checkpoint."""
-        return learned == self._learned_at_last and offsets == self._offsets_at_last
+    def unchanged(self, learned: int, offsets: dict[int, int], evaluated: int = 0) -> bool:
+        """Nothing learned, processed or evaluated (the evaluator's `revision`) since the last checkpoint."""
+        return (
+            learned == self._learned_at_last
+            and offsets == self._offsets_at_last
+            and evaluated == self._evaluated_at_last
+        )
 
     def write(
-        self, state: Callable[[], dict[str, Any]], offsets: dict[int, int], learned: int, wait: bool
+        self,
+        state: Callable[[], dict[str, Any]],
+        offsets: dict[int, int],
+        learned: int,
+        wait: bool,
+        evaluated: int = 0,
     ) -> bool:
         """Write `state()` (model + state + offsets) atomically. False (and keep serving) when the
         write fails, e.g. disk full or an unwritable directory. `wait=False` captures the state now
         and writes a private copy on a writer thread (True = queued); a later `due` or
         `finish_pending` applies its outcome."""
         self.finish_pending()
+        self._evaluated_at_last = evaluated
         self._last_attempt = time.monotonic()
         requested, self.requested = self.requested, False
         offsets = dict(offsets)

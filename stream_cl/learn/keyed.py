@@ -25,7 +25,6 @@ the model that last changed and no series is labelled by key.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import queue
 import socket
@@ -39,8 +38,10 @@ from typing import Any
 from prometheus_client import Counter, Gauge
 
 from stream_cl.config import Config
+from stream_cl.evaluate.models import KeyedEvaluation
 from stream_cl.ingest.chunk import Chunk, Record
 from stream_cl.ingest.source import QueueItem
+from stream_cl.learn.keys import InvalidKey, model_key, per_key_config
 from stream_cl.learn.learner import Learner
 from stream_cl.learn.offsets import OffsetTracker
 from stream_cl.learn.outputs import LearnerOutputs
@@ -49,30 +50,6 @@ from stream_cl.metrics import Metrics
 from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.store.checkpoints import CheckpointError
 from stream_cl.store.keyed_store import KeyCheckpointStore, PartitionManifest, SharedModelStore
-
-
-class InvalidKey(ValueError):
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
-
-
-def model_key(raw: bytes | None) -> str:
-    """The model key of a Kafka message key: its UTF-8 text. Raises `InvalidKey` (a dead-letter reason)."""
-    if raw is None:
-        raise InvalidKey("missing_key", "models.per_key is on and the message has no key")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidKey("bad_key", f"the message key is not UTF-8: {e}") from None
-
-
-def per_key_config(config: Config) -> Config:
-    """The config each key's Learner gets: no held-out samples (an evaluator per key would not be bounded)."""
-    return dataclasses.replace(
-        config, evaluation=dataclasses.replace(config.evaluation, holdout_fraction=0.0)
-    )
 
 
 @dataclass(eq=False)
@@ -138,6 +115,11 @@ class KeyedModels:
         self.store = store
         self.max_keys = config.models.max_keys
         self.outputs = outputs if outputs is not None else LearnerOutputs()
+        self.evaluation = (
+            KeyedEvaluation(config.evaluation, metrics, config.metrics.max_model_labels)
+            if config.evaluation.holdout_fraction > 0
+            else None
+        )
         # Called (key, partition, offset) on the learner thread for each record handed to a model
         # (once per record and model: lower offsets are dropped). For observers, e.g. exactly-once tests.
         self.on_routed: Callable[[str, int, int], None] | None = None
@@ -229,16 +211,22 @@ class KeyedModels:
         self._housekeeping()
 
     def start(self) -> None:
-        """Nothing runs beside the learner thread (per-key models hold out no samples)."""
+        """The evaluator thread the models share."""
+        if self.evaluation is not None:
+            self.evaluation.start()
 
     def close(self, final: bool = True) -> None:
         """At shutdown, after the learner thread stopped (`final`): checkpoint every model, write
         the manifests. Not final: nothing, a model may be inside a step."""
+        if self.evaluation is not None:
+            self.evaluation.stop()
         if not final:
             return
         self._closed = True
         for model in list(self._models.values()):
             model.learner.flush()
+            if model.learner.evaluator is not None:
+                model.learner.evaluator.stop()  # scores the boundary rows still waiting: saved below
             self._save(model)
         self._write_manifests(list(self._accepted))
 
@@ -279,6 +267,8 @@ class KeyedModels:
             model = None  # another daemon learned it since: load theirs
         if model is None:
             model = self._load(key)
+        elif self.evaluation is not None and model.learner.evaluator is not None:
+            self.evaluation.track(key, model.learner.evaluator)  # parked and assigned back
         with self._lock:
             self._models[key] = model
         self.models_gauge.set(len(self._models))
@@ -288,6 +278,7 @@ class KeyedModels:
         store = self.store.key_store(key)
         out = self.outputs
         send = out.prediction
+        evaluation = self.evaluation
         learner = Learner(
             self.model_config,
             self.registry.holder(key),
@@ -302,6 +293,9 @@ class KeyedModels:
             ),
             checkpoints=store,
             key=key,
+            make_evaluator=None
+            if evaluation is None
+            else lambda holder, task_id_of, seed: evaluation.evaluator(key, holder, task_id_of, seed),
         )
         model = KeyedModel(key, learner, store)
         try:
@@ -379,6 +373,8 @@ class KeyedModels:
                 del self._models[model.key]
         for model in leaving:
             self._touched.discard(model.key)
+            if self.evaluation is not None:
+                self.evaluation.remove(model.key)  # its figures are its new owner's to export
             if model.key in saved:
                 self._parked[model.key] = model  # still served until the assignment is known
             else:

@@ -18,7 +18,7 @@ import torch
 
 from stream_cl.config import Config
 from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
-from stream_cl.evaluate.evaluator import Evaluator
+from stream_cl.evaluate.evaluator import Evaluator, EvaluatorFactory
 from stream_cl.ingest.chunk import Chunk, Record
 from stream_cl.ingest.codec import Sample
 from stream_cl.learn.checkpointing import CheckpointScheduler
@@ -31,7 +31,7 @@ from stream_cl.serve.registry import DEFAULT_KEY
 from stream_cl.serve.snapshot import Snapshot, SnapshotHolder, build_snapshot
 from stream_cl.store.checkpoints import CheckpointStore
 from stream_cl.strategies import Batch, Boundary, Strategy, check_config, from_config
-from stream_cl.types import Label
+from stream_cl.types import Label, TaskId
 
 TRAJECTORY_TASKS = 4  # tasks whose start/end weights checkpoints keep: the first + the last 3
 
@@ -47,6 +47,7 @@ class Learner:
         outputs: LearnerOutputs | None = None,
         checkpoints: CheckpointStore | None = None,
         key: str = DEFAULT_KEY,
+        make_evaluator: EvaluatorFactory | None = None,  # when someone else runs it (per-key models)
     ) -> None:
         self.config = config
         self.key = key  # the model key it learns (per-key models), for its outputs
@@ -61,13 +62,11 @@ class Learner:
         self.detector = BoundaryDetector(config.boundaries)
         self.evaluator: Evaluator | None = None
         if config.evaluation.holdout_fraction > 0:
-            self.evaluator = Evaluator(
-                config.evaluation,
-                holder,
-                metrics,
-                task_id_of=lambda i: self.detector.task_ids[i],
-                seed=config.model.seed,
-            )
+            seed = config.model.seed
+            if make_evaluator is None:
+                self.evaluator = Evaluator(config.evaluation, holder, metrics, self._task_id_of, seed=seed)
+            else:
+                self.evaluator = make_evaluator(holder, self._task_id_of, seed)
         self.strategy: Strategy | None = None
         self.input_shape = None
         if config.model.input_dim:
@@ -208,8 +207,10 @@ class Learner:
                 self._learn_pending()
         self._report_held_out()
         self._maybe_publish()
-        if self._checkpoint_due():
-            self.checkpoint(wait=not self._background_checkpoints)
+        self._checkpoint_if_due()
+
+    def _task_id_of(self, index: int) -> TaskId:
+        return self.detector.task_ids[index]
 
     def start(self) -> None:
         if self.evaluator is not None:
@@ -237,8 +238,7 @@ class Learner:
         self._learn_pending()
         self._report_held_out()
         self._maybe_publish(force=self._steps_since_publish > 0)
-        if self._checkpoint_due():
-            self.checkpoint(wait=not self._background_checkpoints)
+        self._checkpoint_if_due()
 
     # -- learning -------------------------------------------------------------------------------
     def _learn_pending(self) -> None:
@@ -463,24 +463,23 @@ class Learner:
             self.metrics.current_task.set(self.detector.current)
         self.publish()
 
-    def _checkpoint_due(self) -> bool:
-        return self.scheduler is not None and self.strategy is not None and self.scheduler.due(self.learned)
+    def _checkpoint_if_due(self) -> None:
+        if self.scheduler is not None and self.strategy is not None and self.scheduler.due(self.learned):
+            self.checkpoint(wait=not self._background_checkpoints)
 
     def checkpoint(self, wait: bool = True) -> bool:
         """Learn any partial batch, then write model + state + offsets atomically (learner thread).
-
-        False (and serving goes on) when there is nothing to write to or the write fails. `wait=False`
-        writes in the background (see `CheckpointScheduler.write`); a waiting call first finishes
-        any write in flight.
-        """
+        False (serving goes on) when there is nowhere to write or the write fails; `wait=False`
+        writes in the background (`CheckpointScheduler.write`)."""
         scheduler = self.scheduler
         if scheduler is None or self.strategy is None:
             return False
         scheduler.finish_pending()
         self._learn_pending()  # the offsets saved must cover exactly what the model has learned
-        if scheduler.unchanged(self.learned, self.offsets):
+        evaluated = self.evaluator.revision if self.evaluator is not None else 0
+        if scheduler.unchanged(self.learned, self.offsets, evaluated):
             return True  # nothing new since the last checkpoint
-        return scheduler.write(self.state_dict, self.offsets, self.learned, wait)
+        return scheduler.write(self.state_dict, self.offsets, self.learned, wait, evaluated)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
