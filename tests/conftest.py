@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -9,6 +10,10 @@ import pytest
 import structlog
 
 from stream_cl.tools.broker import EmbeddedBroker
+
+# Daemons and replicas the tests start (in-process or as subprocesses) bind any free port for the
+# OIP v2 HTTP front, never the shared default 8000; a test that needs it reads `http_port`.
+os.environ.setdefault("STREAM_CL_SERVE__HTTP_PORT", "0")
 
 
 @pytest.fixture(scope="session")

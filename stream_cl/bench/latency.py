@@ -148,7 +148,7 @@ def run_latency_bench(
     lo, hi = min(concurrency), max(concurrency)
     holder = SnapshotHolder()
     holder.publish(snapshot)
-    with PredictionServer(ServeConfig(port=0), holder) as server:
+    with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
         port = server.port
         assert port is not None
         _inprocess_seconds(snapshot, xs, _WARMUP)
