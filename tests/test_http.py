@@ -342,3 +342,34 @@ def test_replica_serves_http_with_token_and_tls(served: Served, certs: tuple[str
             proc.wait()
         assert proc.stderr is not None
         proc.stderr.close()
+
+
+def printed(capsys: pytest.CaptureFixture[str]) -> Any:
+    """The CLI's JSON line (the in-process daemon may log to stdout around it)."""
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_predict_over_http(served: Served, capsys: pytest.CaptureFixture[str]) -> None:
+    """`stream-cl predict --http` prints what the socket's `predict` prints: labels, version, accuracy."""
+    from stream_cl.cli import main
+
+    snapshot = served.daemon.holder.get()
+    assert snapshot is not None and served.daemon.serve_port is not None
+    base = ["predict", "--http", "--host", "127.0.0.1", "--port", str(served.port)]
+    x = served.stream.tasks[0].test_x[0].ravel()
+    assert main([*base, "--health"]) == 0
+    assert printed(capsys) == {"ok": True, "status": "ready"}
+    assert main([*base, "--x", json.dumps(x.tolist())]) == 0
+    over_http = printed(capsys)
+    with PredictionClient("127.0.0.1", served.daemon.serve_port) as sock:
+        over_socket = sock.predict(x)
+    assert (over_http["label"], over_http["model_version"]) == (
+        over_socket["label"],
+        over_socket["model_version"],
+    )
+    assert main([*base, "--stream", "split-digits", "--n", "300"]) == 0
+    scored = printed(capsys)
+    assert scored["samples"] == 300 and scored["accuracy"] > 0.5
+    assert main([*base, "--info"]) == 0
+    assert printed(capsys)["model_version"] == snapshot.version
+    assert main([*base[:-1], "1", "--health"]) == 1  # nothing listens on port 1

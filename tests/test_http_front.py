@@ -234,3 +234,29 @@ def test_labels_are_strings_in_bytes_tensors(server: PredictionServer) -> None:
     status, _, raw = request(server.http_port or 0, "POST", INFER, body(samples(5)))
     labels = {o["name"]: o for o in json.loads(raw)["outputs"]}["label"]["data"]
     assert status == 200 and set(labels) <= {str(label) for label in LABELS}
+
+
+def test_a_body_that_stalls_gets_408() -> None:
+    holder = SnapshotHolder()
+    holder.publish(make_snapshot())
+    with (
+        PredictionServer(ServeConfig(port=0, http_port=0, read_timeout_s=0.5), holder) as server,
+        socket.create_connection(("127.0.0.1", server.http_port or 0), timeout=10) as sock,
+    ):
+        sock.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{".encode())
+        reply = sock.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and "read_timeout_s" in reply
+        assert request(server.http_port or 0, "GET", "/v2/health/ready")[0] == 200
+
+
+def test_gzip_bodies_are_decompressed_and_still_limited(server: PredictionServer) -> None:
+    import gzip
+
+    xs = samples(2)
+    status, _, _ = request(
+        server.http_port or 0, "POST", INFER, gzip.compress(body(xs)), {"Content-Encoding": "gzip"}
+    )
+    assert status == 200
+    bomb = gzip.compress(b" " * (server.config.max_frame_bytes + 10))
+    status, _, raw = request(server.http_port or 0, "POST", INFER, bomb, {"Content-Encoding": "gzip"})
+    assert status == 413, raw
