@@ -260,3 +260,18 @@ def test_gzip_bodies_are_decompressed_and_still_limited(server: PredictionServer
     bomb = gzip.compress(b" " * (server.config.max_frame_bytes + 10))
     status, _, raw = request(server.http_port or 0, "POST", INFER, bomb, {"Content-Encoding": "gzip"})
     assert status == 413, raw
+
+
+def test_latency_bench_measures_http_next_to_the_socket() -> None:
+    """One run: in-process, socket, HTTP JSON and binary on the same server; every figure present."""
+    from stream_cl.bench.latency import format_latency_table, run_latency_bench
+
+    result = run_latency_bench(
+        make_snapshot(), samples(16), n_requests=20, concurrency=(1, 4), duration_s=0.2
+    )
+    for encoding in ("json", "binary"):
+        figures = result["http"][encoding]
+        assert figures["p50_ms"] > 0 and set(figures["throughput_rps"]) == {"1", "4"}
+        assert figures["p50_vs_socket"] > 0
+    assert "http_binary_p50_within_1.5x_socket" in result["goals"]
+    assert "HTTP binary infer p50" in format_latency_table(result)
