@@ -179,7 +179,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     tls = args.tls or bool(args.cafile)
     client: Any
     if args.http:  # the OIP v2 front: same replies, so everything below is front-agnostic
-        from stream_cl.serve.http_client import HttpPredictionClient
+        from stream_cl.serve.client import HttpPredictionClient
 
         port = args.port or config.serve.http_port
         client = HttpPredictionClient(

@@ -1,6 +1,7 @@
 """A small OIP v2 HTTP client (docs/http-protocol.md) with the socket client's interface: `health`,
 `info`, `predict` and `predict_batch` return the replies `PredictionClient` returns, so
-`stream-cl predict --http` prints the same thing either way. Standard library and numpy only."""
+`stream-cl predict --http` prints the same thing either way. Standard library and numpy only
+(part of the torch-free `stream-cl-client` distribution)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stream_cl.serve.client import PredictionError
+from stream_cl_client.socket_client import PredictionError
 
 # HTTP status -> the socket protocol's error code, so callers handle both fronts alike.
 CODES = {
