@@ -3,6 +3,7 @@ torch nor stream_cl, and the socket client's reconnect on a dropped connection."
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,10 @@ def _server(**overrides: object) -> PredictionServer:
 
 
 def test_the_wheel_holds_the_client_alone_and_depends_on_numpy_and_msgpack(tmp_path: Path) -> None:
+    source = tmp_path / "client"  # a copy: building in place would leave build/ and egg-info in client/
+    shutil.copytree(
+        ROOT / "client", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    )
     subprocess.run(
         [
             sys.executable,
@@ -38,7 +43,7 @@ def test_the_wheel_holds_the_client_alone_and_depends_on_numpy_and_msgpack(tmp_p
             "-q",
             "-w",
             str(tmp_path),
-            str(ROOT / "client"),
+            str(source),
         ],
         check=True,
         timeout=120,
