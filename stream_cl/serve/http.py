@@ -287,17 +287,15 @@ class HttpFront:
         task = task_hint(parsed.task, snapshot)
         slot = Slot(started, len(parsed.xs))
         reply = _Reply(asyncio.get_running_loop().create_future(), slot)
-        self.host.batcher.submit(PredictJob(reply, slot, None, parsed.xs, task, True, holder))
+        self.host.batcher.submit(PredictJob(reply, slot, None, parsed.xs, task, True, holder, raw=True))
         frame = await reply.future
-        answer = msgpack.unpackb(frame[HEADER.size :], raw=False, strict_map_key=False)
-        if not answer["ok"]:
-            raise HttpError(STATUS.get(answer["error"]["code"], 500), answer["error"]["message"])
+        if frame or slot.result is None:  # not predicted: the batcher's error frame says why
+            error = msgpack.unpackb(frame[HEADER.size :], raw=False, strict_map_key=False)["error"]
+            raise HttpError(STATUS.get(error["code"], 500), error["message"])
         self.host.record_prediction(slot)
-        results = answer["results"]
-        proba = np.array([list(r["proba"].values()) for r in results], dtype=np.float32)
-        out, header_length = infer_reply(
-            name, answer["model_version"], parsed, proba, [r["label"] for r in results]
-        )
+        answered, proba = slot.result  # the snapshot that answered: its version and labels
+        labels = [answered.labels[i] for i in proba.argmax(axis=1).tolist()]
+        out, header_length = infer_reply(name, answered.version, parsed, proba, labels)
         if header_length is None:
             return web.Response(body=out, content_type="application/json")
         return web.Response(
