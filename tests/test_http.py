@@ -373,3 +373,50 @@ def test_cli_predict_over_http(served: Served, capsys: pytest.CaptureFixture[str
     assert main([*base, "--info"]) == 0
     assert printed(capsys)["model_version"] == snapshot.version
     assert main([*base[:-1], "1", "--health"]) == 1  # nothing listens on port 1
+
+
+def test_per_key_daemon_names_each_model_by_its_key(broker: EmbeddedBroker, tmp_path: Path) -> None:
+    """A models.per_key daemon: /v2/models/{key} is that key's model, at its version, with its labels."""
+    from test_keyed import KEYS, _config, _learned, _produce
+
+    topic = f"http-keyed-{time.monotonic_ns()}"
+    broker.create_topic(topic, partitions=4)
+    config = _config(
+        *kafka_overrides(broker.bootstrap_servers, topic),
+        "serve.port=0",
+        "metrics.enabled=false",
+        f"checkpoint.dir={tmp_path}",
+    )
+    daemon = Daemon(config)
+    daemon.start()
+    try:
+        assert daemon.http_port is not None and daemon.serve_port is not None
+        assert http(daemon.http_port, "/v2/health/ready")[0] == 503
+        rng = np.random.default_rng(0)
+        _produce(broker.bootstrap_servers, topic, 60, 0, rng)
+        wait_until(lambda: _learned(daemon) == dict.fromkeys(KEYS, 60), 120, "every sample learned")
+        assert daemon.wait_idle(30)  # no more learning: both fronts answer from the same snapshots
+        xs = np.stack([np.full(4, 1.0 if n % 2 == 0 else -1.0, np.float32) for n in range(8)])
+        client = triton.InferenceServerClient(f"127.0.0.1:{daemon.http_port}")
+        with PredictionClient("127.0.0.1", daemon.serve_port) as sock:
+            for i, key in enumerate(KEYS):
+                assert client.is_model_ready(key)
+                result = _triton_infer_model(client, key, xs)
+                socket_reply = sock.predict_batch(xs, key=key)
+                assert result.get_response()["model_name"] == key
+                assert result.get_response()["model_version"] == str(socket_reply["model_version"])
+                labels = [str(r["label"]).encode() for r in socket_reply["results"]]
+                assert result.as_numpy("label").tolist() == labels
+                assert {int(v) for v in result.as_numpy("label").tolist()} <= {10 * i, 10 * i + 1}
+        assert http(daemon.http_port, f"/v2/models/{MODEL}/ready")[0] == 404  # no unkeyed model here
+        assert http(daemon.http_port, "/v2/models/k9")[0] == 404
+    finally:
+        daemon.stop()
+
+
+def _triton_infer_model(
+    client: triton.InferenceServerClient, model: str, xs: np.ndarray
+) -> triton.InferResult:
+    tensor = triton.InferInput("x", list(xs.shape), "FP32")
+    tensor.set_data_from_numpy(xs)
+    return client.infer(model, [tensor])
