@@ -9,6 +9,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -275,3 +276,23 @@ def test_latency_bench_measures_http_next_to_the_socket() -> None:
         assert figures["p50_vs_socket"] > 0
     assert "http_binary_p50_within_1.5x_socket" in result["goals"]
     assert "HTTP binary infer p50" in format_latency_table(result)
+
+
+def test_stalled_headers_get_408_and_silent_connections_close() -> None:
+    """Headers trickled past serve.read_timeout_s: 408 and closed; a connection that never sends
+    anything closes after serve.idle_timeout_s; neither holds a connection slot for longer."""
+    holder = SnapshotHolder()
+    holder.publish(make_snapshot())
+    config = ServeConfig(port=0, http_port=0, read_timeout_s=0.5, idle_timeout_s=1.0, max_connections=2)
+    with PredictionServer(config, holder) as server:
+        port = server.http_port or 0
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+            slow.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n")  # never finished
+            reply = slow.recv(4096).decode()
+            assert reply.startswith("HTTP/1.1 408") and "read_timeout_s" in reply
+            assert slow.recv(4096) == b""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+            started = time.monotonic()
+            assert silent.recv(4096) == b""  # closed by the server, without a reply
+            assert 0.5 < time.monotonic() - started < 5
+        assert request(port, "GET", "/v2/health/live")[0] == 200

@@ -11,9 +11,10 @@ loop and the process (signals, workers), aiohttp's low-level runner only needs a
 for `loop.create_server`, which is also where the connection limit is enforced.
 
 Limits match the socket's: `serve.max_connections` open connections (more are answered 503 and
-closed), bodies over `serve.max_frame_bytes` refused from their Content-Length (413), a body must
-arrive within `serve.read_timeout_s` (408), idle keep-alive connections close after
-`serve.idle_timeout_s`, and `serve.max_requests_per_s` per connection (429 over it).
+closed), bodies over `serve.max_frame_bytes` refused from their Content-Length (413), headers and
+then the body must each arrive within `serve.read_timeout_s` (408), idle connections close after
+`serve.idle_timeout_s`, and `serve.max_requests_per_s` per connection (429 over it); see
+serve/http_limits.py for the ones aiohttp does not enforce itself.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import hmac
 import importlib.metadata
 import json
 import time
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ from aiohttp import web
 from stream_cl.config import ServeConfig
 from stream_cl.serve.batcher import Batcher, PredictJob, Slot
 from stream_cl.serve.frames import HEADER, RequestError
+from stream_cl.serve.http_limits import Deadlines, Refuse
 from stream_cl.serve.oip import (
     HEADER_LENGTH,
     INPUT,
@@ -85,33 +86,6 @@ class _Reply:
             self.future.set_result(self.slot.frame)
 
 
-class _Bucket:
-    """Token bucket of one connection (one second of burst, at least 1), as the socket's."""
-
-    __slots__ = ("tokens", "at")
-
-    def __init__(self, rate: float, now: float) -> None:
-        self.tokens = max(1.0, rate)
-        self.at = now
-
-
-class _Refuse(asyncio.Protocol):
-    """A connection over `serve.max_connections` (or during stop): one 503, then closed."""
-
-    def __init__(self, message: str) -> None:
-        self.message = message
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        body = json.dumps({"error": self.message}).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(head.encode() + body)
-        transport.close()
-
-
 def error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
@@ -123,7 +97,6 @@ class HttpFront:
         self.host = host
         self.config = host.config
         self.port: int | None = None
-        self._buckets: weakref.WeakKeyDictionary[Any, _Bucket] = weakref.WeakKeyDictionary()
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
 
@@ -146,11 +119,13 @@ class HttpFront:
 
         def accept() -> asyncio.BaseProtocol:
             if self.host.stopping:
-                return _Refuse("server is stopping")
+                return Refuse("server is stopping")
             if len(server.connections) >= limit:
                 self.host.log.warning("http_connection_refused", max_connections=limit)
-                return _Refuse(f"server at max_connections ({limit})")
-            return server()
+                return Refuse(f"server at max_connections ({limit})")
+            return Deadlines(
+                server(), config.read_timeout_s, config.idle_timeout_s, config.max_requests_per_s
+            )
 
         context = server_ssl_context(config)
         loop = asyncio.get_running_loop()
@@ -181,8 +156,13 @@ class HttpFront:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Rate limit and token, then the handler; every error as `{"error": message}`."""
+        transport = request.transport
+        conn = transport.get_protocol() if transport is not None else None
+        if isinstance(conn, Deadlines):
+            conn.request_started()  # headers are in: the connection's header deadline is met
         try:
-            if self.config.max_requests_per_s > 0 and not self._take_token(request):
+            bucket = conn.bucket if isinstance(conn, Deadlines) else None
+            if bucket is not None and not bucket.take(self.config.max_requests_per_s, time.monotonic()):
                 self.host.rate_limited += 1
                 return error(429, "rate limit exceeded")
             if self.config.token and request.path not in OPEN_PATHS:
@@ -202,22 +182,9 @@ class HttpFront:
         except Exception:
             self.host.log.exception("http_request_failed", path=request.path)
             return error(500, "internal server error")
-
-    def _take_token(self, request: web.Request) -> bool:
-        transport = request.transport
-        if transport is None:
-            return True
-        rate = self.config.max_requests_per_s
-        now = time.monotonic()
-        bucket = self._buckets.get(transport)
-        if bucket is None:
-            bucket = self._buckets[transport] = _Bucket(rate, now)
-        bucket.tokens = min(max(1.0, rate), bucket.tokens + (now - bucket.at) * rate)
-        bucket.at = now
-        if bucket.tokens < 1.0:
-            return False
-        bucket.tokens -= 1.0
-        return True
+        finally:
+            if isinstance(conn, Deadlines):
+                conn.request_done()
 
     def _model(self, request: web.Request) -> tuple[str, SnapshotHolder]:
         """The model the path names (404 if none such): a key, or `serve.model_name`."""
