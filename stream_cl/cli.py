@@ -26,6 +26,7 @@ from stream_cl.config import Config, ConfigError, load_config
 from stream_cl.log import configure_logging
 
 EXIT_USAGE = 2
+EXIT_NOT_READY = 3  # `predict --health`: the daemon answers but serves no model yet
 
 
 # entry-point group of extra verbs: `name = "module:add_parsers"`, add_parsers(subparsers, common)
@@ -194,6 +195,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         ) as client:
             if args.health:
                 reply: Any = client.health(key=args.key)
+                print(json.dumps(reply, default=str))
+                return 0 if reply.get("status") == "ready" else EXIT_NOT_READY
             elif args.info:
                 reply = client.info(key=args.key)
             elif args.x:
@@ -281,8 +284,16 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_text() -> str:
+    from stream_cl.metrics import build_info
+
+    info = build_info()
+    return f"stream-cl {info['version']} (python {info['python']}, torch {info['torch']}, kafka-python {info['kafka_python']})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="stream-cl", description="Continual learning on live Kafka streams.")
+    p.add_argument("--version", action="version", version=_version_text(), help="print the versions and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--config", help="config file (default: ./config.toml when present)")
     common.add_argument(
@@ -299,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("broker", parents=[common], help="start the embedded Kafka-protocol broker")
-    b.add_argument("--host", default="127.0.0.1")
-    b.add_argument("--port", type=int, default=9092)
+    b.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    b.add_argument("--port", type=int, default=9092, help="Kafka port to listen on (default: 9092)")
     b.set_defaults(func=cmd_broker)
 
     pr = sub.add_parser("produce", parents=[common], help="replay a built-in stream or a file into a topic")
@@ -310,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     _stream_args(pr)
     pr.add_argument("--topic", help="default: kafka.topic")
     pr.add_argument("--bootstrap", help="default: kafka.bootstrap_servers")
-    pr.add_argument("--limit", type=int)
+    pr.add_argument("--limit", type=int, help="send at most this many samples (default: all)")
     pr.add_argument("--rate", type=float, help="samples per second (default: as fast as possible)")
     pr.add_argument("--array", action="store_true", help="send x as a number array instead of float32 bytes")
     pr.set_defaults(func=cmd_produce)
@@ -319,10 +330,14 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument(
         "--http", action="store_true", help="use the OIP v2 HTTP front (default port: serve.http_port)"
     )
-    pd.add_argument("--host")
-    pd.add_argument("--port", type=int)
-    pd.add_argument("--token")
-    pd.add_argument("--timeout", type=float, default=10.0)
+    pd.add_argument("--host", help="the daemon's address (default: serve.host)")
+    pd.add_argument(
+        "--port",
+        type=int,
+        help="the prediction socket's port (default: serve.port; with --http, serve.http_port)",
+    )
+    pd.add_argument("--token", help="the auth token (default: serve.token)")
+    pd.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply (default: 10)")
     pd.add_argument("--tls", action="store_true", help="connect with TLS (the server has serve.tls_cert set)")
     pd.add_argument(
         "--cafile", help="PEM CA bundle or self-signed certificate to verify the server (implies --tls)"
@@ -331,21 +346,32 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("--key", help="model key, on a daemon that learns one model per message key")
     what = pd.add_mutually_exclusive_group()
     what.add_argument("--x", help="one sample as a JSON array of numbers")
-    what.add_argument("--health", action="store_true")
-    what.add_argument("--info", action="store_true")
+    what.add_argument(
+        "--health",
+        action="store_true",
+        help="print the health reply; exit 0 only when ready, 3 while starting",
+    )
+    what.add_argument("--info", action="store_true", help="print the served model's description")
     what.add_argument("--stream", default="split-mnist", help="score N held-out samples of a built-in stream")
-    pd.add_argument("--n", type=int, default=500)
-    pd.add_argument("--seed", type=int, default=0)
+    pd.add_argument("--n", type=int, default=500, help="held-out samples scored with --stream (default: 500)")
+    pd.add_argument("--seed", type=int, default=0, help="the built-in stream's seed (default: 0)")
     pd.set_defaults(func=cmd_predict)
 
     d = sub.add_parser(
         "demo", parents=[common], help="embedded broker + built-in stream + daemon, one command"
     )
-    d.add_argument("--stream", default="split-mnist")
+    d.add_argument(
+        "--stream", default="split-mnist", help="the built-in stream to learn (default: split-mnist)"
+    )
     _stream_args(d)
     d.add_argument("--rate", type=float, help="producer samples per second (default: as fast as possible)")
     d.add_argument("--exit-when-done", action="store_true", help="exit 0 after the report instead of serving")
-    d.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    d.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="the daemon's log level during the demo (default: warning)",
+    )
     d.set_defaults(func=cmd_demo)
 
     rp = sub.add_parser(
@@ -380,9 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--sparsity", type=float, default=0.8, help="fraction of weights zeroed per layer")
     c.add_argument("--stream", default="split-mnist", help="built-in stream: per-task test sets (and memory)")
     c.add_argument("--buffer", type=int, default=500, help="memory inputs when the checkpoint has none")
-    c.add_argument("--steps", type=int, default=300)
-    c.add_argument("--step-size", type=float, default=0.01)
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=300, help="steps along the path (default: 300)")
+    c.add_argument("--step-size", type=float, default=0.01, help="length of each step (default: 0.01)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the memory draw (default: 0)")
     c.set_defaults(func=cmd_compress)
 
     # Verbs of optional parts (`bench`) register in this entry-point group: the CLI never imports them.
@@ -392,7 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _stream_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
     p.add_argument("--class-order", help="comma-separated class ids, e.g. 9,8,7,6,5,4,3,2,1,0")
     p.add_argument("--no-task", action="store_true", help="do not send the task field")
 

@@ -16,14 +16,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 
 def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+    """structlog for stream_cl's own events, and the same rendering for stdlib logging (kafka-python,
+    asyncio): one JSON object per line (or the console renderer), each with its logger name."""
     stream = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and hasattr(stream, "isatty") and stream.isatty())
     renderer: Any = structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
+    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _logger_name,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            timestamper,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -31,11 +35,33 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
         logger_factory=structlog.PrintLoggerFactory(file=stream),
         cache_logger_on_first_use=False,
     )
-    # kafka-python logs through stdlib logging; keep its chatter at warnings. Its selector warns
-    # whenever one poll task runs >100 ms, which a loaded machine does routinely: noise, not news.
-    logging.basicConfig(level=logging.WARNING, stream=stream)
+    # kafka-python and asyncio log through stdlib logging: rendered like our own events, warnings
+    # and up only. kafka-python's selector warns whenever one poll task runs >100 ms, which a loaded
+    # machine does routinely: noise, not news.
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_log_level, structlog.stdlib.add_logger_name, timestamper],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    handler._stream_cl = True  # type: ignore[attr-defined]  # ours: replaced by the next call
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "_stream_cl", False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
     logging.getLogger("kafka.net.selector").setLevel(logging.ERROR)
 
 
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+    """A structlog logger whose events carry `logger`: the component's dotted name."""
+    # "logger" is a parameter name of structlog's own constructors: bound under another key,
+    # renamed by `_logger_name` when an event is rendered (the logger stays lazily configured)
+    return structlog.get_logger(logger_name=name)
+
+
+def _logger_name(logger: Any, method: str, event: Any) -> Any:
+    if "logger_name" in event:
+        event["logger"] = event.pop("logger_name")
+    return event

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Iterator
@@ -36,3 +37,6 @@ def _reset_structlog() -> Iterator[None]:
     """Undo any `configure_logging` a test did, so log config never leaks into the next test."""
     yield
     structlog.reset_defaults()
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_stream_cl", False)]:
+        root.removeHandler(handler)

@@ -6,6 +6,7 @@ import argparse
 
 import pytest
 
+from stream_cl import cli
 from stream_cl.bench.commands import VERBS
 from stream_cl.cli import build_parser
 
@@ -48,3 +49,53 @@ def test_the_old_client_import_path_still_works_with_a_deprecation_warning() -> 
     with pytest.warns(DeprecationWarning, match="stream_cl.serve.client"):
         old = importlib.import_module("stream_cl.client")
     assert old.PredictionClient is PredictionClient
+
+
+def test_every_option_of_every_verb_has_help_text() -> None:
+    """`--help` documents each option: none is left for the reader to guess."""
+    import argparse
+
+    missing: list[str] = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.help is None:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(cli.build_parser(), "stream-cl")
+    assert missing == []
+
+
+def test_version_names_stream_cl_and_what_it_runs_on(capsys: pytest.CaptureFixture[str]) -> None:
+    """`stream-cl --version` prints the versions of stream_cl, Python, torch and kafka-python."""
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("stream-cl ") and "torch " in out and "kafka-python " in out
+
+
+def test_predict_health_exits_non_zero_until_a_model_serves(capsys: pytest.CaptureFixture[str]) -> None:
+    """`predict --health` is a readiness check: exit 3 while the daemon starts, 0 once it serves."""
+    import json
+
+    import torch
+
+    from stream_cl.config import ServeConfig
+    from stream_cl.serve.server import PredictionServer
+    from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
+
+    holder = SnapshotHolder()
+    with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
+        argv = ["predict", "--host", "127.0.0.1", "--port", str(server.port), "--timeout", "5", "--health"]
+        assert cli.main(argv) == cli.EXIT_NOT_READY
+        # the last line: the server's own events go to stdout too (no logging configured here)
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "starting"
+        holder.publish(
+            Snapshot(1, "test", (0,), (), (2,), lambda x, task: (torch.ones(len(x), 1), [None] * len(x)))
+        )
+        assert cli.main(argv) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[-1])["status"] == "ready"

@@ -295,3 +295,48 @@ def test_recv_frame_reads_what_send_bytes_sent_and_stops_at_eof() -> None:
     with pytest.raises(EOFError):
         recv_frame(reader)
     reader.close()
+
+
+def test_a_fetcher_whose_parent_died_exits_quietly(
+    broker: EmbeddedBroker, topic: str, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 of the daemon: its fetcher process sees its end of the socket close, leaves the
+    group and exits 0, with no traceback on its stderr."""
+    produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=50)
+    source, out = _source(broker.bootstrap_servers, topic)
+    source.connect()
+    child = source._proc
+    assert child is not None
+    wait_until(lambda: source._conn.poll(0.1), 60, "the first frame from the fetcher")
+    source._conn.close()  # what the child sees when its parent is killed: the socket's end closes
+    assert child.wait(timeout=30) == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "EOFError" not in err, err
+    assert "fetcher_parent_gone" in err
+
+
+@pytest.mark.parametrize("kind", [ProcessSource, KafkaSource], ids=["subprocess", "in_process"])
+def test_a_takeover_commits_the_resume_positions_before_any_new_record(
+    broker: EmbeddedBroker, topic: str, kind: type[KafkaSource]
+) -> None:
+    """Partitions taken over resume where the models' manifests say: that position is committed at
+    once, so Kafka's own lag tools agree with the daemon before new data arrives."""
+    produce_stream(broker.bootstrap_servers, topic, load_stream("split-digits", seed=0), limit=20)
+    # nothing marks records processed here: only the takeover can move the committed offset
+    source, _ = _source(
+        broker.bootstrap_servers, topic, kind, on_assign=lambda parts: dict.fromkeys(parts, 7)
+    )
+    source.connect()
+    thread = threading.Thread(target=source.run, daemon=True)
+    thread.start()
+    watcher = KafkaConsumer(
+        bootstrap_servers=broker.bootstrap_servers, group_id=f"g-{topic}", enable_auto_commit=False
+    )
+    try:
+        tp = TopicPartition(topic, 0)
+        wait_until(lambda: watcher.committed(tp) == 7, 60, "the resume position committed")
+    finally:
+        watcher.close()
+        source.stop_event.set()
+        thread.join(30)
+        source.close()

@@ -205,7 +205,7 @@ def test_rate_limit_off_by_default() -> None:
 
 def test_token_compared_in_constant_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """The auth token check goes through hmac.compare_digest (no early-exit string comparison)."""
-    import stream_cl.serve.server as serve
+    import stream_cl.serve.connection as serve  # where a connection checks the token
 
     calls: list[tuple[bytes, bytes]] = []
     real = serve.hmac.compare_digest

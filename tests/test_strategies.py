@@ -284,3 +284,18 @@ def test_config_toml_points_at_every_options_dataclass() -> None:
             assert kind.__name__ in section, f"config.toml does not point at {kind.__name__}"
         for name in fields:
             assert name in section, f"config.toml does not name {kind.__name__}.{name}"
+
+
+def test_building_a_strategy_leaves_the_process_torch_thread_count_to_the_runtime() -> None:
+    """`model.torch_threads` is process-wide: the daemon, a replica or a benchmark applies it
+    (runtime.tuning.set_torch_threads), never a library call such as building a strategy."""
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    config = load_config(None, ["model.hidden=[8]", f"model.torch_threads={other}"], env={})
+    try:
+        strategies.from_config(config, (4,))
+        assert torch.get_num_threads() == before
+        tuning.set_torch_threads(config)
+        assert torch.get_num_threads() == other
+    finally:
+        torch.set_num_threads(before)

@@ -356,7 +356,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--streams", default=",".join(ALL_STREAMS), help="comma-separated: " + ", ".join(ALL_STREAMS)
     )
     p.add_argument("--detectors", default="all", help="comma-separated detector names, or 'all'")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
     p.add_argument("--max-delay", type=int, default=1000, help="an event later than this is a false alarm")
 
 

@@ -66,9 +66,11 @@ def add_bench_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     from stream_cl.cli import config_from_args
     from stream_cl.log import configure_logging
+    from stream_cl.runtime.tuning import set_torch_threads
 
     config = config_from_args(args, extra=["log.level=warning"])
     configure_logging(config.log.level, config.log.format)
+    set_torch_threads(config)  # in-process models run as the daemon's do
     return run_bench(args.bench, config, args)
 
 

@@ -358,8 +358,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default="finetune,replay", help="comma-separated strategy names")
     p.add_argument("--streams", default="split-mnist", help="comma-separated built-in streams")
     p.add_argument("--scenarios", default="class,task", help="class and/or task (comma-separated)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--joint-epochs", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
+    p.add_argument("--joint-epochs", type=int, default=5, help="epochs of the joint reference (default: 5)")
     p.add_argument("--no-references", action="store_true", help="skip the joint and iid-online rows")
     p.add_argument(
         "--override",

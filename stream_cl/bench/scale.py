@@ -55,10 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--reduced", action="store_true", help="a quick run: fewer samples, shorter load, smaller model"
     )
-    p.add_argument("--part", choices=["all", "daemons", "replicas"], default="all")
+    p.add_argument(
+        "--part", choices=["all", "daemons", "replicas"], default="all", help="what to measure (default: all)"
+    )
     p.add_argument("--keys", type=int, default=4, help="message keys (one model each with models.per_key)")
-    p.add_argument("--partitions", type=int, default=4)
-    p.add_argument("--features", type=int, default=784)
+    p.add_argument("--partitions", type=int, default=4, help="partitions of the topic (default: 4)")
+    p.add_argument("--features", type=int, default=784, help="features per synthetic sample (default: 784)")
     p.add_argument("--clients", type=int, help="load client processes (default 8; reduced 4)")
     p.add_argument("--depth", type=int, default=16, help="pipelined requests in flight per client")
     p.add_argument("--timeout", type=float, default=600.0, help="give up on a setup after this many seconds")

@@ -440,7 +440,9 @@ HELP = "daemon samples/s against raw consume and raw train rates"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stream", default="split-mnist")
+    p.add_argument(
+        "--stream", default="split-mnist", help="the built-in stream replayed (default: split-mnist)"
+    )
     # 20 x split-mnist: 80,000 samples, ~5 s of the daemon at ~16,000/s. With 5 (~1.2 s), single
     # finetune rounds of one build ranged 0.54-0.79x; with 20, 0.70-0.80x.
     p.add_argument(

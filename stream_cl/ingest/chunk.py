@@ -86,38 +86,7 @@ class Chunk:
         cls, columns: Sequence[Sequence[Any]], xs: np.ndarray, raws: bytes | memoryview
     ) -> Chunk:
         """The chunk of `columns` (in `COLUMNS` order) over the blocks `xs` and `raws`."""
-        (
-            partitions,
-            offsets,
-            keys,
-            invalid,
-            x_starts,
-            x_ends,
-            raw_starts,
-            raw_ends,
-            ys,
-            tasks,
-            ids,
-            tss,
-            shapes,
-        ) = columns
-        return cls(
-            partitions,
-            offsets,
-            keys,
-            invalid,
-            x_starts,
-            x_ends,
-            raw_starts,
-            raw_ends,
-            ys,
-            tasks,
-            ids,
-            tss,
-            shapes,
-            xs,
-            raws,
-        )
+        return cls(**dict(zip(COLUMNS, columns, strict=True)), xs=xs, raws=raws)
 
     def raw(self, i: int) -> bytes | memoryview:
         """Message i's original bytes (b"" for a dead-lettered one)."""

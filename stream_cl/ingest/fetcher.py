@@ -343,6 +343,7 @@ class _Fetcher:
         self.expected: int | None = None
         self.stash: list[list[Any]] = []  # parent messages that arrived during a rebalance call
         self.closing = False
+        self.parent_gone = False  # its end of the socket closed: the parent died (kill -9, a crash)
         self.source = KafkaSource(
             config,
             queue.Queue(),
@@ -367,10 +368,17 @@ class _Fetcher:
             self.stash.append(reply)
 
     def _revoke(self, partitions: list[int], lost: bool) -> None:
-        self._call("lost" if lost else "revoke", partitions)
+        try:
+            self._call("lost" if lost else "revoke", partitions)
+        except (EOFError, ConnectionError):  # inside the consumer's callback: noted, not raised
+            self.parent_gone = True
 
     def _assign(self, partitions: list[int]) -> dict[int, int]:
-        return {int(p): int(o) for p, o in self._call("assign", partitions)[1].items()}
+        try:
+            return {int(p): int(o) for p, o in self._call("assign", partitions)[1].items()}
+        except (EOFError, ConnectionError):
+            self.parent_gone = True
+            return {}
 
     def _control(self, message: list[Any]) -> None:
         kind = message[0]
@@ -395,42 +403,57 @@ class _Fetcher:
         source.connect()
         consumer = source.consumer
         assert consumer is not None
-        backoff = 0.0
-        last_high = 0.0
         try:
-            while not self.closing:
-                while self.stash:
-                    self._control(self.stash.pop(0))
-                while not self.closing and self.conn.poll(0):
-                    self._control(_unpack(self.conn.recv_bytes()))
-                if self.closing:
-                    break
-                try:
-                    polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
-                    backoff = 0.0
-                except KafkaError as e:
-                    backoff = min(5.0, max(0.1, backoff * 2))
-                    source.log.warning("kafka_poll_failed", error=str(e), retry_in_s=backoff)
-                    self.send("error", "poll")
-                    time.sleep(backoff)
-                    continue
-                decoded = source._decode(polled)  # dead-letters invalid messages here
-                now = time.monotonic()
-                high: dict[int, int] = {}
-                if now - last_high >= 1.0:
-                    last_high = now
-                    for tp in consumer.assignment():
-                        h = consumer.highwater(tp)
-                        if h is not None:
-                            high[tp.partition] = h
-                if len(decoded) or high:
-                    self.conn.send_bytes(_records_frame(decoded, high))
+            try:
+                self._loop(consumer)
+            except (EOFError, ConnectionError):
+                self.parent_gone = True
+            if self.parent_gone:
+                # Nobody takes records any more. Leave the group at once without committing (the
+                # parent committed what it had processed; the rest is re-read by whoever takes
+                # the partitions) and exit quietly.
+                source.log.info("fetcher_parent_gone")
+                with contextlib.suppress(Exception):
+                    consumer.close(autocommit=False)
+                return
             while self.stash:
                 self._control(self.stash.pop(0))
             source.close()  # final commit of what the parent last sent, then leave the group
         finally:
             with contextlib.suppress(OSError):
                 self.send("closed")
+
+    def _loop(self, consumer: Any) -> None:
+        source = self.source
+        backoff = 0.0
+        last_high = 0.0
+        while not self.closing and not self.parent_gone:
+            while self.stash:
+                self._control(self.stash.pop(0))
+            while not self.closing and self.conn.poll(0):
+                self._control(_unpack(self.conn.recv_bytes()))
+            if self.closing:
+                break
+            try:
+                polled = consumer.poll(timeout_ms=self.config.poll_timeout_ms)
+                backoff = 0.0
+            except KafkaError as e:
+                backoff = min(5.0, max(0.1, backoff * 2))
+                source.log.warning("kafka_poll_failed", error=str(e), retry_in_s=backoff)
+                self.send("error", "poll")
+                time.sleep(backoff)
+                continue
+            decoded = source._decode(polled)  # dead-letters invalid messages here
+            now = time.monotonic()
+            high: dict[int, int] = {}
+            if now - last_high >= 1.0:
+                last_high = now
+                for tp in consumer.assignment():
+                    h = consumer.highwater(tp)
+                    if h is not None:
+                        high[tp.partition] = h
+            if len(decoded) or high:
+                self.conn.send_bytes(_records_frame(decoded, high))
 
 
 def make_source(

@@ -304,6 +304,14 @@ class _SeekOnAssign(ConsumerRebalanceListener):
             for tp in assigned:
                 if tp.partition in offsets:
                     consumer.seek(tp, offsets[tp.partition])
+            # Everything before a resume position is in the models already: it is processed, and
+            # committed at the next poll, so the group's lag is true before any new record arrives.
+            with source._lock:
+                for p, offset in offsets.items():
+                    if offset > source._processed.get(p, -1):
+                        source._processed[p] = offset
+            if offsets:
+                source.request_commit()
             source.log.info("partitions_assigned", partitions=partitions, resume_at=offsets)
             source._rebalancing = False
             return

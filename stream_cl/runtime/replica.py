@@ -16,6 +16,7 @@ from stream_cl.config import Config
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics, start_metrics_server
 from stream_cl.replicate.snapshots import SnapshotFollower
+from stream_cl.runtime.tuning import set_torch_threads
 from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.serve.server import PredictionServer
 
@@ -44,6 +45,7 @@ class Replica:
 
     def start(self) -> None:
         cfg = self.config
+        set_torch_threads(cfg)  # the forwards of the snapshots it serves
         if cfg.metrics.enabled:
             self._metrics_server, self.metrics_port = start_metrics_server(
                 self.metrics, cfg.metrics.host, cfg.metrics.port

@@ -55,6 +55,13 @@ def flush_denormals() -> Iterator[None]:
         torch.set_flush_denormal(before)
 
 
+def set_torch_threads(config: Config) -> None:
+    """`model.torch_threads` for this process (0 = torch's own default): every composition root
+    that runs a model (the daemon, a replica, a benchmark) calls it once, before its first forward."""
+    if config.model.torch_threads:
+        torch.set_num_threads(config.model.torch_threads)
+
+
 def freeze_heap(collect: bool = False) -> None:
     """Take every object alive now out of the cyclic garbage collector's reach (`gc.freeze`).
 
@@ -127,8 +134,7 @@ class ProcessTuning:
     def apply(self) -> None:
         """The process-wide settings, once the components exist."""
         cfg = self.config
-        if cfg.model.torch_threads:
-            torch.set_num_threads(cfg.model.torch_threads)
+        set_torch_threads(cfg)
         freeze_heap(collect=True)
         self._undo.append(gc.unfreeze)
         if cfg.learner.gil_switch_interval_us:
