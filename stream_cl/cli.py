@@ -176,16 +176,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     host = args.host or config.serve.host
-    port = args.port or config.serve.port
     token = args.token if args.token is not None else (config.serve.token or None)
+    tls = args.tls or bool(args.cafile)
+    client: Any
+    if args.http:  # the OIP v2 front: same replies, so everything below is front-agnostic
+        from stream_cl.serve.client import HttpPredictionClient
+
+        port = args.port or config.serve.http_port
+        client = HttpPredictionClient(
+            host, port, token, args.timeout, tls, args.cafile, config.serve.model_name
+        )
+    else:
+        client = None
+        port = args.port or config.serve.port
     try:
-        with PredictionClient(
-            host,
-            port,
-            token=token,
-            timeout=args.timeout,
-            tls=args.tls or bool(args.cafile),
-            cafile=args.cafile,
+        with client or PredictionClient(
+            host, port, token=token, timeout=args.timeout, tls=tls, cafile=args.cafile
         ) as client:
             if args.health:
                 reply: Any = client.health(key=args.key)
@@ -320,9 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--array", action="store_true", help="send x as a number array instead of float32 bytes")
     pr.set_defaults(func=cmd_produce)
 
-    pd = sub.add_parser("predict", parents=[common], help="query a running daemon over the socket")
+    pd = sub.add_parser("predict", parents=[common], help="query a running daemon (socket, or --http)")
+    pd.add_argument(
+        "--http", action="store_true", help="use the OIP v2 HTTP front (default port: serve.http_port)"
+    )
     pd.add_argument("--host", help="the daemon's address (default: serve.host)")
-    pd.add_argument("--port", type=int, help="the prediction socket's port (default: serve.port)")
+    pd.add_argument(
+        "--port",
+        type=int,
+        help="the prediction socket's port (default: serve.port; with --http, serve.http_port)",
+    )
     pd.add_argument("--token", help="the auth token (default: serve.token)")
     pd.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for a reply (default: 10)")
     pd.add_argument("--tls", action="store_true", help="connect with TLS (the server has serve.tls_cert set)")

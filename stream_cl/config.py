@@ -216,9 +216,15 @@ class ServeConfig:
     tls_cert: str = ""
     tls_key: str = ""
     max_requests_per_s: float = 0.0
+    http_enabled: bool = True  # the OIP v2 REST front (docs/http-protocol.md), same loop and limits
+    http_port: int = 8000
+    model_name: str = "stream_cl"  # the OIP v2 model name of an unkeyed server
 
     def validate(self) -> None:
         _port("serve.port", self.port)
+        _port("serve.http_port", self.http_port)
+        if not self.model_name or "/" in self.model_name:
+            raise ConfigError("serve.model_name", f"must be non-empty without '/', got {self.model_name!r}")
         _positive("serve.max_frame_bytes", self.max_frame_bytes)
         _positive("serve.max_batch", self.max_batch)
         _positive("serve.max_connections", self.max_connections)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 
@@ -10,6 +11,10 @@ import pytest
 import structlog
 
 from stream_cl.tools.broker import EmbeddedBroker
+
+# Daemons and replicas the tests start (in-process or as subprocesses) bind any free port for the
+# OIP v2 HTTP front, never the shared default 8000; a test that needs it reads `http_port`.
+os.environ.setdefault("STREAM_CL_SERVE__HTTP_PORT", "0")
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ def test_predict_health_exits_non_zero_until_a_model_serves(capsys: pytest.Captu
     from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 
     holder = SnapshotHolder()
-    with PredictionServer(ServeConfig(port=0), holder) as server:
+    with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
         argv = ["predict", "--host", "127.0.0.1", "--port", str(server.port), "--timeout", "5", "--health"]
         assert cli.main(argv) == cli.EXIT_NOT_READY
         # the last line: the server's own events go to stdout too (no logging configured here)

@@ -27,6 +27,8 @@ def _demo(cwd: Path, stream: str) -> str:
             "--set",
             "serve.port=0",
             "--set",
+            "serve.http_port=0",
+            "--set",
             "metrics.port=0",
         ],
         capture_output=True,

@@ -212,6 +212,9 @@ def test_dockerfile_copies_files_that_exist_and_runs_real_cli_commands() -> None
     assert healthcheck[0] == "stream-cl" and _parses_as_cli(healthcheck[1:]).health
 
 
+LIVE, READY = "/v2/health/live", "/v2/health/ready"  # the OIP v2 health routes the probes GET
+
+
 def test_kubernetes_manifest_is_consistent(tmp_path: Path) -> None:
     """One recreated replica, probes on real ports and CLI flags, its ConfigMap a valid config, scrape annotations right."""
     docs = _k8s_docs()
@@ -224,13 +227,13 @@ def test_kubernetes_manifest_is_consistent(tmp_path: Path) -> None:
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics.port)
     container = pod["spec"]["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"predict": config.serve.port, "metrics": config.metrics.port}
-    for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["tcpSocket"]["port"] in ports
-    readiness = container["readinessProbe"]["exec"]["command"]
-    assert readiness[:2] == ["/bin/sh", "-c"]
-    stream_cl_argv = shlex.split(readiness[2].split("|")[0])
-    assert stream_cl_argv[0] == "stream-cl" and _parses_as_cli(stream_cl_argv[1:]).health
+    assert ports == {
+        "predict": config.serve.port,
+        "http": config.serve.http_port,
+        "metrics": config.metrics.port,
+    }
+    for probe, path in (("startupProbe", LIVE), ("livenessProbe", LIVE), ("readinessProbe", READY)):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     assert _parses_as_cli(container["args"]).command == "run"
     assert container["env"][0]["name"] == "STREAM_CL_SERVE__TOKEN"
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
@@ -568,6 +571,10 @@ def test_container_health_commands_pass_on_the_live_daemon(live: Live, tmp_path:
     assert match, "no HEALTHCHECK"
     healthcheck = json.loads(match.group(1))
     readiness = _k8s_docs()["Deployment"]["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
+    assert live.daemon.http_port is not None  # the probe's GET, as the kubelet makes it (no token)
+    probe_url = f"http://127.0.0.1:{live.daemon.http_port}{readiness['httpGet']['path']}"
+    with urllib.request.urlopen(probe_url, timeout=10) as r:
+        assert r.status == 200
     config_toml = tmp_path / "config.toml"
     config_toml.write_text("")
     env = {
@@ -575,7 +582,7 @@ def test_container_health_commands_pass_on_the_live_daemon(live: Live, tmp_path:
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "STREAM_CL_SERVE__PORT": str(live.daemon.serve_port),
     }
-    for command in (shlex.join(healthcheck), readiness["exec"]["command"][2]):
+    for command in (shlex.join(healthcheck),):
         command = command.replace("/etc/stream_cl/config.toml", str(config_toml))
         result = subprocess.run(
             ["/bin/sh", "-c", command], env=env, capture_output=True, text=True, timeout=60

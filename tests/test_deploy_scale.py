@@ -9,7 +9,6 @@ a valid stream_cl config, and every command line parses with the real CLI parser
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -90,12 +89,17 @@ def test_compose_load_balancer_fronts_the_replicas() -> None:
     assert (DEPLOY / source).resolve() == HAPROXY and target == "/usr/local/etc/haproxy/haproxy.cfg"
     replica = _env_config(services["stream-cl-replica"])
     cfg = HAPROXY.read_text()
-    assert re.search(r"^\s*mode tcp", cfg, re.M)
-    (bind,) = re.findall(r"^\s*bind :(\d+)", cfg, re.M)
-    (published,) = lb["ports"]
-    assert published == f"127.0.0.1:{bind}:{bind}"  # the host's loopback only
-    (server,) = re.findall(r"^\s*server-template \S+ \d+ (\S+) .*resolvers docker", cfg, re.M)
-    assert server == f"stream-cl-replica:{replica.serve.port}"
+    assert re.search(r"^\s*mode tcp", cfg, re.M) and re.search(r"^\s*mode http", cfg, re.M)
+    binds = re.findall(r"^\s*bind :(\d+)", cfg, re.M)
+    published = [p.split(" ")[0].strip('"') for p in lb["ports"]]
+    assert published == [f"127.0.0.1:{b}:{b}" for b in binds]  # the host's loopback only
+    servers = re.findall(r"^\s*server-template \S+ \d+ (\S+) .*resolvers docker", cfg, re.M)
+    assert servers == [
+        f"stream-cl-replica:{replica.serve.port}",
+        f"stream-cl-replica:{replica.serve.http_port}",
+    ]
+    assert [int(b) for b in binds] == [replica.serve.port, replica.serve.http_port]
+    assert "option httpchk GET /v2/health/ready" in cfg  # HTTP traffic only to ready replicas
     assert "stream-cl-replica" in lb["depends_on"]
 
 
@@ -111,6 +115,9 @@ def test_prometheus_scrapes_learners_and_replicas() -> None:
     down = next(r for g in alerts["groups"] for r in g["rules"] if r["alert"] == "StreamClDown")
     (jobs_regex,) = re.findall(r'up\{job=~"([^"]+)"\}', down["expr"])  # learners and replicas alike
     assert all(re.fullmatch(jobs_regex, job) for job in jobs)
+
+
+LIVE, READY = "/v2/health/live", "/v2/health/ready"  # the OIP v2 health routes the probes GET
 
 
 def _container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -136,7 +143,11 @@ def test_kubernetes_learners_are_many_daemons_on_a_shared_store(tmp_path: Path) 
     container = _container(deployment)
     assert _cli(container["args"]).command == "run"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"predict": config.serve.port, "metrics": config.metrics.port}
+    assert ports == {
+        "predict": config.serve.port,
+        "http": config.serve.http_port,
+        "metrics": config.metrics.port,
+    }
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics.port)
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts["checkpoints"] == config.checkpoint.dir
@@ -164,13 +175,14 @@ def test_kubernetes_replicas_follow_the_learners_behind_a_service(tmp_path: Path
     assert volumes["config"]["configMap"]["name"] == config_map["metadata"]["name"]
     assert "checkpoints" not in volumes  # replicas never learn
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"predict": config.serve.port, "metrics": config.metrics.port}
+    assert ports == {
+        "predict": config.serve.port,
+        "http": config.serve.http_port,
+        "metrics": config.metrics.port,
+    }
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(config.metrics.port)
-    readiness = container["readinessProbe"]["exec"]["command"]
-    argv = shlex.split(readiness[2].split("|")[0])
-    assert argv[0] == "stream-cl" and _cli(argv[1:]).health
-    for probe in ("startupProbe", "livenessProbe"):
-        assert container[probe]["tcpSocket"]["port"] in ports
+    for probe, path in (("startupProbe", LIVE), ("livenessProbe", LIVE), ("readinessProbe", READY)):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     service = _one(docs, "Service")
     labels = pod["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= labels.items()

@@ -75,6 +75,7 @@ def _learner_config(*overrides: str) -> Config:
             "model.batch_size=16",
             "evaluation.holdout_fraction=0",
             "checkpoint.enabled=false",
+            "serve.http_port=0",
             *overrides,
         ],
         env={},

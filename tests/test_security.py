@@ -65,7 +65,7 @@ def _snapshot() -> Snapshot:
 def _server(**overrides: object) -> PredictionServer:
     holder = SnapshotHolder()
     holder.publish(_snapshot())
-    config = ServeConfig(port=0, **overrides)  # type: ignore[arg-type]
+    config = ServeConfig(port=0, http_port=0, **overrides)  # type: ignore[arg-type]
     return PredictionServer(config, holder)
 
 

@@ -134,7 +134,7 @@ def serve() -> Iterator[Callable[..., Running]]:
         if snapshot is not None:
             holder.publish(snapshot)
         metrics = Metrics()
-        server = PredictionServer(ServeConfig(port=0, **overrides), holder, metrics)
+        server = PredictionServer(ServeConfig(port=0, http_port=0, **overrides), holder, metrics)
         port = server.start()
         started.append(server)
         return Running(server, holder, metrics, port)
@@ -532,7 +532,7 @@ def test_context_manager_binds_a_free_port_and_releases_it() -> None:
     """`with PredictionServer(...)` serves on the port start() chose and closes it on exit."""
     holder = SnapshotHolder()
     holder.publish(make_snapshot())
-    with PredictionServer(ServeConfig(port=0), holder) as server:
+    with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
         assert server.port
         with PredictionClient(port=server.port) as client:
             assert client.health()["status"] == "ready"
@@ -602,7 +602,9 @@ frame_payloads = st.lists(
 def fuzz_target() -> Iterator[int]:
     holder = SnapshotHolder()
     holder.publish(make_snapshot())
-    with PredictionServer(ServeConfig(port=0, max_frame_bytes=4096, read_timeout_s=2.0), holder) as server:
+    with PredictionServer(
+        ServeConfig(port=0, http_port=0, max_frame_bytes=4096, read_timeout_s=2.0), holder
+    ) as server:
         assert server.port is not None
         yield server.port
 
@@ -635,7 +637,7 @@ def keyed() -> Iterator[tuple[SnapshotRegistry, PredictionClient]]:
     registry = SnapshotRegistry(keyed=True)
     registry.publish("site-a", make_snapshot(version=1, seed=0))
     registry.publish("site-b", make_snapshot(version=7, seed=1))
-    server = PredictionServer(ServeConfig(port=0), registry, Metrics())
+    server = PredictionServer(ServeConfig(port=0, http_port=0), registry, Metrics())
     port = server.start()
     try:
         with PredictionClient(port=port, timeout=5.0) as client:

@@ -131,6 +131,8 @@ def test_quick_start_setup_and_demo_run_without_root_or_sudo(workspace: Path) ->
             "--set",
             "serve.port=0",
             "--set",
+            "serve.http_port=0",
+            "--set",
             "metrics.port=0",
         ],
         cwd=clone,

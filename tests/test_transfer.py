@@ -197,6 +197,7 @@ def config_for(tmp_path: object, *extra: str) -> Config:
             "strategy.name=replay",
             "evaluation.holdout_fraction=0",
             "serve.port=0",
+            "serve.http_port=0",
             f"checkpoint.dir={tmp_path}",
             *extra,
         ],

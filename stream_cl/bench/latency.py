@@ -1,9 +1,12 @@
-"""Socket latency and throughput of the prediction server, against the in-process forward.
+"""Socket and OIP v2 HTTP latency and throughput of the prediction server, against the
+in-process forward.
 
-Everything is measured side by side in one run on the same machine, and the result is
-reported as ratios measured side by side: socket p50 over in-process p50, and throughput with many
-concurrent clients over throughput with one. Latency is taken with `PredictionClient`, as a
-caller sees it; throughput with sockets that each do sequential request/reply.
+Everything is measured side by side in one run on the same machine, server and snapshot, and
+the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
+(JSON and binary tensors) p50 over socket p50, and throughput with many concurrent clients over
+throughput with one. Socket latency is taken with `PredictionClient`, as a caller sees it; HTTP
+latency with a lean keep-alive client (bench/latency_http.py); throughput with connections that each do
+sequential request/reply.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import msgpack
 import numpy as np
 import torch
 
+from stream_cl.bench.latency_http import http_seconds, http_throughput, infer_bodies
 from stream_cl.config import ServeConfig
 from stream_cl.serve.client import PredictionClient
 from stream_cl.serve.frames import HEADER
@@ -28,6 +32,8 @@ from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 # Goals the server is held to (see the `goals` entry of the result).
 P50_GOAL_X_INPROCESS = 5.0
 THROUGHPUT_GOAL_X_ONE_CLIENT = 4.0
+HTTP_BINARY_P50_GOAL_X_SOCKET = 1.5
+HTTP_ENCODINGS = ("json", "binary")
 _WARMUP = 200
 
 
@@ -148,7 +154,7 @@ def run_latency_bench(
     lo, hi = min(concurrency), max(concurrency)
     holder = SnapshotHolder()
     holder.publish(snapshot)
-    with PredictionServer(ServeConfig(port=0), holder) as server:
+    with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
         port = server.port
         assert port is not None
         _inprocess_seconds(snapshot, xs, _WARMUP)
@@ -157,10 +163,27 @@ def run_latency_bench(
         sock = _socket_seconds(port, xs, n_requests)
         frames = _request_frames(xs)
         throughput = {str(c): _throughput(port, frames, c, duration_s) for c in concurrency}
+        http_port, model = server.http_port, server.config.model_name
+        assert http_port is not None
+        http: dict[str, dict[str, Any]] = {}
+        for encoding in HTTP_ENCODINGS:
+            bodies = infer_bodies(xs, binary=encoding == "binary")
+            http_seconds(http_port, bodies, _WARMUP, model)
+            seconds = http_seconds(http_port, bodies, n_requests, model)
+            rps = {str(c): http_throughput(http_port, bodies, c, duration_s, model) for c in concurrency}
+            http[encoding] = {
+                "p50_ms": _percentile_ms(seconds, 50),
+                "p99_ms": _percentile_ms(seconds, 99),
+                "throughput_rps": rps,
+                f"throughput_{hi}_vs_{lo}": rps[str(hi)] / rps[str(lo)],
+            }
     inprocess_p50 = _percentile_ms(inprocess, 50)
     socket_p50 = _percentile_ms(sock, 50)
     p50_ratio = socket_p50 / inprocess_p50
     scaling = throughput[str(hi)] / throughput[str(lo)]
+    for figures in http.values():
+        figures["p50_vs_socket"] = figures["p50_ms"] / socket_p50
+    binary = http["binary"]
     return {
         "n_requests": n_requests,
         "duration_s": duration_s,
@@ -178,9 +201,16 @@ def run_latency_bench(
         "throughput_rps": throughput,
         "p50_vs_inprocess": p50_ratio,
         f"throughput_{hi}_vs_{lo}": scaling,
+        "http": http,  # per encoding: p50/p99 (1 client), throughput per client count, ratios
         "goals": {
             f"p50_within_{P50_GOAL_X_INPROCESS:g}x_inprocess": p50_ratio <= P50_GOAL_X_INPROCESS,
             f"throughput_{hi}_clients_at_least_{THROUGHPUT_GOAL_X_ONE_CLIENT:g}x_one": scaling
+            >= THROUGHPUT_GOAL_X_ONE_CLIENT,
+            f"http_binary_p50_within_{HTTP_BINARY_P50_GOAL_X_SOCKET:g}x_socket": binary["p50_vs_socket"]
+            <= HTTP_BINARY_P50_GOAL_X_SOCKET,
+            f"http_{hi}_clients_at_least_{THROUGHPUT_GOAL_X_ONE_CLIENT:g}x_one": binary[
+                f"throughput_{hi}_vs_{lo}"
+            ]
             >= THROUGHPUT_GOAL_X_ONE_CLIENT,
         },
     }
@@ -199,6 +229,18 @@ def format_latency_table(result: dict[str, Any]) -> str:
     rows.append(("socket p50 / in-process p50", f"{result['p50_vs_inprocess']:.2f}x"))
     lo, hi = result["concurrency"]
     rows.append((f"throughput {hi} / {lo} client(s)", f"{result[f'throughput_{hi}_vs_{lo}']:.2f}x"))
+    for encoding, figures in result.get("http", {}).items():
+        rows.append((f"HTTP {encoding} infer p50 (1 client)", f"{figures['p50_ms']:.3f} ms"))
+        rows.append((f"HTTP {encoding} infer p99 (1 client)", f"{figures['p99_ms']:.3f} ms"))
+        for clients, rps in figures["throughput_rps"].items():
+            rows.append((f"HTTP {encoding} throughput, {clients} client(s)", f"{rps:,.0f} req/s"))
+        rows.append((f"HTTP {encoding} p50 / socket p50", f"{figures['p50_vs_socket']:.2f}x"))
+        rows.append(
+            (
+                f"HTTP {encoding} throughput {hi} / {lo} client(s)",
+                f"{figures[f'throughput_{hi}_vs_{lo}']:.2f}x",
+            )
+        )
     for goal, met in result["goals"].items():
         rows.append((f"goal {goal}", "met" if met else "NOT met"))
     rows.append(

@@ -1,4 +1,4 @@
-"""`stream-cl bench latency`: socket predict latency and throughput vs in-process forward."""
+"""`stream-cl bench latency`: socket and OIP v2 HTTP (JSON, binary) latency and throughput vs in-process forward."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from stream_cl.config import Config
 
-HELP = "socket predict latency/throughput against in-process forward"
+HELP = "socket and HTTP (JSON, binary) predict latency/throughput against in-process forward"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

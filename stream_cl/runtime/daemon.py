@@ -108,6 +108,7 @@ class Daemon:
         )
         self.server: PredictionServer | None = None
         self.serve_port: int | None = None
+        self.http_port: int | None = None  # the OIP v2 HTTP front (serve.http_enabled)
         self.metrics_port: int | None = None
         self._learner_stop = threading.Event()
         self._learner_thread = threading.Thread(
@@ -156,6 +157,7 @@ class Daemon:
             group_id=cfg.kafka.group_id,
             strategy=cfg.strategy.name,
             serve_port=self.serve_port,
+            http_port=self.http_port,
             metrics_port=self.metrics_port,
         )
 
@@ -176,6 +178,7 @@ class Daemon:
         if cfg.serve.enabled:
             server = self.server = PredictionServer(cfg.serve, self.registry, self.metrics)
             self.serve_port = server.start()
+            self.http_port = server.http_port
             started.append(("server", lambda left: server.stop(drain_timeout=left)))
         if cfg.kafka.predictions_topic:
             predictions = self._predictions = PredictionsSink(cfg.kafka)

@@ -37,6 +37,7 @@ class Replica:
         self.follower = SnapshotFollower(config, topic, self.registry, self.metrics)
         self.server = PredictionServer(config.serve, self.registry, self.metrics)
         self.serve_port: int | None = None
+        self.http_port: int | None = None  # the OIP v2 HTTP front (serve.http_enabled)
         self.metrics_port: int | None = None
         self._metrics_server: Any = None
         self._shutdown = threading.Event()
@@ -50,12 +51,14 @@ class Replica:
                 self.metrics, cfg.metrics.host, cfg.metrics.port
             )
         self.serve_port = self.server.start()
+        self.http_port = self.server.http_port
         self.follower.start()
         self.log.info(
             "replica_started",
             topic=self.follower.topic,
             keyed=self.registry.keyed,
             serve_port=self.serve_port,
+            http_port=self.http_port,
             metrics_port=self.metrics_port,
         )
 

@@ -32,14 +32,18 @@ class ReplyChannel(Protocol):
 
 
 class Slot:
-    """One request's place in its connection's reply order; `frame` is set once answered."""
+    """One request's place in its connection's reply order; `frame` is set once answered.
 
-    __slots__ = ("frame", "started", "samples")
+    A raw job (`PredictJob.raw`, the HTTP front) gets its answer as `result` (the snapshot and its
+    probabilities, no msgpack) with an empty `frame`; an error still comes as an error frame."""
+
+    __slots__ = ("frame", "started", "samples", "result")
 
     def __init__(self, started: float = 0.0, samples: int = 0, frame: bytes | None = None) -> None:
         self.frame = frame
         self.started = started  # perf_counter() when the request was decoded
         self.samples = samples  # samples predicted if the reply is ok; 0 = not a prediction
+        self.result: tuple[Snapshot, np.ndarray] | None = None
 
 
 @dataclass(slots=True)
@@ -51,6 +55,7 @@ class PredictJob:
     task: TaskId | None
     batch: bool  # reply shaped for predict_batch
     model: SnapshotHolder  # the model (key) the request routes to
+    raw: bool = False  # answer in `slot.result` (snapshot, proba rows), not a msgpack frame
 
 
 class Batcher:
@@ -180,16 +185,22 @@ def predict_group(
     labels = snapshot.labels
     if prediction.proba.shape != (sum(len(j.xs) for j in jobs), len(labels)):
         raise RuntimeError(f"predictor returned proba of shape {prediction.proba.shape}")
-    top = prediction.proba.argmax(axis=1).tolist()
-    results = [
-        {"label": labels[top[i]], "proba": dict(zip(labels, row, strict=True)), "task": route}
-        for i, (row, route) in enumerate(zip(prediction.proba.tolist(), prediction.tasks, strict=True))
-    ]
     out = []
     start = 0
     for job in jobs:
-        mine = results[start : start + len(job.xs)]
-        start += len(job.xs)
+        end = start + len(job.xs)
+        if job.raw:
+            job.slot.result = (snapshot, prediction.proba[start:end])
+            out.append((b"", True))
+            start = end
+            continue
+        proba, routes = prediction.proba[start:end], prediction.tasks[start:end]
+        top = proba.argmax(axis=1).tolist()
+        mine = [
+            {"label": labels[top[i]], "proba": dict(zip(labels, row, strict=True)), "task": route}
+            for i, (row, route) in enumerate(zip(proba.tolist(), routes, strict=True))
+        ]
+        start = end
         reply = {"id": job.rid, "ok": True, **({"results": mine} if job.batch else mine[0])}
         reply["model_version"] = snapshot.version
         out.append((pack_frame(reply), True))

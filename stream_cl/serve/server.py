@@ -24,6 +24,8 @@ Why it is built this way:
   burst): a request over it is answered `bad_request` / "rate limit exceeded", without running it,
   and the connection stays open. Rejecting rather than delaying keeps the server's memory and
   timers independent of how hard a client pushes; an honest client just backs off.
+- With `serve.http_enabled` the same loop also serves the Open Inference Protocol v2 over HTTP
+  (`serve.http_port`, serve/http.py), feeding the same batcher from the same registry.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from stream_cl.metrics import Metrics
 from stream_cl.serve.batcher import Batcher, Slot
 from stream_cl.serve.connection import LINGER_S, MAX_IN_FLIGHT_PER_CONNECTION, RATE_LIMITED, SocketConnection
 from stream_cl.serve.frames import HEADER
+from stream_cl.serve.http import HttpFront
 from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.serve.requests import (
     server_ssl_context,
@@ -74,6 +77,8 @@ class PredictionServer:
         self.log = logger if logger is not None else get_logger("stream_cl.serve.server")
         self.batcher = Batcher(config, self.anyone_could_send, self.log)
         self.port: int | None = None
+        self.http: HttpFront | None = HttpFront(self) if config.http_enabled else None
+        self.http_port: int | None = None  # bound before start() returns
         self._connections: set[SocketConnection] = set()
         self._admitted = 0
         self.busy_connections = 0  # admitted, open, and owing replies or closing
@@ -168,10 +173,21 @@ class PredictionServer:
             ssl_handshake_timeout=self.config.read_timeout_s if context is not None else None,
         )
         port = int(server.sockets[0].getsockname()[1])
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start()
+            except BaseException:
+                server.close()
+                raise
         self.batcher.start(loop)
         bound.set_result(port)
         self.log.info(
-            "serve_started", host=self.config.host, port=port, auth=bool(self.config.token), tls=self.tls
+            "serve_started",
+            host=self.config.host,
+            port=port,
+            http_port=self.http_port,
+            auth=bool(self.config.token),
+            tls=self.tls,
         )
         await self._stop_requested.wait()
 
@@ -179,6 +195,7 @@ class PredictionServer:
         # read is answered within the drain timeout.
         self.stopping = True
         deadline = loop.time() + self._drain_timeout
+        http_stopped = None if self.http is None else loop.create_task(self.http.stop(self._drain_timeout))
         for conn in list(self._connections):
             conn.drain()
         while self._connections and loop.time() < deadline:
@@ -195,4 +212,6 @@ class PredictionServer:
             conn.abort()
         await asyncio.sleep(0)  # let the aborted transports run connection_lost and close sockets
         await server.wait_closed()
+        if http_stopped is not None:
+            await http_stopped
         self.log.info("serve_stopped", port=port)

@@ -42,12 +42,14 @@ def free_port() -> int:
 
 
 def kafka_overrides(bootstrap_servers: str, topic: str) -> list[str]:
-    """Config overrides that give a daemon its own topic, dead-letter topic and consumer group."""
+    """Config overrides that give a daemon its own topic, dead-letter topic and consumer group, and
+    any free port for the HTTP front (several daemons on one host cannot share serve.http_port)."""
     return [
         f"kafka.bootstrap_servers={bootstrap_servers}",
         f"kafka.topic={topic}",
         f"kafka.dead_letter_topic={topic}.dlq",
         f"kafka.group_id=g-{topic}",
+        "serve.http_port=0",
     ]
 
 
