@@ -32,11 +32,12 @@ from stream_cl.ingest.source import Record
 from stream_cl.learn.learner import Learner
 from stream_cl.learn.outputs import LearnerOutputs
 from stream_cl.metrics import Metrics
-from stream_cl.replicate.snapshots import SnapshotPublisher, capture_learner
+from stream_cl.replicate.snapshots import SnapshotFollower, SnapshotPublisher, capture_learner
 from stream_cl.replicate.wire import Assembler, SnapshotRejected, encode, rebuild
 from stream_cl.runtime.daemon import Daemon
 from stream_cl.runtime.replica import Replica
 from stream_cl.serve.client import PredictionClient, PredictionError
+from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.strategies import available
 from stream_cl.tools.broker import EmbeddedBroker
@@ -149,6 +150,28 @@ def test_tampered_or_incomplete_snapshots_are_rejected(digits: BenchmarkStream) 
     assert fed(values, max_bytes=size // 2) == "too_large"
     assert fed([b"\xc1"]) == "not_msgpack"
     assert fed([msgpack.packb({"kind": "nope", "model": ""})]) == "bad_message"
+
+
+def test_follower_exports_when_it_last_applied_a_snapshot(digits: BenchmarkStream) -> None:
+    """`stream_cl_replica_last_applied_timestamp_seconds` is absent before the first load, then its Unix time."""
+    config = _learner_config()
+    learner = Learner(config, SnapshotHolder(), Metrics())
+    learner.process(_records(digits, limit=300))
+    learner.flush()
+    capture = capture_learner("", learner, learner.version)
+    assert capture is not None
+    _, messages, _ = encode(capture, config, chunk_bytes=1 << 20)
+    metrics = Metrics()
+    follower = SnapshotFollower(config, "unused", SnapshotRegistry(keyed=False), metrics)  # never started
+    name = "stream_cl_replica_last_applied_timestamp_seconds"
+    assert metrics.sample_value(name) is None  # not 0: "applied at 1970" would page as stale
+    for version in (1, 2):
+        before = time.time()
+        follower._latest[""] = _assemble(messages)  # type: ignore[assignment]
+        follower._apply_latest()
+        applied_at = metrics.sample_value(name)
+        assert applied_at is not None and before <= applied_at <= time.time(), version
+        assert metrics.sample_value("stream_cl_replica_snapshots_applied_total") == version
 
 
 def test_publish_config_is_checked() -> None:

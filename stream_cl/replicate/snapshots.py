@@ -119,6 +119,21 @@ class _FollowerMetrics:
             "At the latest load: seconds from the learner's capture to serving it here.",
             registry=r,
         )
+        self._registry = r
+        self._last_applied: Gauge | None = None  # registered at the first load: absent, never 0, before
+
+    def loaded(self, now: float, created_at: float) -> None:
+        """A snapshot captured at `created_at` is served from `now` on."""
+        self.applied.inc()
+        self.age.set(max(0.0, now - created_at))
+        if self._last_applied is None:
+            # Staleness: `time() - this` keeps growing while nothing is applied (the age above freezes).
+            self._last_applied = Gauge(
+                "stream_cl_replica_last_applied_timestamp_seconds",
+                "Unix time this replica last applied a snapshot (absent until its first).",
+                registry=self._registry,
+            )
+        self._last_applied.set(now)
 
 
 # -- learner side ---------------------------------------------------------------------------------
@@ -440,8 +455,7 @@ class SnapshotFollower:
                 continue
             self.registry.publish(model, snapshot)
             self.applied += 1
-            self.replica_metrics.applied.inc()
-            self.replica_metrics.age.set(max(0.0, time.time() - float(published.manifest["created_at"])))
+            self.replica_metrics.loaded(time.time(), float(published.manifest["created_at"]))
             self.metrics.model_version.set(snapshot.version)
             self.log.info("snapshot_applied", model=model, version=snapshot.version)
             if self.on_applied is not None:
