@@ -53,7 +53,7 @@ DATASOURCE = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.y
 K8S = DEPLOY / "k8s" / "stream-cl.yaml"
 
 # What Grafana substitutes before it sends a query, for a 1 s scrape interval.
-GRAFANA_MACROS = {"$__rate_interval": "5s", "$__interval": "2s", "$instance": ".+"}
+GRAFANA_MACROS = {"$__rate_interval": "5s", "$__interval": "2s", "$job": ".+", "$instance": ".+"}
 # Series Prometheus makes itself for every target; any other name must come from the daemon.
 PROMETHEUS_SERIES = {"up"}
 INVALID_MESSAGES = 3
@@ -264,20 +264,64 @@ def test_alert_rules_fire_on_their_incident_and_not_on_its_look_alike() -> None:
     tests = DEPLOY / "prometheus" / "alerts_test.yml"
     result = subprocess.run([_tool("promtool"), "test", "rules", str(tests)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    tested = set(re.findall(r"alertname: (\w+)", tests.read_text()))
-    assert tested == {rule["alert"] for rule in alert_rules()}
+    rules = {rule["alert"] for rule in alert_rules()}
+    cases = [case for test in _load_yaml(tests)["tests"] for case in test["alert_rule_test"]]
+    assert {case["alertname"] for case in cases} == rules  # no rule without a unit test
+
+
+def test_every_alert_has_a_firing_case_and_a_quiet_look_alike() -> None:
+    """For each rule, alerts_test.yml makes it fire, and has series (or a time) where it must not.
+
+    A look-alike is an evaluation that expects no alert, or an instance in a test's input series
+    that the rule's expected alerts leave out (promtool then proves it stays quiet).
+    """
+    fired: set[str] = set()
+    quiet: set[str] = set()
+    for test in _load_yaml(DEPLOY / "prometheus" / "alerts_test.yml")["tests"]:
+        instances = {
+            m.group(1) for s in test["input_series"] if (m := re.search(r'instance="([^"]+)"', s["series"]))
+        }
+        for case in test["alert_rule_test"]:
+            expected = {a["exp_labels"]["instance"] for a in case.get("exp_alerts") or []}
+            if expected:
+                fired.add(case["alertname"])
+            if not expected or instances - expected:
+                quiet.add(case["alertname"])
+    rules = {rule["alert"] for rule in alert_rules()}
+    assert fired == rules, f"never fires in a test: {sorted(rules - fired)}"
+    assert quiet == rules, f"no look-alike that stays quiet: {sorted(rules - quiet)}"
+
+
+def test_down_alert_is_job_agnostic() -> None:
+    """StreamClDown keys on stream_cl's own series, not on job names, so any scrape config gets it."""
+    (down,) = [r for r in alert_rules() if r["alert"] == "StreamClDown"]
+    assert "job=" not in down["expr"] and "job=~" not in down["expr"]
+    assert "up == 0" in down["expr"] and "stream_cl_build_info" in down["expr"]
+
+
+def _datasource_refs(node: Any, where: str = "dashboard") -> Iterator[tuple[str, Any]]:
+    """Every `datasource` value anywhere in the dashboard JSON, with where it sits."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield where, value
+            yield from _datasource_refs(value, f"{where}.{node.get('title', node.get('name', key))}")
+    elif isinstance(node, list):
+        for item in node:
+            yield from _datasource_refs(item, where)
 
 
 def test_dashboard_json_parses_and_uses_the_provisioned_datasource() -> None:
-    """The dashboard is valid JSON whose panels all query the datasource Grafana provisions."""
+    """The dashboard is valid JSON; its datasource variable offers the Prometheus Grafana provisions."""
     dashboard = json.loads(DASHBOARD.read_text())
-    uid = _load_yaml(DATASOURCE)["datasources"][0]["uid"]
+    (provisioned,) = _load_yaml(DATASOURCE)["datasources"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == provisioned["type"] == "prometheus"
+    assert provisioned["isDefault"]  # the variable's empty `current` falls back to it
     panels = dashboard["panels"]
     assert len({p["id"] for p in panels}) == len(panels)
     for panel in panels:
         assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
-        for target in panel.get("targets", []):
-            assert target["datasource"]["uid"] == uid, panel["title"]
     titles = {p["title"] for p in panels}
     assert {"Accuracy matrix R[i][j] (heatmap)", "Prediction latency", "Consumer lag", "Forgetting"} <= titles
     provider = _load_yaml(DEPLOY / "grafana" / "provisioning" / "dashboards" / "stream_cl.yml")["providers"][
@@ -286,6 +330,60 @@ def test_dashboard_json_parses_and_uses_the_provisioned_datasource() -> None:
     grafana = _load_yaml(COMPOSE)["services"]["grafana"]
     mounted = {v.split(":")[1] for v in grafana["volumes"] if v.startswith("./grafana/dashboards")}
     assert mounted == {provider["options"]["path"]}
+
+
+# Series that must have a panel: each family the learner, its snapshot publisher or a replica exports.
+PANELLED = {
+    "stream_cl_replica_snapshot_age_seconds",
+    "stream_cl_replica_last_applied_timestamp_seconds",
+    "stream_cl_replica_snapshots_applied_total",
+    "stream_cl_replica_snapshots_rejected_total",
+    "stream_cl_snapshots_published_total",
+    "stream_cl_snapshot_publish_failures_total",
+    "stream_cl_source_errors_total",
+    "stream_cl_capacity_exhausted",
+    "stream_cl_free_capacity_ratio",
+    "stream_cl_models",
+    "stream_cl_model_handovers_total",
+    "stream_cl_evaluations_total",
+    "stream_cl_build_info",
+}
+
+
+def test_dashboard_imports_into_a_grafana_whose_prometheus_has_another_name() -> None:
+    """No datasource uid or name is baked in: everything queries `${datasource}`, a datasource variable.
+
+    Imported into a Grafana whose Prometheus is called, say, "Mimir (prod)" with a random uid, the
+    variable lists that datasource (type prometheus) and every panel, target, annotation and query
+    variable follows it; nothing refers to the compose stack's provisioned uid or name.
+    """
+    text = DASHBOARD.read_text()
+    dashboard = json.loads(text)
+    (provisioned,) = _load_yaml(DATASOURCE)["datasources"]
+    assert provisioned["uid"] not in text and f'"{provisioned["name"]}"' not in text
+    assert "__inputs" not in dashboard  # no import-time datasource prompt either: the variable does it
+    variables = dashboard["templating"]["list"]
+    assert [v["name"] for v in variables] == ["datasource", "job", "instance"]
+    datasource = variables[0]
+    assert datasource["type"] == "datasource" and datasource["query"] == "prometheus"
+    assert not datasource.get("current")  # nothing preselected: Grafana picks its default Prometheus
+    assert datasource.get("regex", "") == ""  # any name matches
+    refs = list(_datasource_refs(dashboard))
+    assert len(refs) > 40
+    for where, ref in refs:
+        if ref == {"type": "grafana", "uid": "-- Grafana --"}:  # the built-in annotations, not a datasource
+            continue
+        assert ref == {"type": "prometheus", "uid": "${datasource}"}, (where, ref)
+    for variable in variables[1:]:
+        assert variable["type"] == "query" and variable["datasource"]["uid"] == "${datasource}"
+    assert variables[1]["name"] == "job" and 'job=~"$job"' in variables[2]["definition"]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [a["expr"] for a in dashboard["annotations"]["list"] if "expr" in a]
+    for expr in exprs:
+        for selector in re.findall(r"\b(?:stream_cl_[a-z0-9_]+|up)\s*(\{[^}]*\})?", expr):
+            assert 'job=~"$job"' in selector and 'instance=~"$instance"' in selector, expr
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert not PANELLED - used, f"series without a panel: {sorted(PANELLED - used)}"
 
 
 # -- the live stack: daemon on the broker + a real Prometheus --------------------------------------
