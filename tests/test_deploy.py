@@ -38,6 +38,7 @@ from support import free_port, kafka_overrides, wait_until
 from stream_cl.cli import build_parser, main
 from stream_cl.config import Config, load_config
 from stream_cl.runtime.daemon import Daemon, checkpoint_dir
+from stream_cl.runtime.replica import Replica
 from stream_cl.serve.client import PredictionClient
 from stream_cl.tools.broker import EmbeddedBroker
 from stream_cl.tools.datasets import BenchmarkStream, load_stream
@@ -332,6 +333,8 @@ def test_dashboard_json_parses_and_uses_the_provisioned_datasource() -> None:
     assert mounted == {provider["options"]["path"]}
 
 
+# Series only a daemon with models.per_key exports; the live daemon here holds one model.
+PER_KEY_ONLY = {"stream_cl_models", "stream_cl_model_handovers_total"}
 # Series that must have a panel: each family the learner, its snapshot publisher or a replica exports.
 PANELLED = {
     "stream_cl_replica_snapshot_age_seconds",
@@ -390,6 +393,7 @@ def test_dashboard_imports_into_a_grafana_whose_prometheus_has_another_name() ->
 @dataclass
 class Live:
     daemon: Daemon
+    replica: Replica
     config: Config
     prometheus: str  # base URL
     produced: int
@@ -426,15 +430,23 @@ def prometheus_binary() -> str:
     return _tool("prometheus")
 
 
-def _start_prometheus(binary: str, metrics_port: int, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
-    """deploy/prometheus/prometheus.yml with only the target and intervals changed for a test."""
+def _start_prometheus(
+    binary: str, metrics_ports: dict[str, int], workdir: Path
+) -> tuple[subprocess.Popen[bytes], str]:
+    """deploy/prometheus/prometheus.yml with only the targets and intervals changed for a test.
+
+    `metrics_ports`: job name (stream_cl for the learner, stream_cl_replica) -> the /metrics port.
+    No Alertmanager runs here, so the `alerting:` block goes (the rules are still evaluated).
+    """
     config = _load_yaml(PROMETHEUS_YML)
     config["global"].update(scrape_interval="1s", evaluation_interval="1s")
     config["rule_files"] = [str(ALERTS_YML)]
-    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "stream_cl"]  # the learner's job
-    config["scrape_configs"] = [job]
-    job.pop("dns_sd_configs", None)
-    job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
+    config.pop("alerting", None)
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    config["scrape_configs"] = [jobs[name] for name in metrics_ports]
+    for name, port in metrics_ports.items():
+        jobs[name].pop("dns_sd_configs", None)
+        jobs[name]["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     proc = subprocess.Popen(
@@ -470,9 +482,11 @@ def live(
     prometheus_binary: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Live]:
-    """The daemon learns split-mnist (finetune, 10% held out) while a real Prometheus scrapes it every second."""
+    """The daemon learns split-mnist (finetune, 10% held out) and publishes its snapshots to a replica
+    that follows them, while a real Prometheus scrapes both every second (jobs as in compose)."""
     topic = f"deploy-{os.getpid()}-{time.monotonic_ns()}"
     broker.create_topic(topic)
+    snapshot_topic = f"{topic}.snapshots"
     config = load_config(
         None,
         [
@@ -486,15 +500,22 @@ def live(
             "evaluation.every_samples=200",
             "evaluation.every_s=1.0",
             f"checkpoint.dir={tmp_path_factory.mktemp('ckpt')}",
+            f"publish.topic={snapshot_topic}",
+            "publish.interval_s=0.5",
         ],
         env={},
     )
     started = time.time()
+    replica = Replica(config, snapshot_topic)  # waits for the topic the daemon creates
+    replica.start()
     daemon = Daemon(config)
     daemon.start()
     assert daemon.metrics_port is not None and daemon.serve_port is not None
+    assert replica.metrics_port is not None
     proc, base = _start_prometheus(
-        prometheus_binary, daemon.metrics_port, tmp_path_factory.mktemp("prometheus")
+        prometheus_binary,
+        {"stream_cl": daemon.metrics_port, "stream_cl_replica": replica.metrics_port},
+        tmp_path_factory.mktemp("prometheus"),
     )
     try:
         # Learning must happen while Prometheus watches: wait for the daemon's group join and for
@@ -504,7 +525,7 @@ def live(
         def scraped() -> bool:
             with urllib.request.urlopen(f"{base}/api/v1/query?query=up", timeout=5) as r:
                 result = json.loads(r.read())["data"]["result"]
-            return any(float(series["value"][1]) == 1.0 for series in result)
+            return sum(float(series["value"][1]) == 1.0 for series in result) == 2
 
         wait_until(scraped, 30, "Prometheus's first scrape of the daemon")
         produced = produce_stream(broker.bootstrap_servers, topic, split_mnist, rate=500)
@@ -516,7 +537,7 @@ def live(
         producer.flush()
         producer.close()
         produced += INVALID_MESSAGES
-        state = Live(daemon, config, base, produced, started)
+        state = Live(daemon, replica, config, base, produced, started)
 
         def consumed() -> float:
             return sum(
@@ -535,6 +556,28 @@ def live(
             "an evaluation of the final model",
         )
         wait_until(
+            lambda: (
+                replica.follower.applied > 0
+                and _version(replica.registry.get()) == _version(daemon.holder.get())
+            ),
+            60,
+            "the replica to serve the learner's final version",
+        )
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        producer.send(snapshot_topic, key=b"x", value=b"\xc1 not msgpack")  # a rejected snapshot message
+        producer.flush()
+        producer.close()
+        wait_until(
+            lambda: (
+                replica.metrics.sample_value(
+                    "stream_cl_replica_snapshots_rejected_total", {"reason": "not_msgpack"}
+                )
+                == 1.0
+            ),
+            30,
+            "the replica to reject the garbage",
+        )
+        wait_until(
             lambda: bool(state.query("stream_cl_average_forgetting > 0.2")),
             30,
             "Prometheus to scrape forgetting",
@@ -546,6 +589,11 @@ def live(
             30,
             "Prometheus to scrape the final counts",
         )
+        wait_until(
+            lambda: state.query("stream_cl_replica_snapshots_rejected_total > 0"),
+            30,
+            "Prometheus to scrape the replica's reject",
+        )
         time.sleep(3)  # a few more scrapes, so every 5 s rate window after the predictions has two points
         yield state
     finally:
@@ -556,42 +604,63 @@ def live(
             proc.kill()
             proc.wait()
         daemon.stop()
+        replica.stop()
+
+
+def _version(snapshot: Any) -> int | None:
+    return None if snapshot is None else int(snapshot.version)
 
 
 @pytest.mark.integration
 def test_prometheus_scrapes_the_daemon(live: Live) -> None:
-    """Prometheus reports the daemon's target up under the job name the alerts use."""
-    (up,) = live.query('up{job="stream_cl"}')
-    assert up["value"][1] == "1"
+    """Prometheus reports the learner's and the replica's targets up under compose's job names."""
+    for job in ("stream_cl", "stream_cl_replica"):
+        (up,) = live.query(f'up{{job="{job}"}}')
+        assert up["value"][1] == "1", job
 
 
 @pytest.mark.integration
 def test_every_dashboard_query_returns_data(live: Live) -> None:
-    """Each panel target and annotation, sent as Grafana sends it, returns series with real numbers."""
-    empty = []
+    """Each panel target and annotation, sent as Grafana sends it, returns series with real numbers.
+
+    Correctly empty: the per-key panels (this daemon holds one model, so their series do not exist).
+    """
+    empty, per_key = [], []
     for where, expr, instant in dashboard_queries(json.loads(DASHBOARD.read_text())):
         result = live.query(expr) if instant else live.query_range(expr)
         values = [float(v[1]) for s in result for v in (s["values"] if "values" in s else [s["value"]])]
-        if not any(math.isfinite(v) for v in values):
+        has_data = any(math.isfinite(v) for v in values)
+        if metric_names(expr) <= PER_KEY_ONLY:
+            assert not has_data, f"{where}: per-key series from a single-model daemon: {expr}"
+            per_key.append(where)
+        elif not has_data:
             empty.append(f"{where}: {expr}")
     assert not empty, "queries without data:\n" + "\n".join(empty)
+    assert per_key  # the per-key panels exist (their data is checked by the per-key daemon's tests)
 
 
 @pytest.mark.integration
-def test_dashboard_variable_lists_the_daemon(live: Live) -> None:
-    """The `instance` variable's label_values() query finds the scraped daemon."""
-    variable = json.loads(DASHBOARD.read_text())["templating"]["list"][0]
-    match = re.fullmatch(r"label_values\((\w+), (\w+)\)", variable["query"]["query"])
-    assert match, variable["query"]
-    metric, label = match.groups()
-    assert {s["metric"][label] for s in live.query(metric)} == {f"127.0.0.1:{live.daemon.metrics_port}"}
+def test_dashboard_variables_list_the_jobs_and_instances(live: Live) -> None:
+    """The `job` and `instance` variables' label_values() queries find the learner and the replica."""
+    variables = {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+    found = {}
+    for name in ("job", "instance"):
+        query = variables[name]["query"]["query"].replace("$job", ".+")
+        match = re.fullmatch(r"label_values\((\w+(?:\{[^}]*\})?), (\w+)\)", query)
+        assert match, query
+        selector, label = match.groups()
+        found[name] = {s["metric"][label] for s in live.query(selector)}
+    assert found["job"] == {"stream_cl", "stream_cl_replica"}
+    ports = (live.daemon.metrics_port, live.replica.metrics_port)
+    assert found["instance"] == {f"127.0.0.1:{port}" for port in ports}
 
 
 @pytest.mark.integration
 def test_accuracy_matrix_panel_gets_the_whole_lower_triangle(live: Live) -> None:
     """The heatmap's instant query returns R[i][j] for every j <= i of the five tasks."""
     cells = {
-        (s["metric"]["after_task"], s["metric"]["task"]) for s in live.query("stream_cl_accuracy_matrix")
+        (s["metric"]["after_task"], s["metric"]["task"])
+        for s in live.query('stream_cl_accuracy_matrix{job="stream_cl"}')
     }
     assert {(str(i), str(j)) for i in range(5) for j in range(i + 1)} <= cells
 
@@ -622,6 +691,8 @@ def test_forced_forgetting_makes_the_forgetting_alert_true(live: Live) -> None:
     wait_until(
         lambda: {"StreamClForgetting", "StreamClTaskForgotten"} <= pending(), 15, "the forgetting alerts"
     )
+    # nothing else is wrong with this stack: the replica keeps up, publishing and Kafka work
+    assert pending() == {"StreamClForgetting", "StreamClTaskForgotten"}
 
 
 @pytest.mark.integration
@@ -630,17 +701,20 @@ def test_forgetting_gauges_rise_through_the_run(live: Live) -> None:
 
     (The first scrape may already fall after the first boundary, so the starting value is not pinned.)
     """
-    (series,) = live.query_range("stream_cl_average_forgetting")
+    (series,) = live.query_range('stream_cl_average_forgetting{job="stream_cl"}')
     values = [float(v) for _, v in series["values"]]
     assert values[0] < values[-1] and values[-1] > 0.5, values
-    (task0,) = live.query('stream_cl_task_forgetting{task="0"}')
+    (task0,) = live.query('stream_cl_task_forgetting{job="stream_cl", task="0"}')
     assert float(task0["value"][1]) > 0.5
 
 
 @pytest.mark.integration
 def test_held_out_samples_are_counted_apart(live: Live) -> None:
     """Held-out samples are counted as such, never as learned: learned + held_out + invalid = produced."""
-    counts = {s["metric"]["outcome"]: float(s["value"][1]) for s in live.query("stream_cl_samples_total")}
+    counts = {
+        s["metric"]["outcome"]: float(s["value"][1])
+        for s in live.query('stream_cl_samples_total{job="stream_cl"}')
+    }
     assert counts["held_out"] > 0
     assert counts["invalid"] == INVALID_MESSAGES
     assert counts["learned"] + counts["held_out"] + counts["invalid"] == live.produced
@@ -649,9 +723,11 @@ def test_held_out_samples_are_counted_apart(live: Live) -> None:
 
 @pytest.mark.integration
 def test_dashboard_and_alerts_name_only_exported_metrics(live: Live) -> None:
-    """Every metric name in the dashboard and alerts.yml is one the daemon exports (or Prometheus's `up`)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{live.daemon.metrics_port}/metrics", timeout=10) as r:
-        exported = exported_names(r.read().decode())
+    """Every metric name in the dashboard and alerts.yml is one the learner or replica exports (or `up`)."""
+    exported = set(PER_KEY_ONLY)  # exported by per-key daemons only (stream_cl/learn/keyed.py)
+    for port in (live.daemon.metrics_port, live.replica.metrics_port):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            exported |= exported_names(r.read().decode())
     used: set[str] = set()
     for _, expr, _ in dashboard_queries(json.loads(DASHBOARD.read_text())):
         used |= metric_names(expr)
