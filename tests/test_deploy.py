@@ -3,7 +3,7 @@
 The static checks parse each file and verify what it points at (files, CLI flags, config keys, ports).
 The live checks run the daemon on the session broker, learning split-mnist with fine-tuning
 (class-incremental: each new pair of classes overwrites the last, so forgetting is forced), and
-point a real Prometheus at it (Debian's `prometheus` package, installed by .ci/setup; a missing
+point a real Prometheus at it (Debian's `prometheus` package, installed by .ci/run; a missing
 binary fails these tests, it never skips them). Every dashboard query and every alert expression
 is then asked of Prometheus's HTTP API the way Grafana and the rule evaluator ask it.
 """
@@ -62,7 +62,7 @@ INVALID_MESSAGES = 3
 
 def _tool(name: str) -> str:
     path = shutil.which(name)
-    assert path, f"{name} not found: `bash .ci/setup` installs Debian's prometheus package (it must, for CI)"
+    assert path, f"{name} not found: `bash .ci/run` installs Debian's prometheus package (it must, for CI)"
     return path
 
 

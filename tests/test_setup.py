@@ -58,7 +58,7 @@ def workspace() -> Iterator[Path]:
 
 # Not on the tester's PATH: no sudo, and no Prometheus either, so that the set-up is tried where the
 # tests' system tools are missing too (this machine has them; the old set-up skipped its apt-get here).
-HIDDEN = ("sudo", "promtool", "prometheus")
+HIDDEN = ("sudo", "promtool", "prometheus", "amtool", "prometheus-alertmanager")
 
 
 def _unprivileged_env(workspace: Path, user: str) -> dict[str, str]:

@@ -1,0 +1,207 @@
+"""deploy/: where alerts go (Alertmanager in compose) and the Prometheus Operator manifests.
+
+Alertmanager: `amtool check-config` accepts the example config, every route names a receiver that
+exists, Prometheus's `alerting:` block and the webhook URLs point at the compose services that listen
+there, and a real Alertmanager (Debian's prometheus-alertmanager, installed by .ci/run like
+prometheus; a missing binary fails these tests) delivers a critical and a warning alert to the
+example receiver (deploy/alertmanager/webhook_log.py) on their own routes.
+
+Operator: deploy/k8s/monitoring.yaml's PodMonitors select the learner and replica pods of
+learners.yaml and replicas.yaml on their metrics port, and its PrometheusRule holds exactly the
+groups of deploy/prometheus/alerts.yml.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+ALERTS_YML = DEPLOY / "prometheus" / "alerts.yml"
+ALERTMANAGER_YML = DEPLOY / "alertmanager" / "alertmanager.yml"
+WEBHOOK_LOG = DEPLOY / "alertmanager" / "webhook_log.py"
+MONITORING = DEPLOY / "k8s" / "monitoring.yaml"
+LEARNERS = DEPLOY / "k8s" / "learners.yaml"
+REPLICAS = DEPLOY / "k8s" / "replicas.yaml"
+
+
+def _tool(*names: str) -> str:
+    for name in names:
+        path = shutil.which(name)
+        if path:
+            return path
+    raise AssertionError(
+        f"{' or '.join(names)} not found: .ci/run installs Debian's prometheus-alertmanager package"
+    )
+
+
+def _load(path: Path) -> Any:
+    return yaml.safe_load(path.read_text())
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphan outlives pytest
+
+
+# -- Alertmanager -----------------------------------------------------------------------------------
+def test_amtool_check_config_passes() -> None:
+    """`amtool check-config` accepts deploy/alertmanager/alertmanager.yml."""
+    result = subprocess.run(
+        [_tool("amtool"), "check-config", str(ALERTMANAGER_YML)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _routes(route: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield route
+    for child in route.get("routes", []):
+        yield from _routes(child)
+
+
+def test_alertmanager_routes_reach_the_example_receiver_in_compose() -> None:
+    """Routes name existing receivers; critical alerts have their own; the webhooks hit alert-log's port."""
+    config = _load(ALERTMANAGER_YML)
+    receivers = {r["name"]: r for r in config["receivers"]}
+    routes = list(_routes(config["route"]))
+    assert {r["receiver"] for r in routes} == set(receivers)  # every receiver used, none missing
+    (critical,) = [r for r in routes[1:] if 'severity = "critical"' in r.get("matchers", [])]
+    assert critical["receiver"] != config["route"]["receiver"]
+    services = _load(COMPOSE)["services"]
+    log_command = services["alert-log"]["command"]
+    assert Path(log_command[1]).name == WEBHOOK_LOG.name
+    mounts = {v.split(":")[1]: (DEPLOY / v.split(":")[0]).resolve() for v in services["alert-log"]["volumes"]}
+    assert mounts[log_command[1]] == WEBHOOK_LOG
+    for receiver in receivers.values():
+        for hook in receiver["webhook_configs"]:
+            assert hook["url"].startswith(f"http://alert-log:{log_command[2]}/"), hook["url"]
+    alertmanager = services["alertmanager"]
+    assert alertmanager["image"].startswith("prom/alertmanager:")
+    config_flag = next(a for a in alertmanager["command"] if a.startswith("--config.file="))
+    (mount,) = [v for v in alertmanager["volumes"] if v.startswith("./alertmanager/alertmanager.yml:")]
+    assert mount.split(":")[1] == config_flag.split("=", 1)[1]
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    assert "alertmanager-data" in _load(COMPOSE)["volumes"]
+
+
+def test_prometheus_sends_alerts_to_the_compose_alertmanager() -> None:
+    """prometheus.yml's `alerting:` block targets the alertmanager service on the port it listens on."""
+    (manager,) = _load(PROMETHEUS_YML)["alerting"]["alertmanagers"]
+    (static,) = manager["static_configs"]
+    assert static["targets"] == ["alertmanager:9093"]  # Alertmanager's default --web.listen-address
+    published = _load(COMPOSE)["services"]["alertmanager"]["ports"]
+    assert published == ["127.0.0.1:9093:9093"]
+
+
+@pytest.mark.integration
+def test_a_real_alertmanager_delivers_alerts_to_the_example_receiver(tmp_path: Path) -> None:
+    """Alertmanager with the shipped routes (only hosts, ports and waits changed) notifies webhook_log.py.
+
+    A critical alert takes the critical route, a warning the default one, and a warning of a process
+    that is down is inhibited (never delivered).
+    """
+    binary = _tool("prometheus-alertmanager", "alertmanager")
+    hook_port, api_port = free_port(), free_port()
+    config = _load(ALERTMANAGER_YML)
+    config["route"].update(group_wait="1s", group_interval="1s")
+    for receiver in config["receivers"]:
+        for hook in receiver["webhook_configs"]:
+            hook["url"] = hook["url"].replace("alert-log:9099", f"127.0.0.1:{hook_port}")
+    (tmp_path / "alertmanager.yml").write_text(yaml.safe_dump(config))
+    log = (tmp_path / "webhook.log").open("w")
+    hook = subprocess.Popen(
+        [sys.executable, str(WEBHOOK_LOG), str(hook_port)], stdout=log, preexec_fn=_die_with_parent
+    )
+    manager = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={tmp_path / 'alertmanager.yml'}",
+            f"--storage.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{api_port}",
+            "--cluster.listen-address=",  # no gossip: a single instance notifies at once
+            "--log.level=warn",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "alertmanager.err").open("wb"),
+        preexec_fn=_die_with_parent,
+    )
+    base = f"http://127.0.0.1:{api_port}"
+    try:
+
+        def ready() -> bool:
+            assert manager.poll() is None, (tmp_path / "alertmanager.err").read_text()
+            try:
+                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(ready, 30, "Alertmanager to start")
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        alerts = [
+            {
+                "labels": {"alertname": name, "severity": severity, "job": "stream_cl", "instance": instance},
+                "annotations": {"summary": f"{name} test"},
+                "startsAt": now,
+            }
+            for name, severity, instance in (
+                ("StreamClDown", "critical", "a"),
+                ("StreamClForgetting", "warning", "b"),
+                ("StreamClCheckpointTooOld", "warning", "a"),  # a is down: inhibited
+            )
+        ]
+        request = urllib.request.Request(
+            f"{base}/api/v2/alerts",
+            data=json.dumps(alerts).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200
+
+        def delivered() -> dict[str, dict[str, Any]]:
+            lines = [json.loads(line) for line in (tmp_path / "webhook.log").read_text().splitlines()]
+            return {line["labels"]["alertname"]: line for line in lines}
+
+        wait_until(
+            lambda: {"StreamClDown", "StreamClForgetting"} <= set(delivered()), 30, "the notifications"
+        )
+        time.sleep(3)  # three more group intervals: time enough for the inhibited one to show up
+        got = delivered()
+        assert set(got) == {"StreamClDown", "StreamClForgetting"}
+        assert (got["StreamClDown"]["route"], got["StreamClDown"]["receiver"]) == (
+            "critical",
+            "stream-cl-critical",
+        )
+        assert (got["StreamClForgetting"]["route"], got["StreamClForgetting"]["status"]) == (
+            "warning",
+            "firing",
+        )
+    finally:
+        for proc in (manager, hook):
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
