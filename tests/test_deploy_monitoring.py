@@ -205,3 +205,90 @@ def test_a_real_alertmanager_delivers_alerts_to_the_example_receiver(tmp_path: P
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+# -- Prometheus Operator ----------------------------------------------------------------------------
+K8S_SINGLE = DEPLOY / "k8s" / "stream-cl.yaml"
+# The fields these manifests may use (monitoring.coreos.com/v1): a misspelt one is dropped silently
+# by a lenient API server, so it is caught here.
+PODMONITOR_SPEC = {"selector", "podMetricsEndpoints", "jobLabel", "namespaceSelector", "podTargetLabels"}
+ENDPOINT_FIELDS = {"port", "path", "interval", "scrapeTimeout", "scheme", "relabelings", "metricRelabelings"}
+
+
+def _pod_template(path: Path) -> dict[str, Any]:
+    (deployment,) = [d for d in _docs(path) if d["kind"] == "Deployment"]
+    return dict(deployment["spec"]["template"])
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """Kubernetes label-selector semantics (matchLabels and matchExpressions)."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, op, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def test_operator_manifests_are_pod_monitors_and_a_prometheus_rule() -> None:
+    """Two PodMonitors and one PrometheusRule of monitoring.coreos.com/v1, using only known fields."""
+    docs = _docs(MONITORING)
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == [
+        ("PodMonitor", "stream-cl-learners"),
+        ("PodMonitor", "stream-cl-replicas"),
+        ("PrometheusRule", "stream-cl"),
+    ]
+    for doc in docs:
+        assert doc["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(doc) == {"apiVersion", "kind", "metadata", "spec"}
+        if doc["kind"] == "PodMonitor":
+            assert set(doc["spec"]) <= PODMONITOR_SPEC
+            for endpoint in doc["spec"]["podMetricsEndpoints"]:
+                assert set(endpoint) <= ENDPOINT_FIELDS
+        else:
+            assert set(doc["spec"]) == {"groups"}
+
+
+def test_pod_monitors_scrape_the_learners_and_the_replicas_where_the_annotations_say() -> None:
+    """Each PodMonitor selects its role's pods (not the other's) on the port and path of their annotations."""
+    monitors = {d["metadata"]["name"]: d["spec"] for d in _docs(MONITORING) if d["kind"] == "PodMonitor"}
+    pods = {"learners": _pod_template(LEARNERS), "single": _pod_template(K8S_SINGLE)}
+    pods["replicas"] = _pod_template(REPLICAS)
+    expected = {"stream-cl-learners": {"learners", "single"}, "stream-cl-replicas": {"replicas"}}
+    for name, spec in monitors.items():
+        selected = {
+            role for role, pod in pods.items() if _selects(spec["selector"], pod["metadata"]["labels"])
+        }
+        assert selected == expected[name], name
+        (endpoint,) = spec["podMetricsEndpoints"]
+        for role in selected:
+            pod = pods[role]
+            annotations = pod["metadata"]["annotations"]
+            (container,) = pod["spec"]["containers"]
+            ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+            assert str(ports[endpoint["port"]]) == annotations["prometheus.io/port"], (name, role)
+            assert endpoint["path"] == annotations["prometheus.io/path"], (name, role)
+        assert endpoint["interval"] == _load(PROMETHEUS_YML)["global"]["scrape_interval"]
+
+
+def test_prometheus_rule_embeds_exactly_the_alerts_of_alerts_yml() -> None:
+    """The PrometheusRule's groups are alerts.yml's groups, rule for rule (edit both together)."""
+    (rule,) = [d for d in _docs(MONITORING) if d["kind"] == "PrometheusRule"]
+    assert rule["spec"]["groups"] == _load(ALERTS_YML)["groups"]
+
+
+def test_prometheus_rule_passes_promtool(tmp_path: Path) -> None:
+    """`promtool check rules` on the PrometheusRule's spec, as the Operator hands it to Prometheus."""
+    (rule,) = [d for d in _docs(MONITORING) if d["kind"] == "PrometheusRule"]
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump(rule["spec"]))
+    result = subprocess.run(
+        [_tool("promtool"), "check", "rules", str(tmp_path / "rules.yml")], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
