@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import msgpack
 import pytest
 import yaml
@@ -242,6 +243,36 @@ def test_kubernetes_manifest_is_consistent(tmp_path: Path) -> None:
     claim = next(v for v in pod["spec"]["volumes"] if v["name"] == "checkpoints")["persistentVolumeClaim"]
     assert claim["claimName"] == docs["PersistentVolumeClaim"]["metadata"]["name"]
     assert {p["targetPort"] for p in docs["Service"]["spec"]["ports"]} <= set(ports)
+
+
+def test_compose_file_matches_the_compose_specification() -> None:
+    """deploy/docker-compose.yml validates against the Compose Specification's JSON schema."""
+    check = Path(sys.executable).parent / "check-jsonschema"  # the dev extra's, with the schema vendored
+    result = subprocess.run(
+        [str(check), "--builtin-schema", "vendor.compose-spec", str(COMPOSE)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kubernetes_manifests_match_the_kubernetes_schemas() -> None:
+    """Every built-in resource of deploy/k8s/*.yaml passes kubernetes-validate, strictly (no unknown field).
+
+    The Prometheus Operator's kinds (monitoring.yaml) have no schema there; their fields are
+    checked in tests/test_deploy_monitoring.py.
+    """
+    version = kubernetes_validate.latest_version()
+    checked, operator = [], []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc:
+                continue
+            if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+                operator.append(doc["kind"])
+                continue
+            kubernetes_validate.validate(doc, version, strict=True)
+            checked.append(f"{path.name}:{doc['kind']}")
+    assert len(checked) >= 10
+    assert sorted(operator) == ["PodMonitor", "PodMonitor", "PrometheusRule"]
 
 
 def test_promtool_check_config_passes() -> None:
