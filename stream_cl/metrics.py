@@ -195,8 +195,6 @@ class Metrics:
         self.source_errors = Counter(
             "stream_cl_source_errors", "Kafka poll or commit errors (retried), by kind.", ["kind"], registry=r
         )
-        for kind in ("poll", "commit"):  # at 0 from the start: rate() and alerts see the first error
-            self.source_errors.labels(kind=kind)
         self.dead_letters = Counter(
             "stream_cl_dead_letters",
             "Messages sent to the dead-letter topic, by reason.",
