@@ -149,7 +149,7 @@ def test_compose_parses_and_references_only_files_in_deploy() -> None:
     """Every bind mount and the Dockerfile the compose file names exist under deploy/; volumes are declared."""
     compose = _load_yaml(COMPOSE)
     services = compose["services"]
-    assert {"kafka", "prometheus", "grafana", "stream-cl"} <= set(services)
+    assert {"kafka", "prometheus", "grafana", "stream-cl", "alertmanager", "alert-log"} <= set(services)
     assert services["kafka"]["image"].startswith("apache/kafka:")
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"  # KRaft
     assert services["prometheus"]["image"].startswith("prom/prometheus:")
@@ -168,7 +168,9 @@ def test_compose_parses_and_references_only_files_in_deploy() -> None:
                 bind_mounts.append(path)
             else:
                 assert source in named_volumes, f"{name} uses undeclared volume {source}"
+    alertmanager = DEPLOY / "alertmanager"
     assert {PROMETHEUS_YML, ALERTS_YML, DATASOURCE, DASHBOARD.parent} <= set(bind_mounts)
+    assert {alertmanager / "alertmanager.yml", alertmanager / "webhook_log.py"} <= set(bind_mounts)
     build = services["stream-cl"]["build"]
     context = (DEPLOY / build["context"]).resolve()
     assert (context / "pyproject.toml").exists()
