@@ -367,7 +367,16 @@ def test_dashboard_json_parses_and_uses_the_provisioned_datasource() -> None:
 
 
 # Series only a daemon with models.per_key exports; the live daemon here holds one model.
-PER_KEY_ONLY = {"stream_cl_models", "stream_cl_model_handovers_total"}
+PER_KEY_ONLY = {
+    "stream_cl_models",
+    "stream_cl_model_handovers_total",
+    "stream_cl_models_evaluated",
+    "stream_cl_model_average_accuracy",
+    "stream_cl_model_average_forgetting",
+    "stream_cl_model_backward_transfer",
+    "stream_cl_model_stability_gap",
+    "stream_cl_model_accuracy_matrix",
+}
 # Series only strategies with a finite capacity (eidetic) export; the live daemon runs finetune.
 CAPACITY_ONLY = {"stream_cl_free_capacity_ratio", "stream_cl_capacity_exhausted"}
 ABSENT_HERE = PER_KEY_ONLY | CAPACITY_ONLY  # correctly empty on the live stack below
