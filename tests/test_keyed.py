@@ -402,6 +402,7 @@ def test_two_daemons_split_the_keys_and_one_takes_over_when_the_other_stops(
         after = _versions(second, KEYS)
         assert all(after[k] > before[k] for k in KEYS), (before, after)  # the moved models went on
         wait_until(lambda: _versions(replica, KEYS) == after, 30, "the replica at the survivor's versions")
+        assert replica.metrics.sample_value("stream_cl_models") == len(KEYS)  # what the replica serves
         _check_predictions(replica, KEYS, rng)
     finally:
         replica.stop()

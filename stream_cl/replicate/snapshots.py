@@ -103,8 +103,10 @@ class _PublisherMetrics:
 
 
 class _FollowerMetrics:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, keyed: bool) -> None:
         r = metrics.registry
+        # what a keyed replica serves: as many models as a per-key learner holds (same series)
+        self.models = Gauge("stream_cl_models", "Models this replica serves.", registry=r) if keyed else None
         self.applied = Counter(
             "stream_cl_replica_snapshots_applied", "Snapshots this replica loaded and serves.", registry=r
         )
@@ -350,7 +352,7 @@ class SnapshotFollower:
         self.topic = topic
         self.registry = registry
         self.metrics = metrics
-        self.replica_metrics = _FollowerMetrics(metrics)
+        self.replica_metrics = _FollowerMetrics(metrics, keyed=registry.keyed)
         self.on_applied = on_applied
         self.log = get_logger("stream_cl.replicate.snapshots")
         self.assembler = Assembler(config.publish.max_snapshot_bytes)
@@ -454,6 +456,8 @@ class SnapshotFollower:
                 self._rejected(e, None)
                 continue
             self.registry.publish(model, snapshot)
+            if self.replica_metrics.models is not None:
+                self.replica_metrics.models.set(len(self.registry.keys()))
             self.applied += 1
             self.replica_metrics.loaded(time.time(), float(published.manifest["created_at"]))
             self.metrics.model_version.set(snapshot.version)
