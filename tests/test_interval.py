@@ -181,6 +181,19 @@ def test_recurring_task_thaws_its_embedding() -> None:
     assert s.active == 0 and s.frozen_slots == [1]
 
 
+def test_a_batch_of_another_task_freezes_the_active_one() -> None:
+    """Training moved to another slot without a boundary first still ends the active task: its
+    embedding is frozen and its targets stored (before issue 29 it stayed live and unprotected)."""
+    s = checks.factory_for(Interval, ramp_steps=3)()
+    assert isinstance(s, Interval)
+    driver = checks.Driver(s)
+    driver.feed([(0, [0, 1])] * 4)
+    x = checks.probe()
+    s.add_classes([2, 3], 1)
+    s.learn(Batch(x=x[:4], y=torch.tensor([2, 3, 2, 3]), task=1))
+    assert s.active == 1 and s.frozen_slots == [0]
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [

@@ -82,6 +82,11 @@ class Learner:
         self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
         self._pending: list[tuple[np.ndarray, int, int, int]] = []  # (x, class, partition, offset)
+        # The task index of the pending batch's samples. Not `detector.current`: a boundary opened by
+        # a sample of the next task makes that current *before* the old task's pending tail is
+        # learned, and that tail must be learned as the old task's (a task-partitioned strategy
+        # otherwise switched tasks inside `learn` and never froze the ending one).
+        self._pending_task = 0
         # processed (partition, offset) waiting for the pending batch's step
         self._deferred: list[tuple[int, int]] = []
         self._steps_since_publish = 0
@@ -204,6 +209,7 @@ class Learner:
                 strategy.note_task(task, [cls])
                 self._noted.add((task, cls))
             self._pending.append((x, cls, partition, offset))
+            self._pending_task = task
             if len(self._pending) >= batch_size:
                 self._learn_pending()
         self._report_held_out()
@@ -251,7 +257,7 @@ class Learner:
         x = x.reshape((len(pending), *self.input_shape)).to(strategy.device)  # type: ignore[misc]
         y = torch.tensor([p[1] for p in pending], dtype=torch.long, device=strategy.device)
         start = time.perf_counter()
-        result = strategy.learn(Batch(x=x, y=y, task=self.detector.current or 0))
+        result = strategy.learn(Batch(x=x, y=y, task=self._pending_task))
         self.metrics.learn_step_seconds.observe(time.perf_counter() - start)
         with self._lock:
             self._prequential.extend(result.correct.tolist())

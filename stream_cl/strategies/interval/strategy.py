@@ -305,8 +305,9 @@ class Interval(Strategy):
     def learn(self, batch: Batch) -> StepResult:
         self.model.train()
         slot = self._slot(batch.task)
-        if slot != self.active:  # a batch of another task without a boundary first
-            self._activate(slot)
+        if slot != self.active:  # a batch of another task without a boundary first: end the active one
+            self._switch_to(slot)
+            self.model.train()
         x, y = batch.x, batch.y
         progress = self._progress()
         losses, logits, features, theta = self._losses(x, y, progress)
@@ -324,7 +325,15 @@ class Interval(Strategy):
     def on_boundary(self, event: Boundary) -> None:
         """Consolidate and freeze the ending task, store every frozen task's targets, move on."""
         super().on_boundary(event)
-        slot = self._slot(event.task)
+        self._switch_to(self._slot(event.task))
+
+    def _switch_to(self, slot: int) -> None:
+        """End the active slot's task (consolidate, freeze, store targets) and activate `slot`.
+
+        Whatever moves training to another slot comes through here, a boundary or a batch of
+        another task: a task left without being frozen kept a live embedding that nothing
+        regularized, and its hinted answers fell to chance (issue 29).
+        """
         if slot == self.active:
             return
         ending = self.active
