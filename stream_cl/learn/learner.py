@@ -82,11 +82,7 @@ class Learner:
         self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
         self._pending: list[tuple[np.ndarray, int, int, int]] = []  # (x, class, partition, offset)
-        # The task index of the pending batch's samples. Not `detector.current`: a boundary opened by
-        # a sample of the next task makes that current *before* the old task's pending tail is
-        # learned, and that tail must be learned as the old task's (a task-partitioned strategy
-        # otherwise switched tasks inside `learn` and never froze the ending one).
-        self._pending_task = 0
+        self._pending_task = 0  # its task; at a boundary `detector.current` is already the next one
         # processed (partition, offset) waiting for the pending batch's step
         self._deferred: list[tuple[int, int]] = []
         self._steps_since_publish = 0
@@ -267,8 +263,7 @@ class Learner:
         self._learned_counter.inc(len(pending))
         self._report_held_out()
         self.metrics.prequential_accuracy.set(self.prequential_accuracy)
-        # Processed up to the last record of each partition (offsets only grow within one): one
-        # report per partition and step, not one per record.
+        # Processed up to each partition's last record: one report per partition and step.
         upto: dict[int, int] = {}
         for _, _, partition, offset in pending:
             upto[partition] = offset
