@@ -264,6 +264,9 @@ class Eidetic(Strategy):
     def free_capacity(self) -> float | None:
         return self.free_capacity_ratio()
 
+    def protects_with_task_hint(self) -> bool:
+        return True
+
     def capacity_exhausted(self) -> bool:
         """True once no free neuron reaches the head (warned about once, as `capacity_exhausted`)."""
         return self.exhausted

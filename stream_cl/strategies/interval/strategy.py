@@ -190,6 +190,9 @@ class Interval(Strategy):
             centres, radius = nested_centres(emb, self.epsilon)
             return self.hyper(universal_embedding(centres, radius).unsqueeze(0))[0]
 
+    def protects_with_task_hint(self) -> bool:
+        return True
+
     def weight_radius(self) -> float:
         """Mean half-width of the weight boxes `[θ_L, θ_U]` over the trained tasks (a bench figure)."""
         radii = []
