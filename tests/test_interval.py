@@ -217,6 +217,24 @@ def test_recurring_task_thaws_its_embedding() -> None:
     assert s.active == 0 and s.frozen_slots == [1]
 
 
+def test_a_recurring_task_answers_live_then_stores_its_answer_again() -> None:
+    """A task that comes back is served by its live network while it learns, and its stored
+    answer is replaced (not mutated: published predictors hold the old one) when it ends again."""
+    s = _trained(tasks=2)
+    old = s.task_answers[0]
+    published = s.predictor()
+    before = published(checks.probe(), 0)[0].clone()
+    s.on_boundary(Boundary(previous_task=1, task=0, reason="explicit", recurring=True))
+    driver = checks.Driver(s)
+    driver.task = 0
+    driver.feed([(0, [0, 1])] * 3, salt=3)
+    state = s._serving_state()
+    assert 0 in state.live and 0 not in state.stored and 1 in state.stored
+    s.on_boundary(Boundary(previous_task=0, task=1, reason="explicit", recurring=True))
+    assert s.task_answers[0] is not old and not torch.equal(s.task_answers[0].theta, old.theta)
+    assert torch.equal(published(checks.probe(), 0)[0], before)
+
+
 def test_a_batch_of_another_task_freezes_the_active_one() -> None:
     """Training moved to another slot without a boundary first still ends the active task: its
     embedding is frozen and its targets stored (before issue 29 it stayed live and unprotected)."""
