@@ -1,4 +1,4 @@
-"""The task router of `eidetic`: which task's head answers a request that carries no task id.
+"""The task router of `eidetic` and `interval`: which task answers a request that carries no task id.
 
 A ridge (least-squares) classifier over fixed random features scores every (task, class) pair of a
 sample. A request without a task id is answered by the pair with the best joint score
