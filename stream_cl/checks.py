@@ -281,6 +281,31 @@ def check_predictor_is_a_frozen_copy(factory: StrategyFactory) -> None:
     assert torch.equal(predict(probe(), None)[0], before), "the predictor changed after later learning"
 
 
+def check_hinted_answers_do_not_change(factory: StrategyFactory) -> None:
+    """A strategy that claims task-hinted protection (`Strategy.protects_with_task_hint`): once a
+    task has ended, its answers with its task hint stay the same while later tasks are learned,
+    in a published predictor built later and in `predict_proba`. Others: nothing to check."""
+    s = factory()
+    if not s.protects_with_task_hint():
+        return
+    driver = Driver(s)
+    driver.feed(TWO_TASKS)
+    driver.prepare(2, [4, 5])  # the boundary that ends task 1
+    x = probe()
+    ended = {0: [0, 1], 1: [2, 3]}
+    before = {t: (s.predictor()(x, t)[0].clone(), s.predict_proba(x, t)[0].clone()) for t in ended}
+    driver.feed([(t, [2 * t, 2 * t + 1]) for t in (2, 3) for _ in range(3)], salt=5)
+    for t, classes in ended.items():
+        now = (s.predictor()(x, t)[0], s.predict_proba(x, t)[0])
+        for what, old, new in zip(("predictor", "predict_proba"), before[t], now, strict=True):
+            assert (new[:, old.shape[1] :] == 0).all(), f"task {t}'s hinted {what} leaks to later classes"
+            new = new[:, : old.shape[1]]
+            assert torch.allclose(new, old, rtol=0, atol=1e-6), (
+                f"task {t}'s hinted {what} changed after later tasks were learned "
+                f"(max change {float((new - old).abs().max()):.3g}) on classes {classes}"
+            )
+
+
 def check_memory_bounded(factory: StrategyFactory) -> None:
     """Every buffer stays within its configured size, with a buffered head policy too."""
     s = factory(head="ls", head_options={"refresh_buffer": 6})
@@ -370,6 +395,7 @@ CHECKS: tuple[Check, ...] = (
     check_late_labels,
     check_task_hint_restricts_classes,
     check_predictor_is_a_frozen_copy,
+    check_hinted_answers_do_not_change,
     check_memory_bounded,
     check_composes_with_head_policies,
     check_options_roundtrip,

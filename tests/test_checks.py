@@ -68,16 +68,36 @@ class _Amnesic(Finetune):
         super().load_state_dict({**state, "task_classes": [[] for _ in state["task_classes"]]})
 
 
+class _Boastful(Finetune):
+    """Claims task-hinted protection without any."""
+
+    name = "test-boastful"
+
+    def protects_with_task_hint(self) -> bool:
+        return True
+
+
 @pytest.mark.parametrize(
     ("cls", "check"),
     [
         (_Mutating, checks.check_learn_does_not_mutate_input),
         (_GlobalRandom, checks.check_seeded_determinism),
         (_Amnesic, checks.check_checkpoint_roundtrip),
+        (_Boastful, checks.check_hinted_answers_do_not_change),
     ],
-    ids=["mutating", "global-rng", "lossy-checkpoint"],
+    ids=["mutating", "global-rng", "lossy-checkpoint", "unprotected-hint"],
 )
 def test_checks_catch_broken_strategies(cls: type[Finetune], check: checks.Check) -> None:
     """Each check fails on a strategy with the bug it is meant to catch."""
     with pytest.raises(AssertionError):
         check(checks.factory_for(cls))
+
+
+def test_hinted_protection_check_holds_interval_to_its_stored_answers() -> None:
+    """`interval` with `keep_task_weights = false` serves ended tasks from `H(c_t)` as it is now,
+    which the one-pass regularizer keeps only near: the check notices."""
+    from stream_cl.strategies.interval.strategy import Interval
+
+    checks.check_hinted_answers_do_not_change(checks.factory_for(Interval))
+    with pytest.raises(AssertionError, match="hinted"):
+        checks.check_hinted_answers_do_not_change(checks.factory_for(Interval, keep_task_weights=False))

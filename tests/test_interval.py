@@ -19,9 +19,9 @@ from stream_cl.strategies.interval.bounds import (
 from stream_cl.strategies.interval.strategy import Interval
 
 
-def _trained(beta: float = 1.0, tasks: int = 3, steps: int = 6) -> Interval:
+def _trained(beta: float = 1.0, tasks: int = 3, steps: int = 6, **options: object) -> Interval:
     """A tiny interval strategy driven through `tasks` two-class tasks like the learner does."""
-    s = checks.factory_for(Interval, beta=beta, ramp_steps=3)()
+    s = checks.factory_for(Interval, beta=beta, ramp_steps=3, **options)()
     assert isinstance(s, Interval)
     checks.Driver(s).feed([(t, [2 * t, 2 * t + 1]) for t in range(tasks) for _ in range(steps)])
     return s
@@ -140,19 +140,55 @@ def test_frozen_embeddings_are_bit_exact() -> None:
 
 
 def test_predictor_is_one_plain_forward_pass() -> None:
-    """Task-free serving is the plain MLP with θ*; a task hint uses that task's own centre weights."""
-    s = _trained()
+    """`routing = "universal"`: task-free serving is the plain MLP with θ* and the live head; a hint
+    for the active task uses its centre weights, one for an ended task the weights and head rows
+    stored at its boundary."""
+    s = _trained(routing="universal")
     predict = s.predictor()
     x = checks.probe()
     head = s.model.head
-    for task, theta in ((None, s.universal_weights()), (1, s._centre_weights(1))):
+    answer = s.task_answers[1]
+    cases = (
+        (None, s.universal_weights(), head.weight, head.bias),
+        (2, s._centre_weights(2), head.weight, head.bias),
+        (1, answer.theta, answer.weight, answer.bias),
+    )
+    for task, theta, w, b in cases:
         with torch.no_grad():
-            logits = head(s.layout.forward(x, theta))
+            logits = torch.nn.functional.linear(s.layout.forward(x, theta), w, b)
         if task is not None:
-            mask = torch.full_like(logits, float("-inf"))
-            mask[:, s.task_classes[task]] = 0
-            logits = logits + mask
+            classes = s.task_classes[task]
+            full = torch.full((x.shape[0], s.n_classes), float("-inf"))
+            full[:, classes] = logits if logits.shape[1] == len(classes) else logits[:, classes]
+            logits = full
         assert torch.allclose(predict(x, task)[0], torch.softmax(logits, dim=1), atol=1e-6)
+
+
+def test_hinted_answers_of_ended_tasks_never_change() -> None:
+    """An ended task's hinted answers are bit-identical after later tasks are learned (its weights
+    and head rows are kept from its own boundary), whatever the routing."""
+    for routing in ("router", "universal", "entropy"):
+        s = _trained(tasks=2, routing=routing)
+        before = s.predictor()(checks.probe(), 0)[0].clone()
+        driver = checks.Driver(s)
+        driver.task = 1
+        driver.feed([(t, [2 * t, 2 * t + 1]) for t in (2, 3) for _ in range(4)], salt=11)
+        after = s.predictor()(checks.probe(), 0)[0]
+        assert torch.equal(after[:, : before.shape[1]], before), routing  # later classes: probability 0
+
+
+def test_router_routes_without_a_hint() -> None:
+    """`routing = "router"` (the default): without a hint each sample goes to one known task,
+    whose classes alone get its probability; the router keeps no samples."""
+    s = _trained(tasks=3)
+    assert s.routing == "router" and s.router is not None
+    proba, routes = s.predict_proba(checks.probe())
+    assert torch.allclose(proba.sum(1), torch.ones(proba.shape[0]))
+    for row, task in zip(proba, routes, strict=True):
+        assert task in (0, 1, 2)
+        other = [c for c in range(s.n_classes) if c not in s.task_classes[task]]
+        assert (row[other] == 0).all()
+    assert "router" not in {k for k in s.memory_usage() if "buffer" in k}
 
 
 def test_entropy_routing_picks_a_task_per_sample() -> None:
@@ -179,6 +215,37 @@ def test_recurring_task_thaws_its_embedding() -> None:
     s = _trained(tasks=2)
     s.on_boundary(Boundary(previous_task=1, task=0, reason="explicit", recurring=True))
     assert s.active == 0 and s.frozen_slots == [1]
+
+
+def test_a_recurring_task_answers_live_then_stores_its_answer_again() -> None:
+    """A task that comes back is served by its live network while it learns, and its stored
+    answer is replaced (not mutated: published predictors hold the old one) when it ends again."""
+    s = _trained(tasks=2)
+    old = s.task_answers[0]
+    published = s.predictor()
+    before = published(checks.probe(), 0)[0].clone()
+    s.on_boundary(Boundary(previous_task=1, task=0, reason="explicit", recurring=True))
+    driver = checks.Driver(s)
+    driver.task = 0
+    driver.feed([(0, [0, 1])] * 3, salt=3)
+    state = s._serving_state()
+    assert 0 in state.live and 0 not in state.stored and 1 in state.stored
+    s.on_boundary(Boundary(previous_task=0, task=1, reason="explicit", recurring=True))
+    assert s.task_answers[0] is not old and not torch.equal(s.task_answers[0].theta, old.theta)
+    assert torch.equal(published(checks.probe(), 0)[0], before)
+
+
+def test_a_batch_of_another_task_freezes_the_active_one() -> None:
+    """Training moved to another slot without a boundary first still ends the active task: its
+    embedding is frozen and its targets stored (before issue 29 it stayed live and unprotected)."""
+    s = checks.factory_for(Interval, ramp_steps=3)()
+    assert isinstance(s, Interval)
+    driver = checks.Driver(s)
+    driver.feed([(0, [0, 1])] * 4)
+    x = checks.probe()
+    s.add_classes([2, 3], 1)
+    s.learn(Batch(x=x[:4], y=torch.tensor([2, 3, 2, 3]), task=1))
+    assert s.active == 1 and s.frozen_slots == [0]
 
 
 @pytest.mark.parametrize(

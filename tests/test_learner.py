@@ -308,3 +308,30 @@ def test_a_chunk_holds_its_records_and_a_selection_shares_its_blocks() -> None:
     picked = chunk.select([3, 0])
     assert picked.xs is chunk.xs
     assert [_fields(r) for r in picked.records()] == [_fields(records[3]), _fields(records[0])]
+
+
+def test_the_pending_tail_of_a_task_is_learned_as_that_task() -> None:
+    """A sample of the next task opens its boundary before the old task's partial batch is learned;
+    that batch is still the old task's (it was learned as the new task's, and `interval` then
+    switched slots inside `learn` and never froze the ending task: issue 29)."""
+    learner = _learner("model.batch_size=8", "strategy.name=finetune")
+    rng = np.random.default_rng(0)
+    tasks = [0] * 11 + [1] * 5  # task 0 ends with 3 samples pending
+    records = [
+        Record(0, i, Sample(x=rng.random(4, np.float32), y=2 * t + i % 2, task=t), b"")
+        for i, t in enumerate(tasks)
+    ]
+    learner.process(records[:1])
+    strategy = learner.strategy
+    assert strategy is not None
+    steps: list[tuple[int, int]] = []
+    learn = strategy.learn
+
+    def recorded(batch: Batch) -> StepResult:
+        steps.append((batch.task, len(batch.y)))
+        return learn(batch)
+
+    strategy.learn = recorded  # type: ignore[method-assign]
+    learner.process(records[1:])
+    learner.flush()
+    assert steps == [(0, 8), (0, 3), (1, 5)]

@@ -139,7 +139,11 @@ def learn_stream(
                     ends[-1] = ended[0]
                 chunk = chunk[1:]
             learner.process(chunk)
-        learner.flush()
+        if task is stream.tasks[-1]:
+            # Only the stream's end flushes: a task's partial last batch is learned when the next
+            # task's first sample opens the boundary, as in the daemon (issue 29: flushing here
+            # hid that the daemon learned that tail as the next task's).
+            learner.flush()
         snapshot = learner.publish()
         seconds += time.perf_counter() - start
         cpu_seconds += time.process_time() - cpu_start
@@ -300,8 +304,8 @@ def run_quality(
 
 
 def _interval_figures(strategy: Strategy | None) -> dict[str, float]:
-    """`interval` only: the mean half-width of its tasks' weight boxes. (Its universal network is
-    the `class` scenario's row, its task-routed networks the `task` scenario's.)"""
+    """`interval` only: the mean half-width of its tasks' weight boxes. (Its `routing` answers the
+    `class` scenario's rows, its tasks' own networks the `task` scenario's.)"""
     radius = None if strategy is None else strategy.weight_radius()
     return {} if radius is None else {"weight_half_width": float(radius)}
 

@@ -81,6 +81,7 @@ class Learner:
         self.trajectory = TrajectoryRecorder(TRAJECTORY_TASKS)
         self._prequential: deque[bool] = deque(maxlen=config.learner.prequential_window)
         self._pending: list[tuple[np.ndarray, int, int, int]] = []  # (x, class, partition, offset)
+        self._pending_task = 0  # its task; at a boundary `detector.current` is already the next one
         # processed (partition, offset) waiting for the pending batch's step
         self._deferred: list[tuple[int, int]] = []
         self._steps_since_publish = 0
@@ -203,6 +204,7 @@ class Learner:
                 strategy.note_task(task, [cls])
                 self._noted.add((task, cls))
             self._pending.append((x, cls, partition, offset))
+            self._pending_task = task
             if len(self._pending) >= batch_size:
                 self._learn_pending()
         self._report_held_out()
@@ -251,7 +253,7 @@ class Learner:
         x = x.reshape((len(pending), *self.input_shape)).to(strategy.device)  # type: ignore[misc]
         y = torch.tensor([p[1] for p in pending], dtype=torch.long, device=strategy.device)
         start = time.perf_counter()
-        result = strategy.learn(Batch(x=x, y=y, task=self.detector.current or 0))
+        result = strategy.learn(Batch(x=x, y=y, task=self._pending_task))
         self.metrics.learn_step_seconds.observe(time.perf_counter() - start)
         with self._lock:
             self._prequential.extend(result.correct.tolist())
@@ -261,8 +263,7 @@ class Learner:
         self._learned_counter.inc(len(pending))
         self._report_held_out()
         self.metrics.prequential_accuracy.set(self.prequential_accuracy)
-        # Processed up to the last record of each partition (offsets only grow within one): one
-        # report per partition and step, not one per record.
+        # Processed up to each partition's last record: one report per partition and step.
         upto: dict[int, int] = {}
         for _, _, partition, offset in pending:
             upto[partition] = offset

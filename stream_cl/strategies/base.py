@@ -190,6 +190,12 @@ class Strategy(abc.ABC):
         """True once no capacity is left for new tasks (exported as `stream_cl_capacity_exhausted`)."""
         return False
 
+    def protects_with_task_hint(self) -> bool:
+        """True when a task's answers *with its task hint* never change once the task has ended
+        (`eidetic`, `interval`): the conformance suite then holds the strategy to it
+        (`checks.check_hinted_answers_do_not_change`)."""
+        return False
+
     def weight_radius(self) -> float | None:
         """Mean half-width of interval weight boxes (`interval`); None for point-weight strategies."""
         return None

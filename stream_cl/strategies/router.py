@@ -1,4 +1,4 @@
-"""The task router of `eidetic`: which task's head answers a request that carries no task id.
+"""The task router of `eidetic` and `interval`: which task answers a request that carries no task id.
 
 A ridge (least-squares) classifier over fixed random features scores every (task, class) pair of a
 sample. A request without a task id is answered by the pair with the best joint score
@@ -27,7 +27,7 @@ change with every task.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +36,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from stream_cl.strategies.backbones import Classifier
-from stream_cl.strategies.base import Strategy
+from stream_cl.strategies.base import Strategy, check_int_options, check_number_options
+from stream_cl.strategies.options import StrategyOptions
 
 # task -> (its classes, stored head weight rows, stored head bias)
 TaskHeads = Mapping[int, tuple[list[int], torch.Tensor, torch.Tensor]]
@@ -88,6 +89,31 @@ class RandomFeatures(nn.Module):
             h = torch.cat([F.relu(z), F.relu(-z)], dim=1)
         h = h.sqrt()  # power normalization: measured +0.5 points of routing on split-mnist
         return torch.cat([h, h.new_ones((h.shape[0], 1))], dim=1)
+
+
+@dataclass(frozen=True)
+class RouterOptions(StrategyOptions):
+    """The task router's options, shared by every strategy that routes with it (`eidetic`, `interval`)."""
+
+    # Random features of the task router (without a task hint it scores every (task, class) pair);
+    # its memory is ~ router_features² floats, its cost ~ router_features² per sample.
+    router_features: int = 1024
+    # The router's ridge λ, relative to the mean feature energy.
+    router_lam: float = 0.001
+    # Without a task hint, the best (task, class) by log p_task + router_weight · router score answers.
+    router_weight: float = 30.0
+    # Most learned samples between two router solves (it is also solved at every boundary, and
+    # within a task whenever the task's samples doubled since the last solve).
+    router_refresh: int = 2000
+
+    def validate(self) -> None:
+        check_int_options(1, router_features=self.router_features, router_refresh=self.router_refresh)
+        check_number_options(0.0, strict=True, router_lam=self.router_lam, router_weight=self.router_weight)
+
+    def make_router(self, input_shape: Sequence[int], seed: int, device: torch.device) -> RidgeRouter:
+        return RidgeRouter(
+            input_shape, self.router_features, self.router_lam, self.router_refresh, seed, device
+        )
 
 
 @dataclass(frozen=True)
@@ -228,15 +254,11 @@ def route_and_predict(
     x: torch.Tensor,
     task: int | None,
 ) -> tuple[torch.Tensor, list[int | None]]:
-    """Class probabilities through a task's head: the hinted task, else the best joint (task, class).
+    """`predict_by_task` for one shared backbone with per-task head rows (`eidetic`).
 
     A consolidated task predicts with its stored head (bit-identical forever); the current task
-    with the live head restricted to its classes. With a hint that head alone answers. Without one,
-    each known task's classes score `log_softmax(head logits) + router_weight · router score` and
-    the best pair's task answers with the softmax of its classes' joint scores. Before the router
-    was first solved, or with one task, requests without a hint go to the latest task.
+    with the live head restricted to its classes.
     """
-    n = x.shape[0]
     known = [t for t, c in enumerate(task_classes) if c]
     if task is None and not known:
         return Strategy._predict_with(model, task_classes, x, None)
@@ -246,8 +268,6 @@ def route_and_predict(
         features = model.features(x)
         live = model.head(features)
     model.train(was_training)
-    if live.shape[1] == 0:
-        return live.new_zeros((n, 0)), [task] * n
 
     def logits(t: int) -> torch.Tensor:
         """Task t's logits over its classes (live ones for a task not consolidated as it is now)."""
@@ -257,19 +277,55 @@ def route_and_predict(
             return F.linear(features, w, b)
         return live[:, task_classes[t]]
 
-    out = torch.full_like(live, float("-inf"))
+    return predict_by_task(logits, lambda: live, live.shape[1], router, router_weight, task_classes, x, task)
+
+
+TaskLogits = Callable[[int], torch.Tensor]  # task index -> logits [n, len(its classes)]
+
+
+def predict_by_task(
+    task_logits: TaskLogits,
+    all_logits: Callable[[], torch.Tensor],
+    n_classes: int,
+    router: RouterScores | None,
+    router_weight: float,
+    task_classes: list[list[int]],
+    x: torch.Tensor,
+    task: int | None,
+) -> tuple[torch.Tensor, list[int | None]]:
+    """Class probabilities through one task's answer: the hinted task, else the best joint (task, class).
+
+    The task router of every task-partitioned protection (`eidetic`: a shared backbone with
+    per-task head rows; `interval`: a network per task). `task_logits(t)` is task t's own answer
+    over its classes; `all_logits()` the fallback over every class (a hint for an unknown task,
+    or nothing learned yet). With a hint that task alone answers. Without one, each known task's
+    classes score `log_softmax(task logits) + router_weight · router score` and the best pair's
+    task answers with the softmax of its classes' joint scores. Before the router was first
+    solved, or with one task, requests without a hint go to the latest task.
+    """
+    n = x.shape[0]
+    known = [t for t, c in enumerate(task_classes) if c]
+    if task is None and not known:
+        return torch.softmax(all_logits(), dim=1), [None] * n
+    if task is not None and (task >= len(task_classes) or not task_classes[task]):
+        live = all_logits()
+        if live.shape[1] == 0:
+            return live, [task] * n
+        return torch.softmax(live, dim=1), [task] * n
+    with torch.no_grad():
+        first = task_logits(task if task is not None else known[-1])
+    out = first.new_full((n, n_classes), float("-inf"))
     if task is not None:
-        if task >= len(task_classes) or not task_classes[task]:
-            return torch.softmax(live, dim=1), [task] * n
-        out[:, task_classes[task]] = logits(task)
+        out[:, task_classes[task]] = first
         return torch.softmax(out, dim=1), [task] * n
     if len(known) == 1 or router is None:
-        out[:, task_classes[known[-1]]] = logits(known[-1])
+        out[:, task_classes[known[-1]]] = first
         return torch.softmax(out, dim=1), [known[-1]] * n
     with torch.no_grad():
         pair_scores = router(x)
         joint = [
-            logits(t).log_softmax(1) + router_weight * router.of(pair_scores, t, task_classes[t])
+            (first if t == known[-1] else task_logits(t)).log_softmax(1)
+            + router_weight * router.of(pair_scores, t, task_classes[t])
             for t in known
         ]
         best = torch.stack([j.max(1).values for j in joint], dim=1).argmax(1)
@@ -277,25 +333,26 @@ def route_and_predict(
     for k, t in enumerate(known):
         rows = (best == k).nonzero().flatten()
         if rows.numel():
-            out[rows.view(-1, 1), torch.tensor(task_classes[t], device=live.device)] = joint[k][rows]
+            out[rows.view(-1, 1), torch.tensor(task_classes[t], device=out.device)] = joint[k][rows]
     return torch.softmax(out, dim=1), routes
 
 
 def entropy_route(
-    per_task: Mapping[int, Classifier], task_classes: list[list[int]], x: torch.Tensor
+    task_logits: TaskLogits, n_classes: int, task_classes: list[list[int]], x: torch.Tensor
 ) -> tuple[torch.Tensor, list[int | None]]:
-    """Per sample, the prediction of the task network (restricted to its classes) with least entropy."""
-    best_p: torch.Tensor | None = None
-    best_h = torch.full((x.shape[0],), float("inf"), device=x.device)
-    routes = torch.zeros(x.shape[0], dtype=torch.long)
-    for slot, model in per_task.items():
-        proba, _ = Strategy._predict_with(model, task_classes, x, slot)
-        if proba.shape[1] == 0:
-            return proba, [None] * x.shape[0]
+    """Per sample, the answer of the task (softmax over its classes) with the least entropy."""
+    known = [t for t, c in enumerate(task_classes) if c]
+    n = x.shape[0]
+    best_p = x.new_zeros((n, n_classes))
+    best_h = torch.full((n,), float("inf"), device=x.device)
+    routes = torch.full((n,), -1, dtype=torch.long)
+    for t in known:
+        proba = x.new_zeros((n, n_classes))
+        with torch.no_grad():
+            proba[:, task_classes[t]] = torch.softmax(task_logits(t), dim=1)
         h = -(proba * proba.clamp_min(1e-12).log()).sum(dim=1)
         better = h < best_h
-        best_p = proba if best_p is None else torch.where(better.unsqueeze(1), proba, best_p)
+        best_p = torch.where(better.unsqueeze(1), proba, best_p)
         best_h = torch.where(better, h, best_h)
-        routes[better.cpu()] = slot
-    assert best_p is not None
-    return best_p, [int(r) for r in routes]
+        routes[better.cpu()] = t
+    return best_p, [None if int(r) < 0 else int(r) for r in routes]

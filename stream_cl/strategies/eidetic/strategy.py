@@ -50,19 +50,17 @@ from stream_cl.strategies.base import (
     StepResult,
     Strategy,
     StrategyContext,
-    StrategyOptions,
     check_int_options,
-    check_number_options,
 )
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.eidetic.masks import FREE, SCORES, NeuronMasks, protected_layers, unit_scores
-from stream_cl.strategies.router import RidgeRouter, route_and_predict
+from stream_cl.strategies.router import RouterOptions, route_and_predict
 
 __all__ = ["Eidetic", "protected_layers"]
 
 
 @dataclass(frozen=True)
-class EideticOptions(StrategyOptions):
+class EideticOptions(RouterOptions):
     """`strategy.options` of `eidetic` (all bounded)."""
 
     # Reservoir of the ending task's samples, pruned and recovered on at its boundary.
@@ -78,26 +76,13 @@ class EideticOptions(StrategyOptions):
     score: str = "l1"
     # Pruning steps per boundary at most, undone ones included.
     max_prune_steps: int = 10
-    # Random features of the task router (without a task hint it scores every (task, class) pair);
-    # its memory is ~ router_features² floats, its cost ~ router_features² per sample.
-    router_features: int = 1024
-    # The router's ridge λ, relative to the mean feature energy.
-    router_lam: float = 0.001
-    # Without a task hint, the best (task, class) by log p_head + router_weight · router score answers.
-    router_weight: float = 30.0
-    # Most learned samples between two router solves (it is also solved at every boundary, and
-    # within a task whenever the task's samples doubled since the last solve).
-    router_refresh: int = 2000
+    # The task router's options (router_features, router_lam, router_weight, router_refresh):
+    # `RouterOptions` in strategies/router.py.
 
     def validate(self) -> None:
-        check_int_options(
-            1,
-            task_buffer=self.task_buffer,
-            router_features=self.router_features,
-            router_refresh=self.router_refresh,
-        )
+        super().validate()
+        check_int_options(1, task_buffer=self.task_buffer)
         check_int_options(0, recovery_steps=self.recovery_steps, max_prune_steps=self.max_prune_steps)
-        check_number_options(0.0, strict=True, router_lam=self.router_lam, router_weight=self.router_weight)
         if not 0 < self.prune_step < 1:
             raise ValueError(
                 f"strategy.options.prune_step: expected 0 < prune_step < 1, got {self.prune_step!r}"
@@ -132,14 +117,7 @@ class Eidetic(Strategy):
         self.consolidations: list[int] = []  # task consolidated at each rank
         self.task_heads: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
         self.task_buffer = ReservoirBuffer(o.task_buffer, self.input_shape, self.device)
-        self.router = RidgeRouter(
-            self.input_shape,
-            o.router_features,
-            o.router_lam,
-            o.router_refresh,
-            context.seed + 2,
-            self.device,
-        )
+        self.router = o.make_router(self.input_shape, context.seed + 2, self.device)
         self.router_weight = float(o.router_weight)
         self.exhausted = False
         self.log = get_logger("stream_cl.strategies.eidetic.strategy")
@@ -285,6 +263,9 @@ class Eidetic(Strategy):
 
     def free_capacity(self) -> float | None:
         return self.free_capacity_ratio()
+
+    def protects_with_task_hint(self) -> bool:
+        return True
 
     def capacity_exhausted(self) -> bool:
         """True once no free neuron reaches the head (warned about once, as `capacity_exhausted`)."""

@@ -6,15 +6,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from stream_cl.strategies.base import check_int_options, check_number_options, is_int
-from stream_cl.strategies.options import StrategyOptions
+from stream_cl.strategies.router import RouterOptions
 
-ROUTINGS = ("universal", "entropy")
+ROUTINGS = ("router", "universal", "entropy")
 IMPORTANCES = ("none", "fisher")
 
 
 @dataclass(frozen=True)
-class IntervalOptions(StrategyOptions):
-    """`strategy.options` of `interval` (HyperInterval; an mlp backbone, inputs >= 0)."""
+class IntervalOptions(RouterOptions):
+    """`strategy.options` of `interval` (HyperInterval; an mlp backbone, inputs >= 0).
+
+    The task router's options (router_features, router_lam, router_weight, router_refresh; used
+    with `routing = "router"`) are `RouterOptions` in strategies/router.py."""
 
     embedding_dim: int = 24  # task embedding size M
     epsilon: float = 0.5  # embedding box: centre (ε/2M)·cos(e), radius ε/M
@@ -29,9 +32,16 @@ class IntervalOptions(StrategyOptions):
     # Reservoir of the ending task's samples (bounded; also the Fisher's data).
     consolidation_buffer: int = 500
     max_tasks: int = 32  # embedding slots and stored targets (later tasks share the last)
-    routing: str = "universal"  # no task hint: universal | entropy (one pass per task)
+    # No task hint: router (the task router picks a task, whose network answers; ~router_features²
+    # floats, no stored samples) | universal (one network θ* = H(e*)) | entropy (one pass per task).
+    routing: str = "router"
+    # Serve an ended task (hinted or routed) with its centre weights and head rows as stored at its
+    # own boundary: bit-identical answers after any later learning, max_tasks × |θ| floats. false =
+    # its centre network H(c_t) as now (the paper's; held by the regularizer only, which drifts).
+    keep_task_weights: bool = True
 
     def validate(self) -> None:
+        super().validate()
         check_int_options(
             1,
             embedding_dim=self.embedding_dim,

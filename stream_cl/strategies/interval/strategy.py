@@ -32,11 +32,11 @@ Task `t` owns the embedding box `c_t ± ε/M` with the nested centre `c_t = (ε/
   on a bounded reservoir of the ending task, then its embedding is frozen (restored bit-exactly
   after every step, since Adam's moments would otherwise keep moving it) and all targets are
   recomputed. A recurring task unfreezes its own embedding and goes on training it.
-- Serving without a task id: the universal embedding `e*`, the midpoint of the intersection of
-  all trained tasks' boxes (the current one included, so a snapshot taken mid-task covers it),
-  is materialized as a plain MLP: one ordinary forward pass. A task hint routes to that task's
-  own centre network. `routing = "entropy"` instead tries every task's network per sample and
-  keeps the least uncertain (one pass per task).
+- Serving (`interval/serving.py`): a hint → that task's network over its classes; an ended task
+  answers with the centre weights and head rows stored at its own boundary (`keep_task_weights`),
+  so its hinted answers never change. No hint: the task router (`routing = "router"`, shared with
+  `eidetic`) picks the task, the universal network `θ* = H(e*)` (`"universal"`; `e*` the midpoint
+  of the intersection of the trained tasks' boxes), or the least uncertain task (`"entropy"`).
 
 What the intervals do in a one-pass stream (measured, split- and permuted-mnist): the worst-case
 term drives `H`'s sensitivity to the embedding towards zero, so the weight boxes end up narrow
@@ -58,22 +58,20 @@ a stronger β (0.02: 0.032 at [512, 512]); SGD with momentum instead of Adam (β
 each frozen task's target from its own boundary instead of refreshing all targets (the targets of
 nearly one network then disagree: accuracy 0.42).
 
-Memory: `max_tasks` embedding slots and stored targets (`max_tasks × |θ|`; a task index beyond the
-last slot shares the last slot), one importance vector (`|θ|` + head), and the
-`consolidation_buffer` reservoir. `H` stays small through
-chunking (`chunk_size`), see `interval/bounds.py`.
+Memory: `max_tasks` embedding slots, stored targets and stored task answers (`max_tasks × |θ|`
+each; a task index beyond the last slot shares the last slot), one importance vector (`|θ|` +
+head), the `consolidation_buffer` reservoir and the router's statistics (no samples). `H` stays
+small through chunking (`chunk_size`), see `interval/bounds.py`.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 import torch
 from torch.nn import functional as F
 
-from stream_cl.strategies.backbones import Classifier
 from stream_cl.strategies.base import (
     Batch,
     Boundary,
@@ -90,7 +88,7 @@ from stream_cl.strategies.interval.bounds import (
     write_mlp,
 )
 from stream_cl.strategies.interval.options import IntervalOptions
-from stream_cl.strategies.router import entropy_route
+from stream_cl.strategies.interval.serving import ServingState, TaskAnswer, make_predictor
 
 _FISHER_CHUNK = 64  # samples per vectorized per-sample gradient
 
@@ -154,6 +152,14 @@ class Interval(Strategy):
         # earlier also at each new label), which as full steps ramped ε up before anything was
         # learned and let the worst case kill every ReLU.
         self.slot_samples = [0] * max_tasks
+        # Per frozen slot, its answer as at its own boundary (`keep_task_weights`): what serving
+        # uses for it, so its hinted answers never change (replaced at the slot's next boundary,
+        # never mutated: published predictors hold them).
+        self.task_answers: dict[int, TaskAnswer] = {}
+        # Routing without a task hint (`routing = "router"`): streaming statistics, no samples.
+        self.router = (
+            o.make_router(self.input_shape, context.seed + 3, self.device) if o.routing == "router" else None
+        )
         self.active = 0
         self._sync_backbone(self._centre_weights(0))
         self.optimizer = self._make_optimizer()
@@ -183,6 +189,9 @@ class Interval(Strategy):
             emb = torch.stack([self._embedding(s) for s in self._route_slots()])
             centres, radius = nested_centres(emb, self.epsilon)
             return self.hyper(universal_embedding(centres, radius).unsqueeze(0))[0]
+
+    def protects_with_task_hint(self) -> bool:
+        return True
 
     def weight_radius(self) -> float:
         """Mean half-width of the weight boxes `[θ_L, θ_U]` over the trained tasks (a bench figure)."""
@@ -305,8 +314,9 @@ class Interval(Strategy):
     def learn(self, batch: Batch) -> StepResult:
         self.model.train()
         slot = self._slot(batch.task)
-        if slot != self.active:  # a batch of another task without a boundary first
-            self._activate(slot)
+        if slot != self.active:  # a batch of another task without a boundary first: end the active one
+            self._switch_to(slot)
+            self.model.train()
         x, y = batch.x, batch.y
         progress = self._progress()
         losses, logits, features, theta = self._losses(x, y, progress)
@@ -319,12 +329,26 @@ class Interval(Strategy):
         self.trained[slot] = True
         self.slot_samples[slot] += len(y)
         self.buffer.add(x, y, self.generator)
+        if self.router is not None:
+            self.router.observe(x, y, batch.task)
         return outcome
 
     def on_boundary(self, event: Boundary) -> None:
         """Consolidate and freeze the ending task, store every frozen task's targets, move on."""
         super().on_boundary(event)
-        slot = self._slot(event.task)
+        self._switch_to(self._slot(event.task))
+        if self.router is not None:
+            if self.router.since_solve or self.router.stale():
+                self.router.solve()
+            self.router.new_task()
+
+    def _switch_to(self, slot: int) -> None:
+        """End the active slot's task (consolidate, freeze, store targets) and activate `slot`.
+
+        Whatever moves training to another slot comes through here, a boundary or a batch of
+        another task: a task left without being frozen kept a live embedding that nothing
+        regularized, and its hinted answers fell to chance (issue 29).
+        """
         if slot == self.active:
             return
         ending = self.active
@@ -340,6 +364,8 @@ class Interval(Strategy):
                     self.targets[s] = self._centre_weights(s)
                 head = self.model.head
                 self.head_target = (head.weight.detach().clone(), head.bias.detach().clone())
+                if self.options.keep_task_weights:
+                    self._store_answer(ending)
         self.buffer = ReservoirBuffer(self.buffer.capacity, self.input_shape, self.device)
         self._activate(slot)
         self._sync_backbone(self._centre_weights(slot))
@@ -354,41 +380,53 @@ class Interval(Strategy):
             self._update(self._losses(x, y, 1.0)[0])
 
     # -- prediction -----------------------------------------------------------------------------
-    def _serving_models(self) -> tuple[Classifier, dict[int, Classifier]]:
-        """Plain classifiers (frozen copies): the universal one, and one per covered task slot."""
-        head = copy.deepcopy(self.model.head).eval().requires_grad_(False)
+    def _slot_classes(self, slot: int) -> list[int]:
+        """The classes of every task served by `slot` (tasks beyond the last slot share it)."""
+        tasks = [t for t in range(len(self.task_classes)) if self._slot(t) == slot]
+        return sorted({c for t in tasks for c in self.task_classes[t]})
 
-        def plain(theta: torch.Tensor) -> Classifier:
-            backbone = copy.deepcopy(self.model.backbone)
-            write_mlp(backbone, self.layout, theta)
-            model = Classifier(backbone, self.layout.shapes[-1][0] if self.layout.shapes else 0)
-            model.head = head
-            return model.eval().requires_grad_(False)
+    def _store_answer(self, slot: int) -> None:
+        """Keep `slot`'s centre weights and its classes' head rows as they are now (its boundary)."""
+        classes = self._slot_classes(slot)
+        head = self.model.head
+        with torch.no_grad():
+            self.task_answers[slot] = TaskAnswer(
+                self._centre_weights(slot).clone(),
+                classes,
+                head.weight[classes].detach().clone(),
+                head.bias[classes].detach().clone(),
+            )
 
-        per_task = {s: plain(self._centre_weights(s)) for s in self._route_slots()}
-        return plain(self.universal_weights()), per_task
+    def _serving_state(self) -> ServingState:
+        """Copies of what a predictor reads, safe to use while the strategy goes on learning."""
+        router = None
+        if self.router is not None:
+            if self.router.stale():
+                self.router.solve()
+            router = self.router.scores_fn()
+        head = self.model.head
+        stored = {s: a for s, a in self.task_answers.items() if s in self.frozen_slots}
+        return ServingState(
+            layout=self.layout,
+            routing=self.routing,
+            max_slot=self.max_tasks - 1,
+            task_classes=[list(c) for c in self.task_classes],
+            head=(head.weight.detach().clone(), head.bias.detach().clone()),
+            universal=self.universal_weights(),
+            live={s: self._centre_weights(s) for s in self._route_slots() if s not in stored},
+            stored=stored,
+            router=router,
+            router_weight=float(self.options.router_weight),
+        )
 
     def predict_proba(
         self, x: torch.Tensor, task: int | None = None
     ) -> tuple[torch.Tensor, list[int | None]]:
-        return self.predictor()(x, task)
+        return make_predictor(self._serving_state())(x, task)
 
     def predictor(self) -> Any:
-        """Serving copies: no task → the universal network (or entropy routing); a hint → its task's."""
-        universal, per_task = self._serving_models()
-        task_classes = [list(c) for c in self.task_classes]
-        entropy = self.routing == "entropy" and len(per_task) > 1
-        max_slot = self.max_tasks - 1
-
-        def predict(x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, list[int | None]]:
-            if task is not None:
-                model = per_task.get(min(task, max_slot), universal)
-                return Strategy._predict_with(model, task_classes, x, task)
-            if not entropy:
-                return Strategy._predict_with(universal, task_classes, x, None)
-            return entropy_route(per_task, task_classes, x)
-
-        return predict
+        """Serving copies: a hint → its task's network; none → `routing` (see `interval/serving.py`)."""
+        return make_predictor(self._serving_state())
 
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -405,6 +443,8 @@ class Interval(Strategy):
                 "head_target": _cpu(self.head_target),
                 "weight_importance": _cpu(self.weight_importance),
                 "head_importance": _cpu(self.head_importance),
+                "task_answers": {s: a.state_dict() for s, a in self.task_answers.items()},
+                "router": None if self.router is None else self.router.state_dict(),
             },
         }
 
@@ -422,12 +462,17 @@ class Interval(Strategy):
         self.head_importance = _pair_to(extra.get("head_importance"), self.device)
         importance = extra.get("weight_importance")
         self.weight_importance = None if importance is None else importance.to(self.device)
+        answers = extra.get("task_answers") or {}
+        self.task_answers = {int(s): TaskAnswer.from_state(a, self.device) for s, a in answers.items()}
+        if self.router is not None and extra.get("router") is not None:
+            self.router.load_state_dict(extra["router"])
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         return {
             **super().memory_usage(),
             "consolidation_buffer": (len(self.buffer), self.buffer.capacity),
             "stored_targets": (len(self.frozen_slots), self.max_tasks),
+            "task_answers": (len(self.task_answers), self.max_tasks),
         }
 
 
