@@ -296,3 +296,28 @@ def test_stalled_headers_get_408_and_silent_connections_close() -> None:
             assert silent.recv(4096) == b""  # closed by the server, without a reply
             assert 0.5 < time.monotonic() - started < 5
         assert request(port, "GET", "/v2/health/live")[0] == 200
+
+
+def test_an_idle_keep_alive_http_client_counts_as_one_that_could_send(server: PredictionServer) -> None:
+    """As for the socket, the batcher may wait for companions while an HTTP client is between requests."""
+
+    def settles(expected: bool) -> bool:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if server.anyone_could_send() == expected:
+                return True
+            time.sleep(0.02)
+        return False
+
+    assert settles(False)  # nobody connected
+    assert server.http_port is not None
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=10)
+    try:
+        conn.request("GET", "/v2/health/live")
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.status == 200
+        assert settles(True)  # the keep-alive connection is open and owes nothing
+    finally:
+        conn.close()
+    assert settles(False)

@@ -4,14 +4,17 @@ runs it next to the socket and the in-process forward on the same server and sna
 Two encodings of the same `infer` request: JSON tensors, and Triton's binary tensors (the
 float32 row after the JSON header, the probabilities back as raw float32). Latency is taken on one
 keep-alive connection with prebuilt requests, each reply read whole and decoded; throughput with
-such connections driven by one selector thread, like the socket's load generator.
+such connections driven by one selector thread in a process of its own (`http_throughput_elsewhere`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import selectors
 import socket
+import subprocess
+import sys
 import time
 from typing import cast
 
@@ -165,3 +168,39 @@ def _field(head: bytes, name: bytes) -> bytes | None:
     start = i + len(name) + 3
     stop = head.find(b"\r\n", start)
     return head[start : stop if stop >= 0 else len(head)].strip()
+
+
+def http_throughput_elsewhere(
+    port: int, xs: np.ndarray, binary: bool, clients: int, duration_s: float, model: str
+) -> float:
+    """`http_throughput` driven from a separate process, as a service's clients are. In the
+    server's own process the load generator's HTTP parsing competes with the server for the GIL,
+    and that, not the server, set the 32-client rate."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(xs, dtype=np.float32))
+    argv = [
+        sys.executable,
+        "-m",
+        "stream_cl.bench.latency_http",
+        str(port),
+        str(clients),
+        str(duration_s),
+        model,
+    ]
+    done = subprocess.run(
+        [*argv, "binary" if binary else "json"],
+        input=buffer.getvalue(),
+        capture_output=True,
+        timeout=duration_s + 60,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the HTTP load process failed: {done.stderr.decode()[-500:]}")
+    return float(done.stdout.decode().strip())
+
+
+if __name__ == "__main__":  # the load process: PORT CLIENTS DURATION MODEL ENCODING, inputs (.npy) on stdin
+    port, clients, duration, model, encoding = sys.argv[1:6]
+    inputs = np.load(io.BytesIO(sys.stdin.buffer.read()))
+    bodies = infer_bodies(inputs, binary=encoding == "binary")
+    print(http_throughput(int(port), bodies, int(clients), float(duration), model))

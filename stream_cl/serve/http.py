@@ -97,6 +97,7 @@ class HttpFront:
         self.host = host
         self.config = host.config
         self.port: int | None = None
+        self.busy = 0  # requests in progress (loop thread only)
         self._runner: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
 
@@ -152,6 +153,11 @@ class HttpFront:
         if self._listener is not None:
             await self._listener.wait_closed()
 
+    def could_send(self) -> bool:
+        """Whether some open HTTP connection is between requests (the batcher may wait for it)."""
+        runner = self._runner
+        return runner is not None and runner.server is not None and len(runner.server.connections) > self.busy
+
     # -- every request --------------------------------------------------------------------------
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -160,6 +166,7 @@ class HttpFront:
         conn = transport.get_protocol() if transport is not None else None
         if isinstance(conn, Deadlines):
             conn.request_started()  # headers are in: the connection's header deadline is met
+        self.busy += 1
         try:
             bucket = conn.bucket if isinstance(conn, Deadlines) else None
             if bucket is not None and not bucket.take(self.config.max_requests_per_s, time.monotonic()):
@@ -183,6 +190,7 @@ class HttpFront:
             self.host.log.exception("http_request_failed", path=request.path)
             return error(500, "internal server error")
         finally:
+            self.busy -= 1
             if isinstance(conn, Deadlines):
                 conn.request_done()
 

@@ -136,8 +136,9 @@ class PredictionServer:
         self.batcher.poke()
 
     def anyone_could_send(self) -> bool:
-        """Whether waiting for more predict requests can pay off: some client is between requests."""
-        return self._admitted > self.busy_connections
+        """Whether waiting for more predict requests can pay off: some client (socket or HTTP) is
+        between requests."""
+        return self._admitted > self.busy_connections or (self.http is not None and self.http.could_send())
 
     def record_prediction(self, slot: Slot) -> None:
         """Successful predictions only: an error reply says nothing about serving latency."""
