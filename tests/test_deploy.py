@@ -429,6 +429,23 @@ def test_every_documented_series_has_a_panel() -> None:
 
 
 # -- the live stack: daemon on the broker + a real Prometheus --------------------------------------
+def check_dashboard_queries(live: Live, absent_here: set[str]) -> set[str]:
+    """Send every dashboard query as Grafana would: each returns real numbers, except those whose
+    series are all in `absent_here`, which must return none. The names found correctly empty."""
+    empty, absent = [], set()
+    for where, expr, instant in dashboard_queries(json.loads(DASHBOARD.read_text())):
+        result = live.query(expr) if instant else live.query_range(expr)
+        values = [float(v[1]) for s in result for v in (s["values"] if "values" in s else [s["value"]])]
+        has_data = any(math.isfinite(v) for v in values)
+        if metric_names(expr) <= absent_here:
+            assert not has_data, f"{where}: data for a series this stack cannot have: {expr}"
+            absent |= metric_names(expr)
+        elif not has_data:
+            empty.append(f"{where}: {expr}")
+    assert not empty, "queries without data:\n" + "\n".join(empty)
+    return absent
+
+
 @dataclass
 class Live:
     daemon: Daemon
@@ -665,17 +682,7 @@ def test_every_dashboard_query_returns_data(live: Live) -> None:
     Correctly empty, and checked to be: the per-key panels (this daemon holds one model) and the
     capacity panels (finetune has no capacity), whose series this stack does not have.
     """
-    empty, absent = [], set()
-    for where, expr, instant in dashboard_queries(json.loads(DASHBOARD.read_text())):
-        result = live.query(expr) if instant else live.query_range(expr)
-        values = [float(v[1]) for s in result for v in (s["values"] if "values" in s else [s["value"]])]
-        has_data = any(math.isfinite(v) for v in values)
-        if metric_names(expr) <= ABSENT_HERE:
-            assert not has_data, f"{where}: data for a series this stack cannot have: {expr}"
-            absent |= metric_names(expr)
-        elif not has_data:
-            empty.append(f"{where}: {expr}")
-    assert not empty, "queries without data:\n" + "\n".join(empty)
+    absent = check_dashboard_queries(live, ABSENT_HERE)
     assert absent == ABSENT_HERE  # those panels exist; per-key and eidetic runs give them data
 
 

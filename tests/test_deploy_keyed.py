@@ -4,8 +4,6 @@ each, and every panel and alert expression returns data or is correctly empty.""
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import subprocess
 import time
@@ -17,14 +15,13 @@ from kafka import KafkaProducer
 from support import kafka_overrides, wait_until
 from test_deploy import (
     CAPACITY_ONLY,
-    DASHBOARD,
     Live,
     _api,
     _start_prometheus,
     _tool,
     alert_rules,
     always_answering,
-    dashboard_queries,
+    check_dashboard_queries,
     metric_names,
 )
 
@@ -160,18 +157,7 @@ def test_forgetting_is_visible_for_a_per_key_deployment(keyed_live: Live) -> Non
 @pytest.mark.integration
 def test_every_dashboard_query_returns_data_or_is_correctly_empty_per_key(keyed_live: Live) -> None:
     """Each panel, sent as Grafana sends it, has data unless its series cannot exist on this stack."""
-    empty, absent = [], set()
-    for where, expr, instant in dashboard_queries(json.loads(DASHBOARD.read_text())):
-        result = keyed_live.query(expr) if instant else keyed_live.query_range(expr)
-        values = [float(v[1]) for s in result for v in (s["values"] if "values" in s else [s["value"]])]
-        has_data = any(math.isfinite(v) for v in values)
-        if metric_names(expr) <= ABSENT_HERE:
-            assert not has_data, f"{where}: data for a series this stack cannot have: {expr}"
-            absent |= metric_names(expr)
-        elif not has_data:
-            empty.append(f"{where}: {expr}")
-    assert not empty, "queries without data:\n" + "\n".join(empty)
-    assert absent, "the correctly empty panels were found"
+    assert check_dashboard_queries(keyed_live, ABSENT_HERE), "the correctly empty panels were found"
 
 
 @pytest.mark.integration

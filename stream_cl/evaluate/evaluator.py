@@ -380,10 +380,7 @@ class Evaluator:
             self._charge(time.thread_time() - start)
 
     def _charge(self, cpu_s: float) -> None:
-        """Rest after `cpu_s` of CPU so that the evaluator's share of one core stays within budget."""
-        share = self.config.max_cpu_share
-        if 0 < share < 1 and cpu_s > 0:  # each CPU second buys (1/share - 1) seconds of rest
-            self._resume_at = max(self._resume_at, time.monotonic()) + cpu_s * (1 / share - 1)
+        self._resume_at = rest_until(self._resume_at, cpu_s, self.config.max_cpu_share)
 
     # -- checkpoint state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -437,6 +434,15 @@ class Evaluator:
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         with self._lock:
             return {f"reservoir[{t}]": (len(r.ys), r.capacity) for t, r in self.reservoirs.items()}
+
+
+def rest_until(resume_at: float, cpu_s: float, share: float) -> float:
+    """When scoring may start again after `cpu_s` of CPU, so that an evaluator thread's share of one
+    core stays within `share` (`evaluation.max_cpu_share`; 0 or 1 = no limit): each CPU second
+    buys (1/share - 1) seconds of rest."""
+    if 0 < share < 1 and cpu_s > 0:
+        return max(resume_at, time.monotonic()) + cpu_s * (1 / share - 1)
+    return resume_at
 
 
 def _export_to_metrics(evaluator: Evaluator) -> None:

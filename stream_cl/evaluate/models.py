@@ -26,7 +26,7 @@ import numpy as np
 from prometheus_client import Gauge
 
 from stream_cl.config import EvaluationConfig
-from stream_cl.evaluate.evaluator import MATRIX_TASKS, Evaluator
+from stream_cl.evaluate.evaluator import MATRIX_TASKS, Evaluator, rest_until
 from stream_cl.evaluate.holdout import HoldoutBudget
 from stream_cl.log import get_logger
 from stream_cl.metrics import Metrics
@@ -151,9 +151,7 @@ class KeyedEvaluation:
             self._charge(time.thread_time() - start)
 
     def _charge(self, cpu_s: float) -> None:
-        share = self.config.max_cpu_share
-        if 0 < share < 1 and cpu_s > 0:
-            self._resume_at = max(self._resume_at, time.monotonic()) + cpu_s * (1 / share - 1)
+        self._resume_at = rest_until(self._resume_at, cpu_s, self.config.max_cpu_share)
 
     # -- export (evaluator thread) -------------------------------------------------------------------
     def _scored(self, key: str, evaluator: Evaluator) -> None:
