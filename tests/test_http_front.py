@@ -321,3 +321,20 @@ def test_an_idle_keep_alive_http_client_counts_as_one_that_could_send(server: Pr
     finally:
         conn.close()
     assert settles(False)
+
+
+def test_latency_bench_times_the_plain_backbone_beside_the_strategy() -> None:
+    """The configured backbone with a plain head is timed in-process next to the served strategy's
+    forward, so the strategy's own cost of prediction is a ratio of one run."""
+    from stream_cl.bench.latency import format_latency_table, run_latency_bench
+    from stream_cl.bench.latency_cmd import plain_snapshot
+    from stream_cl.config import load_config
+
+    served = make_snapshot()
+    plain = plain_snapshot(load_config(None, ["model.hidden=[8]"], env={}), served)
+    assert plain.labels == served.labels and plain.predict(samples(2)).proba.shape == (2, len(served.labels))
+    result = run_latency_bench(
+        served, samples(16), n_requests=20, concurrency=(1, 2), duration_s=0.1, plain=plain
+    )
+    assert result["plain_forward_p50_ms"] > 0
+    assert "in-process p50 / plain backbone p50" in format_latency_table(result)

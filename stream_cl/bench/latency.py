@@ -145,11 +145,13 @@ def run_latency_bench(
     n_requests: int = 2000,
     concurrency: Sequence[int] = (1, 32),
     duration_s: float = 3.0,
+    plain: Snapshot | None = None,
 ) -> dict[str, Any]:
     """Serve `snapshot` on a free port and measure it against its own in-process forward.
 
     `xs` [n, *input_shape] are the inputs sent, cycled. Returns in-process and socket latency
     (ms), throughput per client count (requests/s), their ratios and whether the goals hold.
+    `plain`: the same backbone with a plain head, timed in-process beside the strategy's forward.
     """
     xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(len(xs), -1)
     lo, hi = min(concurrency), max(concurrency)
@@ -161,6 +163,9 @@ def run_latency_bench(
         _inprocess_seconds(snapshot, xs, _WARMUP)
         _socket_seconds(port, xs, _WARMUP)
         inprocess = _inprocess_seconds(snapshot, xs, n_requests)
+        if plain is not None:
+            _inprocess_seconds(plain, xs, _WARMUP)
+        plain_seconds = None if plain is None else _inprocess_seconds(plain, xs, n_requests)
         sock = _socket_seconds(port, xs, n_requests)
         frames = _request_frames(xs)
         throughput = {str(c): _throughput(port, frames, c, duration_s) for c in concurrency}
@@ -200,6 +205,8 @@ def run_latency_bench(
         "torch_threads": torch.get_num_threads(),
         "inprocess_p50_ms": inprocess_p50,
         "inprocess_p99_ms": _percentile_ms(inprocess, 99),
+        # the configured backbone with a plain head: the forward without the strategy's protection
+        "plain_forward_p50_ms": None if plain_seconds is None else _percentile_ms(plain_seconds, 50),
         "socket_p50_ms": socket_p50,
         "socket_p99_ms": _percentile_ms(sock, 99),
         "throughput_rps": throughput,
@@ -228,6 +235,10 @@ def format_latency_table(result: dict[str, Any]) -> str:
         ("socket predict p50 (1 client)", f"{result['socket_p50_ms']:.3f} ms"),
         ("socket predict p99 (1 client)", f"{result['socket_p99_ms']:.3f} ms"),
     ]
+    plain = result.get("plain_forward_p50_ms")
+    if plain is not None:
+        rows.insert(2, ("plain backbone forward p50 (no strategy)", f"{plain:.3f} ms"))
+        rows.insert(3, ("in-process p50 / plain backbone p50", f"{result['inprocess_p50_ms'] / plain:.2f}x"))
     for clients, rps in result["throughput_rps"].items():
         rows.append((f"throughput, {clients} client(s)", f"{rps:,.0f} req/s"))
     rows.append(("socket p50 / in-process p50", f"{result['p50_vs_inprocess']:.2f}x"))
