@@ -164,7 +164,7 @@ def test_a_batch_the_store_cannot_hold_is_kept_as_it_is() -> None:
 def test_the_throughput_bench_sets_its_own_tuning_unless_the_command_line_names_it() -> None:
     """The daemon's defaults leave pinning and the switch interval off; the bench turns both on
     for itself, and a `--set` of either key wins."""
-    from stream_cl.bench.throughput import BENCH_TUNING, bench_tuning
+    from stream_cl.bench.throughput_cmd import BENCH_TUNING, bench_tuning
     from stream_cl.config import Config, load_config
 
     tuned, shown = bench_tuning(Config(), [])
@@ -174,3 +174,17 @@ def test_the_throughput_bench_sets_its_own_tuning_unless_the_command_line_names_
     kept, shown = bench_tuning(load_config(None, told, env={}), told)
     assert kept.learner.gil_switch_interval_us == 0 and shown["learner.gil_switch_interval_us"] == 0
     assert kept.learner.cpu_affinity == "auto"
+
+
+def test_compare_names_an_unknown_strategy_before_anything_runs() -> None:
+    """`--compare NAME` with a strategy that does not exist is a config error naming strategy.name."""
+    import argparse
+
+    import pytest
+
+    from stream_cl.bench.throughput_cmd import run
+    from stream_cl.config import Config, ConfigError
+
+    args = argparse.Namespace(rounds=1, set=[], compare="no-such-strategy", stream="split-mnist", repeats=1)
+    with pytest.raises(ConfigError, match="strategy.name"):
+        run(Config(), args)

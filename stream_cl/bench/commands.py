@@ -19,7 +19,10 @@ from stream_cl.config import Config
 
 # verb -> (module, help); help is duplicated here so `--help` needs no heavy imports.
 VERBS: dict[str, tuple[str, str]] = {
-    "throughput": ("stream_cl.bench.throughput", "daemon samples/s against raw consume and raw train rates"),
+    "throughput": (
+        "stream_cl.bench.throughput_cmd",
+        "daemon samples/s against raw consume and raw train rates",
+    ),
     "latency": (
         "stream_cl.bench.latency_cmd",
         "socket predict latency/throughput against in-process forward",

@@ -24,13 +24,13 @@ first sample taken in.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import statistics
 import time
 import uuid
 from typing import Any
 
-from stream_cl.config import Config, ConfigError
+from stream_cl.config import Config
 
 # Heavy imports (torch, kafka, the daemon) live inside the functions: building the CLI parser
 # imports this module for every `stream-cl` command.
@@ -295,8 +295,6 @@ def run_throughput(
     fetch modes), on one broker and topic. A round's ratios divide its own figures, so a slow
     spell on a shared machine moves a ratio's numerator and denominator together; the printed
     figures are medians over rounds (ratios: the median of the rounds' ratios)."""
-    import statistics
-
     from stream_cl.tools.broker import EmbeddedBroker
     from stream_cl.tools.datasets import load_stream
     from stream_cl.tools.producer import produce_stream
@@ -434,47 +432,3 @@ def format_throughput(r: dict[str, Any]) -> str:
             + format_table(["thread / process", "in-process fetch", "subprocess fetch"], breakdown)
         )
     return out
-
-
-HELP = "daemon samples/s against raw consume and raw train rates"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--stream", default="split-mnist", help="the built-in stream replayed (default: split-mnist)"
-    )
-    # 20 x split-mnist: 80,000 samples, ~5 s of the daemon at ~16,000/s. With 5 (~1.2 s), single
-    # finetune rounds of one build ranged 0.54-0.79x; with 20, 0.70-0.80x.
-    p.add_argument(
-        "--repeats", type=int, default=20, help="times the stream is replayed into the topic (default 20)"
-    )
-    p.add_argument(
-        "--rounds", type=int, default=3, help="interleaved rounds of every measurement (medians are printed)"
-    )
-
-
-# The bench's own process tuning (runtime/tuning.py), applied unless `--set` names the key: the
-# daemon's defaults leave both off, as they must be on a shared host; a throughput run wants the
-# learner on a core of its own and the GIL back after each torch op.
-BENCH_TUNING: dict[str, Any] = {"learner.cpu_affinity": "auto", "learner.gil_switch_interval_us": 50}
-
-
-def bench_tuning(config: Config, overrides: list[str]) -> tuple[Config, dict[str, Any]]:
-    """`config` with BENCH_TUNING applied where `overrides` (the --set list) does not name the key."""
-    named = {item.split("=", 1)[0].strip() for item in overrides}
-    learner = dataclasses.replace(
-        config.learner,
-        **{k.split(".")[1]: v for k, v in BENCH_TUNING.items() if k not in named},
-    )
-    tuned = dataclasses.replace(config, learner=learner)
-    return tuned, {k: getattr(tuned.learner, k.split(".")[1]) for k in BENCH_TUNING}
-
-
-def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    if args.rounds < 1:
-        raise ConfigError("--rounds", f"must be >= 1, got {args.rounds}")
-    config, tuning = bench_tuning(config, args.set or [])
-    result = run_throughput(config, args.stream, repeats=args.repeats, rounds=args.rounds)
-    result["tuning"] = tuning
-    tuning_line = "tuning: " + ", ".join(f"{k}={v}" for k, v in tuning.items())
-    return result, tuning_line + "\n" + format_throughput(result)
