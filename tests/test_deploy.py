@@ -518,17 +518,32 @@ def _start_prometheus(
         preexec_fn=_die_with_parent,
     )
     base = f"http://127.0.0.1:{port}"
+    wait_ready(proc, base, workdir / "prometheus.log", "Prometheus")
+    return proc, base
+
+
+def wait_ready(proc: subprocess.Popen[bytes], base: str, log: Path, what: str) -> None:
+    """Until `base`/-/ready answers 200 (Prometheus, Alertmanager); `log` is shown if `proc` died."""
 
     def ready() -> bool:
-        assert proc.poll() is None, (workdir / "prometheus.log").read_text()
+        assert proc.poll() is None, log.read_text()
         try:
             with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
                 return r.status == 200
         except OSError:
             return False
 
-    wait_until(ready, 30, "Prometheus to start")
-    return proc, base
+    wait_until(ready, 30, f"{what} to start")
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate `proc`, killing it if it has not exited within 10 s."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -653,12 +668,7 @@ def live(
         time.sleep(3)  # a few more scrapes, so every 5 s rate window after the predictions has two points
         yield state
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         daemon.stop()
         replica.stop()
 

@@ -5,7 +5,6 @@ each, and every panel and alert expression returns data or is correctly empty.""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 
@@ -23,6 +22,7 @@ from test_deploy import (
     always_answering,
     check_dashboard_queries,
     metric_names,
+    stop_process,
 )
 
 from stream_cl.config import load_config
@@ -131,12 +131,7 @@ def keyed_live(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory)
         time.sleep(3)  # a few more scrapes, so every 5 s rate window has two points
         yield state
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
         daemon.stop()
 
 

@@ -13,10 +13,8 @@ groups of deploy/prometheus/alerts.yml.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 from support import free_port, wait_until
+from test_deploy import _die_with_parent, stop_process, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -57,10 +56,6 @@ def _load(path: Path) -> Any:
 
 def _docs(path: Path) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no orphan outlives pytest
 
 
 # -- Alertmanager -----------------------------------------------------------------------------------
@@ -146,16 +141,7 @@ def test_a_real_alertmanager_delivers_alerts_to_the_example_receiver(tmp_path: P
     )
     base = f"http://127.0.0.1:{api_port}"
     try:
-
-        def ready() -> bool:
-            assert manager.poll() is None, (tmp_path / "alertmanager.err").read_text()
-            try:
-                with urllib.request.urlopen(f"{base}/-/ready", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
-
-        wait_until(ready, 30, "Alertmanager to start")
+        wait_ready(manager, base, tmp_path / "alertmanager.err", "Alertmanager")
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         alerts = [
             {
@@ -198,12 +184,7 @@ def test_a_real_alertmanager_delivers_alerts_to_the_example_receiver(tmp_path: P
         )
     finally:
         for proc in (manager, hook):
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc)
         log.close()
 
 

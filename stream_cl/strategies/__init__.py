@@ -29,11 +29,11 @@ built-in one; the conformance suite (`stream_cl.checks`) then runs over it as we
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any
 
-from stream_cl.config import ConfigError, ModelConfig
+from stream_cl.config import ConfigError
 from stream_cl.strategies.base import LOSSES, Batch, Boundary, StepResult, Strategy, StrategyContext
 from stream_cl.strategies.eidetic.strategy import Eidetic
 from stream_cl.strategies.finetune import Finetune
@@ -98,21 +98,9 @@ def get(name: str) -> type[Strategy]:
         raise KeyError(f"unknown strategy {name!r}; valid: {', '.join(available())}") from None
 
 
-def create(
-    name: str,
-    input_shape: Sequence[int],
-    *,
-    model: ModelConfig | None = None,
-    head: str = "random",
-    head_options: Mapping[str, Any] | None = None,
-    loss: str = "ce",
-    device: str = "auto",
-    **options: Any,
-) -> Strategy:
-    """The strategy `name` from plain arguments (`Strategy.build`); ValueError names the key."""
-    return get(name).build(
-        input_shape, model=model, head=head, head_options=head_options, loss=loss, device=device, **options
-    )
+def create(name: str, input_shape: Sequence[int], **arguments: Any) -> Strategy:
+    """The strategy `name` from plain arguments, as `Strategy.build` takes them; ValueError names the key."""
+    return get(name).build(input_shape, **arguments)
 
 
 def check_config(config: Config) -> type[Strategy]:
