@@ -29,7 +29,7 @@ def _strategy(backbone: str, optimizer: str, seed: int = 0, **options: Any) -> E
     opts = {
         "task_buffer": 32,
         "recovery_steps": 3,
-        "max_prune_steps": 4,
+        "max_attempts": 4,
         "router_features": 64,
         **options,
     }
@@ -211,7 +211,14 @@ def test_no_hint_answers_with_the_best_joint_task_class_score(weight: float) -> 
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("task_buffer", 0), ("prune_step", 1.0), ("tol", -0.1), ("score", "l3"), ("router_weight", 0)],
+    [
+        ("task_buffer", 0),
+        ("probe_tol", 1.0),
+        ("max_attempts", 0),
+        ("tol", -0.1),
+        ("score", "l3"),
+        ("router_weight", 0),
+    ],
 )
 def test_bad_options_name_their_key(key: str, value: Any) -> None:
     """A bad option value raises an error that names strategy.options.KEY."""
@@ -228,13 +235,34 @@ def test_taylor_scores_consolidate() -> None:
     assert 0.0 < s.free_capacity_ratio() < 1.0
 
 
-def test_a_failed_pruning_step_is_retried_smaller_not_kept_whole() -> None:
-    """When pruning half the free neurons fails `tol`, smaller steps still prune: the task does not own everything."""
-    s = _strategy("mlp", "sgd+momentum", prune_step=0.9, tol=0.0, max_prune_steps=8, recovery_steps=0)
+def _consolidations(s: Eidetic, learn: Any) -> list[dict[str, Any]]:
+    with capture_logs() as logs:
+        learn()
+    return [e for e in logs if e["event"] == "eidetic_consolidated"]
+
+
+def test_a_loose_probe_keeps_one_neuron_per_layer() -> None:
+    """`probe_tol` near 1 accepts the smallest probe: the task keeps a single free neuron per layer."""
+    s = _strategy("mlp", "adam+decay", probe_tol=0.99)
     rng = np.random.default_rng(0)
     _learn_task(s, 0, rng, steps=20)
-    _learn_task(s, 1, rng)  # consolidates task 0
-    assert 0.0 < s.free_capacity_ratio() < 1.0
+    (event,) = _consolidations(s, lambda: _learn_task(s, 1, rng))
+    assert event["units_kept"] == [1, 1] and event["attempts"] == 1
+
+
+def test_a_recovery_that_fails_tol_is_undone_and_twice_the_fraction_kept(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each failed attempt restores the model and keeps twice as many neurons, up to `max_attempts`."""
+    s = _strategy("mlp", "adam+decay", probe_tol=0.99, max_attempts=3, recovery_steps=1)
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng, steps=20)
+    calls = iter([1.0, 0.0, 0.0, 0.0])  # before pruning, then every attempt falls short
+    monkeypatch.setattr(s, "_buffer_accuracy", lambda *a: next(calls))
+    (event,) = _consolidations(s, lambda: _learn_task(s, 1, rng))
+    # fractions 1/16, 1/8, 1/4 of the free [16, 12] units: [1, 1], [2, 2], [4, 3]
+    assert event["attempts"] == 3 and event["units_kept"] == [4, 3]
+    assert s.free_capacity_ratio() == pytest.approx((16 - 4 + 12 - 3) / 28)
 
 
 def test_router_learns_from_statistics_and_survives_a_checkpoint() -> None:
@@ -271,7 +299,7 @@ def test_bench_scores_each_task_after_its_consolidation() -> None:
             "model.device=cpu",
             "model.hidden=[64, 64]",
             "model.lr=0.01",
-            "strategy.options={task_buffer = 64, recovery_steps = 5, max_prune_steps = 4, router_features = 128}",
+            "strategy.options={task_buffer = 64, recovery_steps = 5, max_attempts = 4, router_features = 128}",
         ],
     )
     stream = load_stream("split-digits", seed=0)

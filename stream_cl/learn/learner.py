@@ -232,14 +232,13 @@ class Learner:
             self._held_out_unreported = 0
 
     def flush(self) -> None:
-        """Learn a partial batch (the stream went quiet), publish, and write a checkpoint that is due.
-
-        A request deferred by `checkpoint.min_interval_s`, or a background write that finished,
-        must not wait for the next record: the stream may stay quiet.
-        """
+        """Learn a partial batch (the stream went quiet), publish, and write a checkpoint that is due
+        (one deferred by `checkpoint.min_interval_s` must not wait: the stream may stay quiet)."""
         self._learn_pending()
         self._report_held_out()
-        self._maybe_publish(force=self._steps_since_publish > 0)
+        # The quiet time finishes the strategy's background work; what it changes is published.
+        settled = self.strategy is not None and self.strategy.settle()
+        self._maybe_publish(force=self._steps_since_publish > 0 or settled)
         self._checkpoint_if_due()
 
     # -- learning -------------------------------------------------------------------------------
@@ -388,16 +387,16 @@ class Learner:
         if since_ms < cfg.snapshot_min_interval_ms:
             return
         if steps >= cfg.snapshot_every_steps or since_ms >= cfg.snapshot_every_ms:
-            self.publish()
+            self.publish(settle=False)
 
-    def publish(self) -> Snapshot | None:
-        """Publish an immutable snapshot of the current model (learner thread only).
-
-        Nothing is published before the first class: such a model has nothing to predict, and
-        serving answers `not_ready` until then.
-        """
+    def publish(self, settle: bool = True) -> Snapshot | None:
+        """Publish an immutable snapshot of the current model (learner thread only); with `settle`
+        (all but the scheduled ones) after the strategy finished its background work. Nothing is
+        published before the first class: serving answers `not_ready` until then."""
         if self.strategy is None or self.input_shape is None or not self.labels:
             return None
+        if settle:
+            self.strategy.settle()
         self.version += 1
         snap = build_snapshot(
             self.strategy, self.version, self.labels, self.detector.task_ids, self.input_shape

@@ -200,6 +200,12 @@ class Strategy(abc.ABC):
         """Mean half-width of interval weight boxes (`interval`); None for point-weight strategies."""
         return None
 
+    def settle(self) -> bool:
+        """Finish work queued off the learning thread (the stream went quiet), so that a predictor
+        built next reflects everything learned; True when that predictor would answer differently
+        from the last one built. Strategies without background work have nothing to do."""
+        return False
+
     # -- the one abstract method ---------------------------------------------------------------
     @abc.abstractmethod
     def learn(self, batch: Batch) -> StepResult:
@@ -385,8 +391,16 @@ class Strategy(abc.ABC):
         """One optimizer step; frozen head rows are written back afterwards (exact freezing)."""
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._before_update()
         self.optimizer.step()
         self.frozen.restore(self.model.head)
+        self._after_update()
+
+    def _before_update(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
+        """Between backward and the optimizer step: a strategy may edit gradients here."""
+
+    def _after_update(self) -> None:  # noqa: B027 (an optional hook: nothing by default)
+        """After the optimizer step: a strategy may restore entries it holds fixed here."""
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

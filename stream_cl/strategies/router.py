@@ -17,6 +17,11 @@ at every boundary and, between boundaries, when a new (task, class) target appea
 current task's samples doubled since the last solve, or `refresh` samples after it at most. Features
 are folded into the Gram matrix in blocks of a few hundred samples (one large product is cheaper).
 
+Its work runs off the learner's thread (`strategies/background.py`): the features and statistics
+of a learned batch, and the solves between boundaries, are queued, and a predictor built meanwhile
+routes with the newest finished solve. A boundary's solve and `settle()` (the stream went quiet)
+wait for everything queued, so the model published there routes on every sample learned.
+
 The features are fixed at construction (seeded), so the statistics of the first task stay valid
 forever: with an image input [C, H, W], `±ReLU` of random zero-mean 5×5 filters, average-pooled to
 4×4 positions (random convolutional features); otherwise `±ReLU` of a random projection; then a
@@ -36,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from stream_cl.strategies.backbones import Classifier
+from stream_cl.strategies.background import BackgroundJobs
 from stream_cl.strategies.base import Strategy, check_int_options, check_number_options
 from stream_cl.strategies.options import StrategyOptions
 
@@ -135,8 +141,21 @@ class RouterScores:
         return picked.masked_fill(missing, 0.0)
 
 
+@dataclass(frozen=True)
+class RouterSolution:
+    """A finished solve: the ridge weights for the first `targets` (task, class) targets."""
+
+    weight: torch.Tensor  # [feature dim, targets] float32
+    targets: int
+
+
 class RidgeRouter:
-    """Streaming ridge regression from random features to (task, class) targets; routes by task."""
+    """Streaming ridge regression from random features to (task, class) targets; routes by task.
+
+    Threads: `observe`, `request_solve`, `solve`, `settle` and the state methods are called by the
+    learning thread; the statistics (`gram`, `xy`, the pending features) are written by the
+    queued jobs alone, and read by the learning thread only after `jobs.wait()`.
+    """
 
     def __init__(
         self,
@@ -154,21 +173,38 @@ class RidgeRouter:
         self.xy = torch.zeros((d, 0), dtype=torch.float64, device=device)  # one column per target
         self.targets: list[tuple[int, int]] = []  # (task, class) of each column
         self._column: dict[tuple[int, int], int] = {}
-        self.weight: torch.Tensor | None = None  # [d, targets solved] float32; replaced, never mutated
-        self.solved_targets = 0
+        self.solution: RouterSolution | None = None  # replaced by a finished solve, never mutated
+        self.solved_targets = 0  # targets of the last solve asked for
         self.since_solve = 0
         self.task_samples = self.task_samples_at_solve = 0  # samples of the current task (at the last solve)
         self._pending: list[torch.Tensor] = []  # features not yet folded into the statistics
-        self._pending_cols: list[int] = []
+        self._pending_cols: list[torch.Tensor] = []
+        self.jobs = BackgroundJobs()
+        self._served: RouterSolution | None = None  # the solve scores_fn last gave out
+
+    @property
+    def weight(self) -> torch.Tensor | None:
+        """The newest finished solve's weights [feature dim, targets solved] (None before one)."""
+        solution = self.solution
+        return None if solution is None else solution.weight
 
     def observe(self, x: torch.Tensor, y: torch.Tensor, task: int) -> None:
-        """Add a learned batch's statistics (folded into the Gram matrix every `_FOLD` samples)."""
-        with torch.no_grad():
-            self._pending.append(self.features(x))
-        self._pending_cols += [self._target(task, int(c)) for c in y.tolist()]
+        """Queue a learned batch's statistics (`x` must not be written to afterwards)."""
+        cols = torch.tensor([self._target(task, int(c)) for c in y.tolist()], device=self.device)
         self.since_solve += int(y.shape[0])
         self.task_samples += int(y.shape[0])
-        if len(self._pending_cols) >= _FOLD:
+        self.jobs.submit(self._accumulate, x, cols, len(self.targets))
+
+    def _accumulate(self, x: torch.Tensor, cols: torch.Tensor, targets: int) -> None:
+        """(Background.) The batch's features, folded into the statistics every `_FOLD` samples."""
+        with torch.no_grad():
+            self._pending.append(self.features(x))
+        self._pending_cols.append(cols)
+        if self.xy.shape[1] < targets:
+            self.xy = torch.cat(
+                [self.xy, self.xy.new_zeros((self.xy.shape[0], targets - self.xy.shape[1]))], 1
+            )
+        if sum(len(c) for c in self._pending_cols) >= _FOLD:
             self._fold()
 
     def _fold(self) -> None:
@@ -178,8 +214,7 @@ class RidgeRouter:
         with torch.no_grad():
             phi = torch.cat(self._pending)
             self.gram += (phi.T @ phi).double()
-            cols = torch.tensor(self._pending_cols, device=self.device)
-            self.xy.index_add_(1, cols, phi.T.double())
+            self.xy.index_add_(1, torch.cat(self._pending_cols), phi.T.double())
         self._pending, self._pending_cols = [], []
 
     def _target(self, task: int, cls: int) -> int:
@@ -187,7 +222,6 @@ class RidgeRouter:
         if col is None:
             col = self._column[(task, cls)] = len(self.targets)
             self.targets.append((task, cls))
-            self.xy = torch.cat([self.xy, self.xy.new_zeros((self.xy.shape[0], 1))], dim=1)
         return col
 
     def stale(self) -> bool:
@@ -200,46 +234,85 @@ class RidgeRouter:
         """A boundary: the doubling schedule of `stale` starts over for the next task."""
         self.task_samples = self.task_samples_at_solve = 0
 
-    def solve(self) -> None:
-        """Solve the ridge system on everything observed so far (no-op before any target)."""
+    def request_solve(self) -> None:
+        """Queue a solve on everything observed so far (no-op before any target)."""
         if not self.targets:
             return
-        self._fold()
-        d = self.gram.shape[0]
-        scale = float(self.gram.diagonal().mean()) or 1.0
-        a = self.gram + (self.lam * scale) * torch.eye(d, dtype=self.gram.dtype, device=self.device)
-        chol, info = torch.linalg.cholesky_ex(a)
-        w = torch.cholesky_solve(self.xy, chol) if int(info) == 0 else torch.linalg.lstsq(a, self.xy).solution
-        self.weight = w.float()
+        self._mark_solved()
+        self.jobs.submit(self._solve, len(self.targets))
+
+    def solve(self) -> None:
+        """Solve on everything observed so far, now (waits for the queued statistics)."""
+        if not self.targets:
+            return
+        self.jobs.wait()
+        self._mark_solved()
+        self._solve(len(self.targets))
+
+    def settle(self) -> bool:
+        """Finish the queued work, solving once more if anything was learned since the last solve;
+        True when `scores_fn` now gives a newer solve than it last gave."""
+        if self.since_solve or self.stale():
+            self.solve()
+        self.jobs.wait()
+        return self.solution is not self._served
+
+    def _mark_solved(self) -> None:
         self.solved_targets, self.since_solve = len(self.targets), 0
         self.task_samples_at_solve = self.task_samples
 
+    def _solve(self, targets: int) -> None:
+        """(Background, or after `jobs.wait()`.) The ridge system on the statistics folded so far."""
+        self._fold()
+        d = self.gram.shape[0]
+        xy = self.xy[:, :targets]
+        if xy.shape[1] < targets:
+            xy = torch.cat([xy, xy.new_zeros((d, targets - xy.shape[1]))], 1)
+        scale = float(self.gram.diagonal().mean()) or 1.0
+        a = self.gram + (self.lam * scale) * torch.eye(d, dtype=self.gram.dtype, device=self.device)
+        chol, info = torch.linalg.cholesky_ex(a)
+        w = torch.cholesky_solve(xy, chol) if int(info) == 0 else torch.linalg.lstsq(a, xy).solution
+        self.solution = RouterSolution(w.float(), targets)
+
     def scores_fn(self) -> RouterScores | None:
         """The router as last solved, frozen (safe from other threads); None before the first solve."""
-        weight = self.weight
-        if weight is None:
+        solution = self._served = self.solution
+        if solution is None:
             return None
-        column = {t: i for i, t in enumerate(self.targets[: weight.shape[1]])}
-        return RouterScores(self.features, weight, column)  # the features are fixed buffers: shared
+        column = {t: i for i, t in enumerate(self.targets[: solution.targets])}
+        return RouterScores(self.features, solution.weight, column)  # the features are fixed buffers: shared
 
     def state_dict(self) -> dict[str, Any]:
+        self.jobs.wait()
         self._fold()
+        solution = self.solution
+        xy = self.xy
+        if xy.shape[1] < len(self.targets):
+            xy = torch.cat([xy, xy.new_zeros((xy.shape[0], len(self.targets) - xy.shape[1]))], 1)
         return {
             "gram": self.gram.cpu().clone(),
-            "xy": self.xy.cpu().clone(),
+            "xy": xy.cpu().clone(),
             "targets": [list(t) for t in self.targets],
-            "weight": None if self.weight is None else self.weight.cpu().clone(),
+            "weight": None if solution is None else solution.weight.cpu().clone(),
             "solved_targets": self.solved_targets,
             "since_solve": self.since_solve,
             "task_samples": [self.task_samples, self.task_samples_at_solve],
         }
 
+    def __getstate__(self) -> dict[str, Any]:
+        self.jobs.wait()  # before the statistics are copied
+        return self.__dict__.copy()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.jobs.wait()
         self.gram = state["gram"].to(self.device)
         self.xy = state["xy"].to(self.device)
         self.targets = [(int(t), int(c)) for t, c in state["targets"]]
         self._column = {t: i for i, t in enumerate(self.targets)}
-        self.weight = None if state["weight"] is None else state["weight"].to(self.device)
+        weight = state["weight"]
+        self.solution = (
+            None if weight is None else RouterSolution(weight.to(self.device), int(weight.shape[1]))
+        )
         self.solved_targets, self.since_solve = int(state["solved_targets"]), int(state["since_solve"])
         self.task_samples, self.task_samples_at_solve = (int(v) for v in state["task_samples"])
         self._pending, self._pending_cols = [], []

@@ -2,9 +2,12 @@
 
 `NeuronMasks` holds, for every protected layer (each Linear/Conv2d of the backbone, output units =
 neurons), the consolidation that owns each unit (or FREE), and the *fixed* entries of the
-parameters with the values they are held at. Fixed entries are never changed by learning: a hook
-zeroes their gradient (so no optimizer moment builds up on them) and `write_back` restores them
-after every optimizer step (weight decay adds `λ·p` after hooks ran, so it is undone there).
+parameters with the values they are held at. Fixed entries are never changed by learning:
+`zero_fixed_grads` zeroes their gradient before every optimizer step (so no optimizer moment
+builds up on them) and `write_back` restores them after it (weight decay adds `λ·p` inside the
+step, so it is undone there). Ownership is per unit, so every fixed entry lies in a fixed *row*
+(a unit's incoming weights, bias, norm γ/β): both act on the fixed rows' indices alone, a cost
+proportional to what is fixed rather than to the whole layer.
 
 - `apply_pruned` silences pruned units while a task is pruned: their incoming row, bias and norm
   γ/β are fixed at zero, so they output 0 and the next layer's column for them reads nothing;
@@ -136,8 +139,8 @@ class NeuronMasks:
         self.rank = [torch.full((layer.units,), FREE, dtype=torch.long) for layer in layers]
         self.fixed_mask = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params()}
         self.fixed_value = {n: torch.zeros_like(p) for n, p in self.params()}
-        self._hooks: list[Any] = []
-        self.install_hooks()
+        self.fixed_rows: dict[str, torch.Tensor] = {}  # name -> indices of the rows fixed_mask covers
+        self._index_rows()
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
         """The protected parameters by name `<layer>.weight|bias|norm.weight|norm.bias`."""
@@ -150,17 +153,30 @@ class NeuronMasks:
                 params += [(f"{i}.norm.weight", layer.norm.weight), (f"{i}.norm.bias", layer.norm.bias)]
         return params
 
-    def install_hooks(self) -> None:
-        """Zero the gradient of every fixed entry, so optimizer moments never build up on it."""
-        for name, p in self.params():
-            mask = self.fixed_mask[name]
-            self._hooks.append(p.register_hook(lambda g, m=mask: g.masked_fill(m, 0.0)))
+    def _index_rows(self) -> None:
+        """Re-derive `fixed_rows` from `fixed_mask` (after every change of the masks)."""
+        self.fixed_rows = {}
+        for name, mask in self.fixed_mask.items():
+            rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask
+            if mask.dim() > 1 and not bool((mask.flatten(1).all(1) == rows).all()):
+                raise AssertionError(f"fixed entries of {name} do not form whole rows")
+            self.fixed_rows[name] = rows.nonzero().flatten()
+
+    def zero_fixed_grads(self) -> None:
+        """Zero the gradient of every fixed entry (before each optimizer step): no moment builds up."""
+        with torch.no_grad():
+            for name, p in self.params():
+                rows = self.fixed_rows[name]
+                if p.grad is not None and rows.numel():
+                    p.grad.index_fill_(0, rows, 0.0)
 
     def write_back(self) -> None:
         """Restore every fixed entry to its stored value (after each optimizer step)."""
         with torch.no_grad():
             for name, p in self.params():
-                p.copy_(torch.where(self.fixed_mask[name], self.fixed_value[name], p))
+                rows = self.fixed_rows[name]
+                if rows.numel():
+                    p.index_copy_(0, rows, self.fixed_value[name].index_select(0, rows))
 
     def owned_mask(self, name: str) -> torch.Tensor:
         rank = self.rank[int(name.split(".")[0])]
@@ -170,20 +186,6 @@ class NeuronMasks:
         """Per layer, the units no task owns that are not pruned (yet)."""
         return [(rank == FREE) & ~p for rank, p in zip(self.rank, pruned, strict=True)]
 
-    def prune_candidates(
-        self, scores: list[torch.Tensor], pruned: list[torch.Tensor], fraction: float
-    ) -> list[tuple[int, torch.Tensor]]:
-        """Per layer, the lowest-scoring `fraction` of the alive free units (always keeping one)."""
-        out = []
-        for i, alive in enumerate(self.alive_free(pruned)):
-            idx = alive.nonzero().flatten()
-            k = min(len(idx) - 1, max(1, int(len(idx) * fraction)))
-            if k <= 0:
-                continue
-            order = scores[i][idx].argsort(stable=True)
-            out.append((i, idx[order[:k]]))
-        return out
-
     def apply_pruned(self, pruned: list[torch.Tensor]) -> None:
         """Silence pruned units: their incoming row, bias and norm γ/β are fixed at zero (output 0)."""
         owned = {name: self.owned_mask(name) for name in self.fixed_mask}
@@ -191,6 +193,7 @@ class NeuronMasks:
             row_mask = _rows(pruned[int(name.split(".")[0])], p)
             self.fixed_mask[name].copy_(owned[name] | row_mask)
             self.fixed_value[name].masked_fill_(row_mask, 0.0)
+        self._index_rows()
         self.write_back()
 
     def take_ownership(self, pruned: list[torch.Tensor], k: int) -> None:
@@ -217,6 +220,7 @@ class NeuronMasks:
                 if layer.norm is not None:
                     frozen = layer.norm.frozen_channels()
                     frozen.copy_(owned.to(frozen.device))
+        self._index_rows()
 
     def reinit_free(self, generator: torch.Generator) -> None:
         """Units no task owns start over with a default initialization: capacity for the next task."""
@@ -265,18 +269,10 @@ class NeuronMasks:
         for r, saved in zip(self.rank, state["rank"], strict=True):
             r.copy_(saved)
         for k, v in state["fixed_mask"].items():
-            self.fixed_mask[k].copy_(v)  # in place: the installed hooks hold these tensors
+            self.fixed_mask[k].copy_(v)
         for k, v in state["fixed_value"].items():
             self.fixed_value[k].copy_(v)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_hooks"] = []  # hook handles do not pickle; parameters lose their hooks anyway
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.install_hooks()
+        self._index_rows()
 
 
 def unit_scores(

@@ -1,11 +1,14 @@
 """`eidetic`: mask freezing (EideticNet) with a task router; no forgetting by construction.
 
 Per task the network learns online on its *free* neurons. At the boundary that ends a task the
-strategy consolidates on a bounded buffer of that task: it prunes the free neurons with the lowest
-scores (L1/L2 norm of their incoming weights, or Taylor `|a · ∂L/∂a|`), a fraction per step, with
-a few recovery steps after each; a step that drops accuracy on the buffer below `best · (1 − tol)`
-is undone and retried with half the fraction, until the fraction falls below `prune_step / 8` or
-`max_prune_steps` steps (undone ones included) ran. The surviving neurons become the task's: their incoming
+strategy consolidates on a bounded buffer of that task (`eidetic/consolidation.py`): it keeps the
+smallest fraction of each layer's free neurons (the top ones by score: L1/L2 norm of their incoming
+weights, or Taylor `|a · ∂L/∂a|`) whose closed-form probe stays within `probe_tol` of keeping them
+all, writes the task's head rows from that probe's ridge fit, and retrains for `recovery_steps` on
+the buffer; if buffer accuracy then falls short of its value before pruning by more than `tol`, the
+step is undone and twice the fraction kept (`max_attempts` tries at most). A closed-form refit of
+the task's head rows on the whole buffer replaces the trained rows when it answers the buffer
+better. The kept neurons become the task's: their incoming
 weights, bias and BatchNorm parameters are *fixed* from then on, and so are their synapses from
 neurons not owned by this or an earlier task, which are set to zero. So an owned neuron computes
 the same function of the input forever: it reads only neurons that are themselves fixed (forward
@@ -15,10 +18,10 @@ then copied, their columns for neurons it does not own zeroed: predicting with a
 consolidated task uses that copy, so its logits are bit-identical after any later learning (eval
 mode).
 
-Why fixing is exact: a fixed entry's gradient is zeroed by a hook (so no optimizer moment ever
+Why fixing is exact: a fixed entry's gradient is zeroed before every step (so no optimizer moment ever
 builds up on it), every task starts a fresh optimizer (no momentum carried over from the time it
 was free), and after every optimizer step fixed entries are written back from their stored values
-(weight decay, which adds `λ·p` to the gradient after hooks ran, cannot move them either).
+(weight decay, which adds `λ·p` inside the step, cannot move them either).
 BatchNorm channels of owned neurons normalize with their stored running statistics even in
 training mode, and those statistics are never updated. LayerNorm mixes neurons, so it is refused.
 
@@ -53,7 +56,9 @@ from stream_cl.strategies.base import (
     check_int_options,
 )
 from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.eidetic.consolidation import Probe, keep_top, smallest_fraction
 from stream_cl.strategies.eidetic.masks import FREE, SCORES, NeuronMasks, protected_layers, unit_scores
+from stream_cl.strategies.heads import HeadRows
 from stream_cl.strategies.router import RouterOptions, route_and_predict
 
 __all__ = ["Eidetic", "protected_layers"]
@@ -63,29 +68,30 @@ __all__ = ["Eidetic", "protected_layers"]
 class EideticOptions(RouterOptions):
     """`strategy.options` of `eidetic` (all bounded)."""
 
-    # Reservoir of the ending task's samples, pruned and recovered on at its boundary.
+    # Reservoir of the ending task's samples, consolidated on at its boundary.
     task_buffer: int = 1000
-    # Fraction of the task's free neurons pruned per step (halved after an undone step).
-    prune_step: float = 0.5
-    # Optimizer steps on the buffer after each pruning step.
+    # How far (relative) a kept fraction's closed-form probe may fall below keeping every free
+    # neuron: the smallest fraction within it is kept (larger = fewer neurons per task).
+    probe_tol: float = 0.03
+    # Optimizer steps on the buffer after pruning.
     recovery_steps: int = 20
-    # Relative accuracy drop allowed: a step leaving buffer accuracy < best · (1 − tol) is undone
-    # and retried smaller.
+    # Relative accuracy drop allowed after recovery: buffer accuracy < before · (1 − tol) undoes the
+    # pruning and keeps twice the fraction.
     tol: float = 0.01
     # Pruning score: l1 | l2 (norm of a neuron's incoming weights) | taylor (|a · ∂L/∂a|).
     score: str = "l1"
-    # Pruning steps per boundary at most, undone ones included.
-    max_prune_steps: int = 10
+    # Pruning tries per boundary at most (each undone one keeps twice the fraction).
+    max_attempts: int = 4
     # The task router's options (router_features, router_lam, router_weight, router_refresh):
     # `RouterOptions` in strategies/router.py.
 
     def validate(self) -> None:
         super().validate()
-        check_int_options(1, task_buffer=self.task_buffer)
-        check_int_options(0, recovery_steps=self.recovery_steps, max_prune_steps=self.max_prune_steps)
-        if not 0 < self.prune_step < 1:
+        check_int_options(1, task_buffer=self.task_buffer, max_attempts=self.max_attempts)
+        check_int_options(0, recovery_steps=self.recovery_steps)
+        if not 0 <= self.probe_tol < 1:
             raise ValueError(
-                f"strategy.options.prune_step: expected 0 < prune_step < 1, got {self.prune_step!r}"
+                f"strategy.options.probe_tol: expected 0 <= probe_tol < 1, got {self.probe_tol!r}"
             )
         if not 0 <= self.tol < 1:
             raise ValueError(f"strategy.options.tol: expected 0 <= tol < 1, got {self.tol!r}")
@@ -101,17 +107,12 @@ class Eidetic(Strategy):
     name = "eidetic"
     options_type = EideticOptions
     options: EideticOptions
-    unit_test_options = {"task_buffer": 16, "recovery_steps": 2, "max_prune_steps": 3, "router_features": 64}
+    unit_test_options = {"task_buffer": 16, "recovery_steps": 2, "max_attempts": 3, "router_features": 64}
 
     def __init__(self, context: StrategyContext, options: EideticOptions | None = None) -> None:
         super().__init__(context, options)
         o = self.options
-        self.task_buffer_size, self.prune_step, self.recovery_steps = (
-            o.task_buffer,
-            o.prune_step,
-            o.recovery_steps,
-        )
-        self.tol, self.score, self.max_prune_steps = o.tol, o.score, o.max_prune_steps
+        self.task_buffer_size = o.task_buffer
         self.layers = protected_layers(self.model.backbone)
         self.masks = NeuronMasks(self.layers)
         self.consolidations: list[int] = []  # task consolidated at each rank
@@ -135,8 +136,10 @@ class Eidetic(Strategy):
     def _protected_params(self) -> list[tuple[str, torch.Tensor]]:
         return self.masks.params()
 
-    def _step(self, loss: torch.Tensor) -> None:
-        super()._step(loss)
+    def _before_update(self) -> None:
+        self.masks.zero_fixed_grads()
+
+    def _after_update(self) -> None:
         self.masks.write_back()
 
     # -- learning ------------------------------------------------------------------------------
@@ -162,34 +165,35 @@ class Eidetic(Strategy):
         self.router.new_task()
 
     def _consolidate(self, task: int) -> None:
+        """Keep the fewest free neurons that hold the task (`eidetic/consolidation.py`), own them."""
+        o = self.options
         x, y = self.task_buffer.inputs().clone(), self.task_buffer.y[: len(self.task_buffer)].clone()
         classes = list(self.task_classes[task])
-        pruned = [torch.zeros(layer.units, dtype=torch.bool) for layer in self.layers]
-        best = self._buffer_accuracy(x, y, classes)
-        steps, fraction = 0, self.prune_step
-        for _ in range(self.max_prune_steps):
-            scores = unit_scores(self.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
-            candidates = self.masks.prune_candidates(scores, pruned, fraction)
-            if not candidates:
-                break
-            saved = self._save_params(), [p.clone() for p in pruned]
-            for layer_index, units in candidates:
-                pruned[layer_index][units] = True
-            self.masks.apply_pruned(pruned)
+        before = self._buffer_accuracy(x, y, classes)
+        free = [rank == FREE for rank in self.masks.rank]
+        scores = unit_scores(o.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
+        probe = Probe(self.model, self.layers, self.masks.rank, x, y, classes, self.generator)
+        kept, head = smallest_fraction(probe, scores, free, o.probe_tol)
+        saved = self._save_params()
+        for attempt in range(1, o.max_attempts + 1):
+            self.masks.apply_pruned(kept.pruned(free))
+            self._write_rows(HeadRows(tuple(classes), head.weight, head.bias))
             self._recover(x, y)
             accuracy = self._buffer_accuracy(x, y, classes)
-            if accuracy < best * (1 - self.tol):
-                # Undo the step; retry with half the fraction (a failed first step must not leave
-                # the task owning every free neuron), until it falls below prune_step / 8.
-                self._load_params(saved[0])
-                pruned = saved[1]
-                self.masks.apply_pruned(pruned)
-                fraction /= 2
-                if fraction < self.prune_step / 8:
-                    break
-                continue
-            best, steps = max(best, accuracy), steps + 1
-        self._take_ownership(task, pruned, steps, best)
+            if accuracy >= before * (1 - o.tol) or kept.fraction >= 1 or attempt == o.max_attempts:
+                break
+            # Recovery could not bring the pruned network back: undo, keep twice as many.
+            self._load_params(saved)
+            kept = keep_top(scores, free, min(1.0, 2 * kept.fraction))
+            head = probe.fit(kept)
+        # A closed-form fit on the whole buffer often answers it better than the recovery's few steps.
+        refit = Probe(self.model, self.layers, self.masks.rank, x, y, classes, self.generator, len(x)).fit(
+            kept
+        )
+        if refit.accuracy > accuracy:
+            self._write_rows(HeadRows(tuple(classes), refit.weight, refit.bias))
+            accuracy = refit.accuracy
+        self._take_ownership(task, kept.pruned(free), attempt, accuracy)
         self._store_task_head(task)
 
     def _buffer_accuracy(self, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
@@ -199,7 +203,7 @@ class Eidetic(Strategy):
     def _recover(self, x: torch.Tensor, y: torch.Tensor) -> None:
         bs = self.model_config.batch_size
         self.model.train()
-        for _ in range(self.recovery_steps):
+        for _ in range(self.options.recovery_steps):
             idx = torch.randint(x.shape[0], (min(bs, x.shape[0]),), generator=self.generator).to(x.device)
             losses = self._loss(self.model(x[idx]), y[idx])
             self._step(losses.mean())
@@ -211,7 +215,7 @@ class Eidetic(Strategy):
         self.model.load_state_dict(state)
         self._rebuild_optimizer()
 
-    def _take_ownership(self, task: int, pruned: list[torch.Tensor], steps: int, accuracy: float) -> None:
+    def _take_ownership(self, task: int, pruned: list[torch.Tensor], attempts: int, accuracy: float) -> None:
         k = len(self.consolidations)
         self.consolidations.append(task)
         owned_before = [
@@ -230,7 +234,7 @@ class Eidetic(Strategy):
             "eidetic_consolidated",
             task=task,
             rank=k,
-            prune_steps=steps,
+            attempts=attempts,
             buffer_accuracy=round(accuracy, 4),
             units_kept=kept,
             free_units=self.masks.free_units(),
@@ -284,7 +288,7 @@ class Eidetic(Strategy):
 
     def predictor(self) -> Any:
         if self.router.stale():
-            self.router.solve()
+            self.router.request_solve()  # routes with the newest finished solve meanwhile
         router, weight = self.router.scores_fn(), self.router_weight
         model = frozen_copy(self.model)
         task_classes = [list(c) for c in self.task_classes]
@@ -294,6 +298,9 @@ class Eidetic(Strategy):
             return route_and_predict(model, router, weight, task_classes, heads, x, task)
 
         return predict
+
+    def settle(self) -> bool:
+        return self.router.settle()
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -402,7 +402,7 @@ class Interval(Strategy):
         router = None
         if self.router is not None:
             if self.router.stale():
-                self.router.solve()
+                self.router.request_solve()  # routes with the newest finished solve meanwhile
             router = self.router.scores_fn()
         head = self.model.head
         stored = {s: a for s, a in self.task_answers.items() if s in self.frozen_slots}
@@ -429,6 +429,9 @@ class Interval(Strategy):
         return make_predictor(self._serving_state())
 
     # -- state ----------------------------------------------------------------------------------
+    def settle(self) -> bool:
+        return self.router is not None and self.router.settle()
+
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
