@@ -312,7 +312,9 @@ class Learner:
             offset=event.offset,
             evidence=event.evidence,
         )
-        snapshot = self.publish()  # the model at the end of the previous task: row R[previous] of the matrix
+        # The model at the end of the previous task (row R[previous] of the matrix); not settled:
+        # the strategy's background work (a router solve) lands in the next scheduled snapshot.
+        snapshot = self.publish(settle=False)
         if self.evaluator is not None:
             self.evaluator.on_boundary(event.previous_task, event.task, snapshot, event.reason)
 

@@ -18,15 +18,9 @@ current task's samples doubled since the last solve, or `refresh` samples after 
 are folded into the Gram matrix in blocks of a few hundred samples (one large product is cheaper).
 
 Its work runs off the learner's thread (`strategies/background.py`): the features and statistics
-of a learned batch, and the solves between boundaries, are queued, and a predictor built meanwhile
-routes with the newest finished solve. A boundary's solve and `settle()` (the stream went quiet)
-wait for everything queued, so the model published there routes on every sample learned.
-
-The features are fixed at construction (seeded), so the statistics of the first task stay valid
-forever: with an image input [C, H, W], `±ReLU` of random zero-mean 5×5 filters, average-pooled to
-4×4 positions (random convolutional features); otherwise `±ReLU` of a random projection; then a
-square root (power normalization). They read the raw input, not the backbone, whose free units
-change with every task.
+of a learned batch, and every solve (the boundary's too), are queued, and a predictor built
+meanwhile routes with the newest finished solve. `settle()` (the stream went quiet, an explicit
+publish) waits for everything queued, so the model published then routes on every sample learned.
 """
 
 from __future__ import annotations

@@ -81,7 +81,7 @@ class Probe:
             pick = torch.randperm(len(x), generator=generator)[:samples].to(x.device)
             x, y = x[pick], y[pick]
         self.model, self.layers, self.rank = model, layers, rank
-        self.x = x
+        self.x, self.y = x, y
         index = {c: i for i, c in enumerate(classes)}
         self.target = torch.tensor([index.get(int(c), -1) for c in y.tolist()], device=x.device)
         self.n_classes = len(classes)

@@ -153,7 +153,7 @@ class Eidetic(Strategy):
 
     # -- boundaries: consolidation -------------------------------------------------------------
     def on_boundary(self, event: Boundary) -> None:
-        """Consolidate the finished task (if it learned anything), solve the router, start fresh."""
+        """Consolidate the finished task (if it learned anything), queue a router solve, start fresh."""
         task = self.current_task
         if len(self.task_buffer) and task < len(self.task_classes) and self.task_classes[task]:
             self._consolidate(task)
@@ -161,7 +161,7 @@ class Eidetic(Strategy):
         self.task_buffer = ReservoirBuffer(self.task_buffer_size, self.input_shape, self.device)
         self._rebuild_optimizer()  # fresh per task: no moment of a now-fixed entry survives
         if self.router.since_solve or self.router.stale():
-            self.router.solve()
+            self.router.request_solve()
         self.router.new_task()
 
     def _consolidate(self, task: int) -> None:
@@ -169,17 +169,17 @@ class Eidetic(Strategy):
         o = self.options
         x, y = self.task_buffer.inputs().clone(), self.task_buffer.y[: len(self.task_buffer)].clone()
         classes = list(self.task_classes[task])
-        before = self._buffer_accuracy(x, y, classes)
         free = [rank == FREE for rank in self.masks.rank]
         scores = unit_scores(o.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
         probe = Probe(self.model, self.layers, self.masks.rank, x, y, classes, self.generator)
+        before = self._buffer_accuracy(probe.x, probe.y, classes)  # on the probe's samples: cheaper
         kept, head = smallest_fraction(probe, scores, free, o.probe_tol)
         saved = self._save_params()
         for attempt in range(1, o.max_attempts + 1):
             self.masks.apply_pruned(kept.pruned(free))
             self._write_rows(HeadRows(tuple(classes), head.weight, head.bias))
             self._recover(x, y)
-            accuracy = self._buffer_accuracy(x, y, classes)
+            accuracy = self._buffer_accuracy(probe.x, probe.y, classes)
             if accuracy >= before * (1 - o.tol) or kept.fraction >= 1 or attempt == o.max_attempts:
                 break
             # Recovery could not bring the pruned network back: undo, keep twice as many.
