@@ -198,7 +198,8 @@ def test_no_hint_answers_with_the_best_joint_task_class_score(weight: float) -> 
     for t in range(3):
         classes = s.task_classes[t]
         head_log_p = s.predict_proba(x, t)[0][:, classes].log()
-        joint.append(head_log_p + weight * router.of(scores, t, classes))
+        cols = [router.column[(t, c)] for c in classes]
+        joint.append(head_log_p + weight * scores[:, cols])
     best = torch.stack([j.max(1).values for j in joint], 1).max(1).values
     for i, r in enumerate(routes):  # the routed task holds the best pair (up to float ties)
         assert float(joint[r][i].max()) >= float(best[i]) - 1e-4

@@ -26,7 +26,7 @@ publish) waits for everything queued, so the model published then routes on ever
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,13 +34,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stream_cl.strategies.backbones import Classifier
 from stream_cl.strategies.background import BackgroundJobs
-from stream_cl.strategies.base import Strategy, check_int_options, check_number_options
+from stream_cl.strategies.base import check_int_options, check_number_options
 from stream_cl.strategies.options import StrategyOptions
-
-# task -> (its classes, stored head weight rows, stored head bias)
-TaskHeads = Mapping[int, tuple[list[int], torch.Tensor, torch.Tensor]]
+from stream_cl.strategies.routing import TaskSlots
 
 _KERNEL = 5
 _POOL = 4
@@ -127,12 +124,17 @@ class RouterScores:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x) @ self.weight
 
-    def of(self, scores: torch.Tensor, task: int, classes: list[int]) -> torch.Tensor:
-        """The columns of `scores` for `task`'s classes; 0 (no evidence) for a class not solved yet."""
-        cols = [self.column.get((task, c), -1) for c in classes]
-        picked = scores[:, [max(c, 0) for c in cols]]
-        missing = torch.tensor([c < 0 for c in cols], device=scores.device)
+    def slot_weight(self, layout: TaskSlots) -> torch.Tensor:
+        """The weights [feature dim, slots] scoring `layout`'s (task, class) slots; a zero column
+        (no evidence) for a pair not solved yet. Built once per snapshot."""
+        cols = [self.column.get(pair, -1) for pair in layout.pairs()]
+        picked = self.weight[:, [max(c, 0) for c in cols]]
+        missing = torch.tensor([c < 0 for c in cols], dtype=torch.bool, device=picked.device)
         return picked.masked_fill(missing, 0.0)
+
+    def by_slot(self, x: torch.Tensor, layout: TaskSlots) -> torch.Tensor:
+        """Scores [n, slots] of `layout`'s (task, class) slots."""
+        return self.features(x) @ self.slot_weight(layout)
 
 
 @dataclass(frozen=True)
@@ -310,116 +312,3 @@ class RidgeRouter:
         self.solved_targets, self.since_solve = int(state["solved_targets"]), int(state["since_solve"])
         self.task_samples, self.task_samples_at_solve = (int(v) for v in state["task_samples"])
         self._pending, self._pending_cols = [], []
-
-
-def route_and_predict(
-    model: Classifier,
-    router: RouterScores | None,
-    router_weight: float,
-    task_classes: list[list[int]],
-    task_heads: TaskHeads,
-    x: torch.Tensor,
-    task: int | None,
-) -> tuple[torch.Tensor, list[int | None]]:
-    """`predict_by_task` for one shared backbone with per-task head rows (`eidetic`).
-
-    A consolidated task predicts with its stored head (bit-identical forever); the current task
-    with the live head restricted to its classes.
-    """
-    known = [t for t, c in enumerate(task_classes) if c]
-    if task is None and not known:
-        return Strategy._predict_with(model, task_classes, x, None)
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        features = model.features(x)
-        live = model.head(features)
-    model.train(was_training)
-
-    def logits(t: int) -> torch.Tensor:
-        """Task t's logits over its classes (live ones for a task not consolidated as it is now)."""
-        stored = task_heads.get(t)
-        if stored is not None and stored[0] == task_classes[t]:
-            _, w, b = stored
-            return F.linear(features, w, b)
-        return live[:, task_classes[t]]
-
-    return predict_by_task(logits, lambda: live, live.shape[1], router, router_weight, task_classes, x, task)
-
-
-TaskLogits = Callable[[int], torch.Tensor]  # task index -> logits [n, len(its classes)]
-
-
-def predict_by_task(
-    task_logits: TaskLogits,
-    all_logits: Callable[[], torch.Tensor],
-    n_classes: int,
-    router: RouterScores | None,
-    router_weight: float,
-    task_classes: list[list[int]],
-    x: torch.Tensor,
-    task: int | None,
-) -> tuple[torch.Tensor, list[int | None]]:
-    """Class probabilities through one task's answer: the hinted task, else the best joint (task, class).
-
-    The task router of every task-partitioned protection (`eidetic`: a shared backbone with
-    per-task head rows; `interval`: a network per task). `task_logits(t)` is task t's own answer
-    over its classes; `all_logits()` the fallback over every class (a hint for an unknown task,
-    or nothing learned yet). With a hint that task alone answers. Without one, each known task's
-    classes score `log_softmax(task logits) + router_weight · router score` and the best pair's
-    task answers with the softmax of its classes' joint scores. Before the router was first
-    solved, or with one task, requests without a hint go to the latest task.
-    """
-    n = x.shape[0]
-    known = [t for t, c in enumerate(task_classes) if c]
-    if task is None and not known:
-        return torch.softmax(all_logits(), dim=1), [None] * n
-    if task is not None and (task >= len(task_classes) or not task_classes[task]):
-        live = all_logits()
-        if live.shape[1] == 0:
-            return live, [task] * n
-        return torch.softmax(live, dim=1), [task] * n
-    with torch.no_grad():
-        first = task_logits(task if task is not None else known[-1])
-    out = first.new_full((n, n_classes), float("-inf"))
-    if task is not None:
-        out[:, task_classes[task]] = first
-        return torch.softmax(out, dim=1), [task] * n
-    if len(known) == 1 or router is None:
-        out[:, task_classes[known[-1]]] = first
-        return torch.softmax(out, dim=1), [known[-1]] * n
-    with torch.no_grad():
-        pair_scores = router(x)
-        joint = [
-            (first if t == known[-1] else task_logits(t)).log_softmax(1)
-            + router_weight * router.of(pair_scores, t, task_classes[t])
-            for t in known
-        ]
-        best = torch.stack([j.max(1).values for j in joint], dim=1).argmax(1)
-    routes: list[int | None] = [known[int(i)] for i in best]
-    for k, t in enumerate(known):
-        rows = (best == k).nonzero().flatten()
-        if rows.numel():
-            out[rows.view(-1, 1), torch.tensor(task_classes[t], device=out.device)] = joint[k][rows]
-    return torch.softmax(out, dim=1), routes
-
-
-def entropy_route(
-    task_logits: TaskLogits, n_classes: int, task_classes: list[list[int]], x: torch.Tensor
-) -> tuple[torch.Tensor, list[int | None]]:
-    """Per sample, the answer of the task (softmax over its classes) with the least entropy."""
-    known = [t for t, c in enumerate(task_classes) if c]
-    n = x.shape[0]
-    best_p = x.new_zeros((n, n_classes))
-    best_h = torch.full((n,), float("inf"), device=x.device)
-    routes = torch.full((n,), -1, dtype=torch.long)
-    for t in known:
-        proba = x.new_zeros((n, n_classes))
-        with torch.no_grad():
-            proba[:, task_classes[t]] = torch.softmax(task_logits(t), dim=1)
-        h = -(proba * proba.clamp_min(1e-12).log()).sum(dim=1)
-        better = h < best_h
-        best_p = torch.where(better.unsqueeze(1), proba, best_p)
-        best_h = torch.where(better, h, best_h)
-        routes[better.cpu()] = t
-    return best_p, [None if int(r) < 0 else int(r) for r in routes]

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from stream_cl.log import get_logger
-from stream_cl.strategies.backbones import frozen_copy
+from stream_cl.strategies.backbones import Classifier, frozen_copy
 from stream_cl.strategies.base import (
     Batch,
     Boundary,
@@ -58,8 +58,9 @@ from stream_cl.strategies.base import (
 from stream_cl.strategies.buffers import ReservoirBuffer
 from stream_cl.strategies.eidetic.consolidation import Probe, keep_top, smallest_fraction
 from stream_cl.strategies.eidetic.masks import FREE, SCORES, NeuronMasks, protected_layers, unit_scores
+from stream_cl.strategies.eidetic.predictor import EideticPredictor
 from stream_cl.strategies.heads import HeadRows
-from stream_cl.strategies.router import RouterOptions, route_and_predict
+from stream_cl.strategies.router import RouterOptions
 
 __all__ = ["Eidetic", "protected_layers"]
 
@@ -281,23 +282,17 @@ class Eidetic(Strategy):
     ) -> tuple[torch.Tensor, list[int | None]]:
         if self.router.stale():
             self.router.solve()
-        router = self.router.scores_fn()
-        return route_and_predict(
-            self.model, router, self.router_weight, self.task_classes, self.task_heads, x, task
-        )
+        return self._predictor(frozen_copy(self.model))(x, task)
 
     def predictor(self) -> Any:
         if self.router.stale():
             self.router.request_solve()  # routes with the newest finished solve meanwhile
-        router, weight = self.router.scores_fn(), self.router_weight
-        model = frozen_copy(self.model)
-        task_classes = [list(c) for c in self.task_classes]
-        heads = {t: (list(c), w.clone(), b.clone()) for t, (c, w, b) in self.task_heads.items()}
+        return self._predictor(frozen_copy(self.model))
 
-        def predict(x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, list[int | None]]:
-            return route_and_predict(model, router, weight, task_classes, heads, x, task)
-
-        return predict
+    def _predictor(self, model: Classifier) -> EideticPredictor:
+        return EideticPredictor(
+            model, self.router.scores_fn(), self.router_weight, self.task_classes, self.task_heads
+        )
 
     def settle(self) -> bool:
         return self.router.settle()

@@ -23,9 +23,8 @@ import torch
 from torch.nn import functional as F
 
 from stream_cl.strategies.interval.bounds import TargetLayout
-from stream_cl.strategies.router import RouterScores, entropy_route, predict_by_task
-
-Predict = tuple[torch.Tensor, list[int | None]]
+from stream_cl.strategies.router import RouterScores
+from stream_cl.strategies.routing import Predict, entropy_route, predict_by_task
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def make_predictor(state: ServingState) -> Callable[[torch.Tensor, int | None], 
                 task_logits,
                 universal_logits,
                 n_classes,
-                state.router,
+                None if state.router is None else state.router.by_slot,
                 state.router_weight,
                 state.task_classes,
                 x,
