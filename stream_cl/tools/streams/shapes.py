@@ -74,9 +74,7 @@ class Recurring:
         for _ in range(self.returns):
             visited.append(int(rng.choice([t for t in visited[:n] if t != visited[-1]])))
         # Each task's samples, in the order they were sent, shared out among its visits.
-        chunks = {
-            t: np.array_split(np.flatnonzero(order.task == t), visited.count(t)) for t in set(visited)
-        }
+        chunks = {t: np.array_split(np.flatnonzero(order.task == t), visited.count(t)) for t in set(visited)}
         taken = dict.fromkeys(chunks, 0)
         index, segments, at = [], [], 0
         for t in visited:
@@ -169,11 +167,15 @@ class Imbalance:
             mine = np.flatnonzero(order.task == t)
             labels = spec.train_y[order.row[mine]]
             classes = np.unique(labels)
-            weight = dict(zip(classes.tolist(), rng.permutation(_ladder(len(classes), self.ratio)), strict=True))
+            weight = dict(
+                zip(classes.tolist(), rng.permutation(_ladder(len(classes), self.ratio)), strict=True)
+            )
             for c in classes.tolist():
                 of_class = mine[labels == c]
                 quota = max(1, round(len(of_class) * task_scale[t] * weight[c]))
-                keep[of_class[:quota]] = True  # the first ones sent: the class thins out, it does not end early
+                keep[of_class[:quota]] = (
+                    True  # the first ones sent: the class thins out, it does not end early
+                )
         return _with_order(stream, order.subset(keep))
 
 
@@ -185,7 +187,9 @@ class Long:
 
     def __post_init__(self) -> None:
         if self.tasks < 1 or self.per_task < 0:
-            raise ValueError(f"long: expected tasks >= 1 and per_task >= 0, got {self.tasks}, {self.per_task}")
+            raise ValueError(
+                f"long: expected tasks >= 1 and per_task >= 0, got {self.tasks}, {self.per_task}"
+            )
 
     def apply(self, stream: BenchmarkStream, rng: np.random.Generator) -> BenchmarkStream:
         base = stream.tasks
@@ -271,11 +275,15 @@ def _build(stream: str, shape: str, params: dict[str, str]) -> Shape:
     values: dict[str, int | float] = {}
     for key, text in params.items():
         if key not in fields:
-            raise ValueError(f"stream {stream!r}: {shape} takes {', '.join(fields) or 'no parameters'}, not {key!r}")
+            raise ValueError(
+                f"stream {stream!r}: {shape} takes {', '.join(fields) or 'no parameters'}, not {key!r}"
+            )
         try:
             values[key] = fields[key](text)
         except ValueError:
-            raise ValueError(f"stream {stream!r}: {shape}:{key} expects {fields[key].__name__}, got {text!r}") from None
+            raise ValueError(
+                f"stream {stream!r}: {shape}:{key} expects {fields[key].__name__}, got {text!r}"
+            ) from None
     shape_obj: Shape = cls(**values)
     return shape_obj
 
