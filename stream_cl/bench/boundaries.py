@@ -92,7 +92,8 @@ def _rbf(seed: int, segment: int = 2000, concepts: tuple[int, ...] = (0, 1, 2, 0
         chain = synth.ConceptDriftStream(
             concept(concepts[visit], visit), chain, position=segment, width=DRIFT_WIDTH, seed=seed
         )
-    xs, ys = [], []
+    xs: list[np.ndarray] = []
+    ys: list[int | None] = []
     for x, y in chain.take(segment * len(concepts)):
         xs.append(np.fromiter(x.values(), dtype=np.float32))
         ys.append(int(y))
@@ -104,7 +105,7 @@ def _assemble(
     name: str, shape: tuple[int, ...], parts: list[tuple[int, np.ndarray, np.ndarray]], base: int
 ) -> LabeledStream:
     xs: list[np.ndarray] = []
-    ys: list[int] = []
+    ys: list[int | None] = []
     starts, tasks = [], []
     for task, x, y in parts:
         starts.append(len(xs))
@@ -126,7 +127,9 @@ def _shaped(name: str, seed: int) -> LabeledStream:
     first_visits = len({s.task for s in segments})
     xs = [s.x for s in samples]
     ys = [s.y for s in samples]
-    return LabeledStream(name, xs, ys, tuple(stream.input_shape), starts, [s.task for s in segments], first_visits)
+    return LabeledStream(
+        name, xs, ys, tuple(stream.input_shape), starts, [s.task for s in segments], first_visits
+    )
 
 
 def load_labeled(name: str, seed: int) -> LabeledStream:
@@ -399,7 +402,9 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 
     detectors = list(DETECTORS) if args.detectors == "all" else [d.strip() for d in args.detectors.split(",")]
     streams = [
-        name for s in args.streams.split(",") for name in (SHAPE_STREAMS if s.strip() == "shapes" else [s.strip()])
+        name
+        for s in args.streams.split(",")
+        for name in (SHAPE_STREAMS if s.strip() == "shapes" else [s.strip()])
     ]
     results = run_boundaries_bench(config, streams, detectors, seed=args.seed, max_delay=args.max_delay)
     return results, format_boundaries(results)
