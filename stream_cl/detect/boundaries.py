@@ -121,6 +121,7 @@ class BoundaryDetector:
         self.own_label_seen = False  # the current visit has sent a label the previous task lacks
         self.settled = True  # the old task's share of the recent labels fell (see the docstring)
         self.left_label_at: int | None = None  # samples_in_task at the last label only the task just left has
+        self.classes_at_visit: frozenset[Label] = frozenset()  # the current task's classes when the visit began
         self.samples_in_task = 0  # labeled samples observed since the current task began
         self.samples_seen = 0  # labeled samples observed
         self.learned_in_task = 0  # outcomes reported for the current task (cool-down counts these)
@@ -172,7 +173,7 @@ class BoundaryDetector:
                 event = self._open(index, "new_class", partition, offset, evidence, matched=back)
         self.samples_seen += 1
         self.samples_in_task += 1
-        self._remember(label, x)
+        self._remember(label, x, new_label)
         return event
 
     def observe_outcome(
@@ -249,6 +250,7 @@ class BoundaryDetector:
         self.own_label_seen = False
         self.settled = False
         self.left_label_at = None
+        self.classes_at_visit = frozenset(self.task_labels[index])
         self.samples_in_task = 0
         self.learned_in_task = 0
         self.old_task_tail = reason != "drift"  # opened in `observe`: the learner flushes the old batch
@@ -266,7 +268,7 @@ class BoundaryDetector:
             evidence=evidence,
         )
 
-    def _remember(self, label: Label | None, x: np.ndarray | None) -> None:
+    def _remember(self, label: Label | None, x: np.ndarray | None, new_label: bool = False) -> None:
         """Keep the recent window and the current task's classes and input signature.
 
         A task's classes are the labels seen in the first max(min_task_length, recurring_window)
@@ -277,7 +279,7 @@ class BoundaryDetector:
         assert self.current is not None
         if label is not None:
             self.recent_labels.append(label)
-            self._remember_label(label)
+            self._remember_label(label, new_label)
         if x is not None and self.use_inputs:
             if self.explicit_stream and (self.samples_in_task - 1) % EXPLICIT_INPUT_EVERY:
                 return  # the stream names this task (see the module docstring)
@@ -289,20 +291,21 @@ class BoundaryDetector:
             if len(self._unfolded) >= FOLD_EVERY:
                 self._fold_inputs()
 
-    def _remember_label(self, label: Label) -> None:
-        """The visit's classes, and what tells a gradual change from a return (module docstring)."""
+    def _remember_label(self, label: Label, new_label: bool) -> None:
+        """The visit's classes, and what tells a gradual change from a return (module docstring).
+
+        A visit's own label is one the task just left lacks that is new, or was the visit's task's
+        before this visit.
+        """
         assert self.current is not None
         current = self.task_labels[self.current]
         left = self.task_labels[self.previous] if self.previous is not None else ()
-        is_left = label in left and label not in current
-        if is_left:
+        if self.own_label_seen and label in left and label not in current:
             self.left_label_at = self.samples_in_task
-        if self.samples_in_task <= self._label_window:
-            if label not in left:
-                self.own_label_seen = True
-                current.add(label)
-            elif not self.own_label_seen:  # shared labels (domain-incremental), or not yet told apart
-                current.add(label)
+        if label not in left and (new_label or label in self.classes_at_visit):
+            self.own_label_seen = True  # (a label merely missing from the old task's set is not one)
+        if self.samples_in_task <= self._label_window and (label not in left or not self.own_label_seen):
+            current.add(label)  # all of them while labels cannot tell the tasks apart (shared labels)
         if (
             not self.settled
             and self.samples_in_task >= self.config.recurring_window
@@ -348,8 +351,9 @@ class BoundaryDetector:
 
     def _previous_share(self) -> float:
         """The share of the recent labels since the boundary that only the task just left has
-        (NaN where no label is the old task's alone: then labels cannot tell the two apart)."""
-        if self.previous is None or self.current is None:
+        (NaN where labels cannot tell the two apart: the visit has sent no label of its own, as
+        where tasks share their labels, or no label is the old task's alone)."""
+        if self.previous is None or self.current is None or not self.own_label_seen:
             return math.nan
         only_left = self.task_labels[self.previous] - self.task_labels[self.current]
         since = min(self.samples_in_task, len(self.recent_labels))
@@ -425,6 +429,7 @@ class BoundaryDetector:
             "own_label_seen": self.own_label_seen,
             "settled": self.settled,
             "left_label_at": self.left_label_at,
+            "classes_at_visit": sorted(self.classes_at_visit, key=str),
             "samples_in_task": self.samples_in_task,
             "samples_seen": self.samples_seen,
             "learned_in_task": self.learned_in_task,
@@ -451,6 +456,7 @@ class BoundaryDetector:
         self.own_label_seen = state.get("own_label_seen", True)
         self.settled = state.get("settled", True)
         self.left_label_at = state.get("left_label_at")
+        self.classes_at_visit = frozenset(state.get("classes_at_visit", ()))
         self.samples_in_task = state["samples_in_task"]
         self.samples_seen = state["samples_seen"]
         self.learned_in_task = state["learned_in_task"]
