@@ -109,7 +109,9 @@ def test_long_gives_twenty_and_more_tasks_of_new_inputs() -> None:
     assert not np.array_equal(first.train_x, again.train_x)
     assert np.array_equal(np.sort(first.train_x, axis=1), np.sort(again.train_x, axis=1))
     split = load_stream("split-digits:long", seed=0, scenario="class")
-    assert len(split.tasks) == 20 and split.tasks[5].classes == (10, 11) and split.tasks[19].classes == (38, 39)
+    assert (
+        len(split.tasks) == 20 and split.tasks[5].classes == (10, 11) and split.tasks[19].classes == (38, 39)
+    )
     assert load_stream("split-digits:long", scenario="domain").tasks[5].classes == (0, 1)
 
 

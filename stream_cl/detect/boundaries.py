@@ -121,7 +121,9 @@ class BoundaryDetector:
         self.own_label_seen = False  # the current visit has sent a label the previous task lacks
         self.settled = True  # the old task's share of the recent labels fell (see the docstring)
         self.left_label_at: int | None = None  # samples_in_task at the last label only the task just left has
-        self.classes_at_visit: frozenset[Label] = frozenset()  # the current task's classes when the visit began
+        self.classes_at_visit: frozenset[Label] = (
+            frozenset()
+        )  # the current task's classes when the visit began
         self.samples_in_task = 0  # labeled samples observed since the current task began
         self.samples_seen = 0  # labeled samples observed
         self.learned_in_task = 0  # outcomes reported for the current task (cool-down counts these)
