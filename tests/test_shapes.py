@@ -97,7 +97,7 @@ def test_label_free_stretches_hold_the_asked_fraction() -> None:
         starts = np.flatnonzero(np.diff(labeled.astype(int)) == -1) + 1
         ends = np.flatnonzero(np.diff(labeled.astype(int)) == 1) + 1
         runs = ends - starts[: len(ends)]
-        assert 75 <= runs.min() and runs.max() <= 125
+        assert runs.min() >= 75 and runs.max() <= 125
         assert {s.y for s in stream.samples() if not labeled[s.index]} == {None}
 
 
