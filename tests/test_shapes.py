@@ -124,6 +124,7 @@ def test_long_gives_twenty_and_more_tasks_of_new_inputs() -> None:
         ("split-mnist:width=3", "before any shape"),
         ("split-mnist:gradual:recurring", "'recurring' must come before 'gradual'"),
         ("split-mnist:recurring:long", "long: must be the first shape"),
+        ("split-mnist:label-free:long", "long: must be the first shape"),
         ("split-cifar:gradual", "unknown stream 'split-cifar'"),
     ],
 )

@@ -31,7 +31,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 
-from stream_cl.tools.streams.stream import BenchmarkStream, Scenario, TaskSpec
+from stream_cl.tools.streams.stream import BenchmarkStream, SampleOrder, Scenario, TaskSpec
 
 TRAIN_FRACTION = 0.8
 _PERMUTED_TASKS = 10
@@ -208,6 +208,7 @@ def load_base(
         send_task=send_task,
         scenario=scenario,
         seed=seed,
+        order=SampleOrder.task_by_task(tasks),
     )
 
 

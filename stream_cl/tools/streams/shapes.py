@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
@@ -31,7 +31,10 @@ from stream_cl.tools.streams.stream import BenchmarkStream, SampleOrder, Segment
 
 
 class Shape(Protocol):
+    """A frozen dataclass whose fields are the shape's parameters (int or float, with defaults)."""
+
     name: ClassVar[str]
+    __dataclass_fields__: ClassVar[dict[str, Any]]
 
     def apply(self, stream: BenchmarkStream, rng: np.random.Generator) -> BenchmarkStream: ...
 
@@ -193,7 +196,7 @@ class Long:
 
     def apply(self, stream: BenchmarkStream, rng: np.random.Generator) -> BenchmarkStream:
         base = stream.tasks
-        if len(stream.order.segments) != len(base) or len(stream.order) != sum(len(t.train_y) for t in base):
+        if not stream.order.is_task_by_task(base):
             raise ValueError("long: must be the first shape in a stream name")
         label_span = max(c for t in base for c in t.classes) + 1
         # Cycle 0 is the base stream as it is; every later cycle sees all its tasks through one more
@@ -248,7 +251,7 @@ class LabelFree:
         return _with_order(stream, SampleOrder(order.task, order.row, labeled, order.segments))
 
 
-SHAPES: dict[str, type] = {s.name: s for s in (Sharp, Recurring, Gradual, Imbalance, Long, LabelFree)}
+SHAPES: dict[str, type[Shape]] = {s.name: s for s in (Sharp, Recurring, Gradual, Imbalance, Long, LabelFree)}
 _TYPES = {"int": int, "float": float}
 
 

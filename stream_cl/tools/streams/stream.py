@@ -11,7 +11,7 @@ other orders over the same tasks.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -79,6 +79,16 @@ class SampleOrder:
     def __len__(self) -> int:
         return len(self.task)
 
+    def is_task_by_task(self, tasks: list[TaskSpec]) -> bool:
+        """Whether this is the plain order over `tasks`: each once, every row in order, all labeled."""
+        plain = SampleOrder.task_by_task(tasks)
+        return (
+            self.segments == plain.segments
+            and np.array_equal(self.task, plain.task)
+            and np.array_equal(self.row, plain.row)
+            and bool(self.labeled.all())
+        )
+
     @classmethod
     def task_by_task(cls, tasks: list[TaskSpec]) -> SampleOrder:
         """Every task once, in order, every row, all labeled: the plain stream."""
@@ -125,11 +135,7 @@ class BenchmarkStream:
     send_task: bool
     scenario: Scenario
     seed: int
-    order: SampleOrder = field(default=None)  # type: ignore[assignment]  # None: task by task
-
-    def __post_init__(self) -> None:
-        if self.order is None:
-            object.__setattr__(self, "order", SampleOrder.task_by_task(self.tasks))
+    order: SampleOrder  # the samples as sent (`SampleOrder.task_by_task(tasks)` for a plain stream)
 
     @property
     def input_dim(self) -> int:
