@@ -202,11 +202,11 @@ class Long:
         # Cycle 0 is the base stream as it is; every later cycle sees all its tasks through one more
         # fixed pixel permutation, so each cycle's tasks are new inputs.
         cycles = -(-self.tasks // len(base))
-        perms = [np.arange(stream.input_dim)] + [rng.permutation(stream.input_dim) for _ in range(1, cycles)]
+        pixels = [np.arange(stream.input_dim)] + [rng.permutation(stream.input_dim) for _ in range(1, cycles)]
         tasks = []
         for k in range(self.tasks):
-            cycle, spec = divmod(k, len(base))
-            source, p = base[spec], perms[cycle]
+            cycle, position = divmod(k, len(base))
+            source, p = base[position], pixels[cycle]
             offset = cycle * label_span if stream.scenario == "class" else 0
             n = len(source.train_y) if self.per_task == 0 else min(self.per_task, len(source.train_y))
             tasks.append(
