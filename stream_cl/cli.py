@@ -316,7 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("produce", parents=[common], help="replay a built-in stream or a file into a topic")
     src = pr.add_mutually_exclusive_group(required=True)
-    src.add_argument("--stream", help="split-mnist, permuted-mnist, split-digits or split-mnist1d")
+    src.add_argument(
+        "--stream",
+        help="a built-in stream: split-mnist, permuted-mnist, split-digits or split-mnist1d, with optional "
+        "shapes (e.g. split-mnist:gradual:width=200; see docs/operations.md)",
+    )
     src.add_argument("--file", help="a .jsonl or .msgpack file of samples")
     _stream_args(pr)
     pr.add_argument("--topic", help="default: kafka.topic")

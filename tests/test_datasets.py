@@ -170,9 +170,9 @@ def test_all_test_concatenates_tasks() -> None:
 def test_loading_mnist1d_leaves_global_rng_alone() -> None:
     """Building split-mnist1d does not reseed the global random / np.random generators."""
     load_stream("split-mnist1d")  # cached raw load; make sure the real call below is what we check
-    from stream_cl.tools import datasets
+    from stream_cl.tools.streams import base
 
-    datasets._mnist1d_raw.cache_clear()
+    base._mnist1d_raw.cache_clear()
     random.seed(123)
     np.random.seed(123)
     expected = (random.random(), np.random.rand())

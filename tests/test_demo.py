@@ -69,3 +69,14 @@ def test_demo_learns_the_stream_and_a_second_demo_starts_fresh(tmp_path: Path) -
     assert 0.8 * total <= learned < total
     assert _average_accuracy(second) > 0.3
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_demo_of_a_stream_with_unlabeled_stretches_ends(tmp_path: Path) -> None:
+    """Unlabeled samples are predicted, never learned: the demo counts the labeled ones as its total
+    and ends (it once waited for every sample to be learned, forever)."""
+    from stream_cl.tools.streams import load_stream
+
+    out = _demo(tmp_path, "split-digits:label-free:fraction=0.3")
+    learned, total = _learned(out)
+    assert total == load_stream("split-digits:label-free:fraction=0.3").n_labeled
+    assert 0.8 * total <= learned < total

@@ -6,7 +6,10 @@ recurring-task matching is measured too:
 - `split-mnist`: its 5 tasks, then tasks 0 and 2 again (held-out samples);
 - `rbf`: river's `ConceptDriftStream` chaining `RandomRBF` concepts A B C A B, 2,000 samples
   each (abrupt drift at known positions; a concept's return keeps its centroids and draws fresh
-  samples).
+  samples);
+- any built-in stream with shapes (`split-mnist:gradual`, see `stream_cl.tools.streams.shapes`),
+  as `stream-cl produce` sends it; `shapes` names one per shape on split-mnist (`SHAPE_STREAMS`).
+  Unlabeled samples are predicted, not observed: positions count labeled samples only.
 
 Each stream is learned once through the daemon's own `Learner` (test-then-train, boundaries
 applied to the strategy) with the configured detector, recording every call the learner makes
@@ -17,7 +20,8 @@ real run, and a mismatch is reported.
 
 Scoring per stream and detector: a true boundary is found by the first event in
 [boundary, boundary + max_delay) before the next boundary; delay = event sample - boundary;
-every other event is a false alarm. A return to an earlier task is recognised when its event is
+every other event is a false alarm. Across a gradual transition, the boundary is where its new
+task's first sample is sent (the transition's beginning). A return to an earlier task is recognised when its event is
 `recurring` and maps to the task index that event opened for that earlier task.
 """
 
@@ -38,6 +42,10 @@ from stream_cl.config import Config
 
 HELP = "task-boundary detectors side by side: delay, false alarms, misses, recurring tasks"
 ALL_STREAMS = ("permuted-mnist", "split-mnist", "rbf")
+# `--streams shapes`: one stream per shape, on the same base stream and seed
+SHAPE_STREAMS = tuple(
+    f"split-mnist:{shape}" for shape in ("sharp", "gradual", "recurring", "imbalance", "label-free")
+)
 # river's sigmoid overflows for width 1 far from the drift point: 20 keeps the switch abrupt (the
 # concepts mix only within ~20 samples of each known position) and finite.
 DRIFT_WIDTH = 20
@@ -50,11 +58,15 @@ class LabeledStream:
 
     name: str
     xs: list[np.ndarray]
-    ys: list[int]
+    ys: list[int | None]  # None: sent without its label
     shape: tuple[int, ...]
-    starts: list[int]  # first sample of each segment (starts[0] == 0)
+    starts: list[int]  # first labeled sample of each segment (starts[0] == 0), in labeled samples
     segment_tasks: list[int]  # true task of each segment
     base_segments: int  # segments of the benchmark itself; the ones after are revisits
+
+    @property
+    def n_labeled(self) -> int:
+        return sum(y is not None for y in self.ys)
 
 
 def _from_benchmark(name: str, seed: int, revisits: tuple[int, ...]) -> LabeledStream:
@@ -80,7 +92,8 @@ def _rbf(seed: int, segment: int = 2000, concepts: tuple[int, ...] = (0, 1, 2, 0
         chain = synth.ConceptDriftStream(
             concept(concepts[visit], visit), chain, position=segment, width=DRIFT_WIDTH, seed=seed
         )
-    xs, ys = [], []
+    xs: list[np.ndarray] = []
+    ys: list[int | None] = []
     for x, y in chain.take(segment * len(concepts)):
         xs.append(np.fromiter(x.values(), dtype=np.float32))
         ys.append(int(y))
@@ -92,7 +105,7 @@ def _assemble(
     name: str, shape: tuple[int, ...], parts: list[tuple[int, np.ndarray, np.ndarray]], base: int
 ) -> LabeledStream:
     xs: list[np.ndarray] = []
-    ys: list[int] = []
+    ys: list[int | None] = []
     starts, tasks = [], []
     for task, x, y in parts:
         starts.append(len(xs))
@@ -102,14 +115,35 @@ def _assemble(
     return LabeledStream(name, xs, ys, shape, starts, tasks, base)
 
 
+def _shaped(name: str, seed: int) -> LabeledStream:
+    """A built-in stream with shapes, as sent without the task field, and where its visits begin."""
+    from stream_cl.tools.streams import load_stream
+
+    stream = load_stream(name, seed=seed, send_task=False)
+    samples = list(stream.samples())
+    labeled_before = np.concatenate([[0], np.cumsum(stream.order.labeled)])
+    segments = stream.order.segments
+    starts = [int(labeled_before[s.first]) for s in segments]
+    first_visits = len({s.task for s in segments})
+    xs = [s.x for s in samples]
+    ys = [s.y for s in samples]
+    return LabeledStream(
+        name, xs, ys, tuple(stream.input_shape), starts, [s.task for s in segments], first_visits
+    )
+
+
 def load_labeled(name: str, seed: int) -> LabeledStream:
+    if ":" in name:
+        return _shaped(name, seed)
     if name == "permuted-mnist":
         return _from_benchmark(name, seed, (0, 5))
     if name == "split-mnist":
         return _from_benchmark(name, seed, (0, 2))
     if name == "rbf":
         return _rbf(seed)
-    raise ValueError(f"unknown stream {name!r}; valid: {', '.join(ALL_STREAMS)}")
+    raise ValueError(
+        f"unknown stream {name!r}; valid: {', '.join(ALL_STREAMS)}, or a built-in stream with shapes"
+    )
 
 
 # -- running ----------------------------------------------------------------------------------------
@@ -163,7 +197,7 @@ def replay(config: Config, tape: Tape) -> list[Any]:
 
 def score(events: list[Any], stream: LabeledStream, max_delay: int) -> dict[str, Any]:
     """Delays, false alarms, misses and recurring tasks recognised, against the stream's truth."""
-    n = len(stream.ys)
+    n = stream.n_labeled
     starts = stream.starts
     ends = starts[1:] + [n]
     found: dict[int, Any] = {}  # segment -> detecting event
@@ -256,7 +290,7 @@ def run_boundaries_bench(
             rows[detector] = score(events, stream, max_delay)
             rows[detector]["params"] = _params_of(cfg)
         results["streams"][name] = {
-            "samples": len(stream.ys),
+            "samples": stream.n_labeled,  # labeled: the samples a detector sees
             "segments": len(stream.starts),
             "learn_seconds": learn_s,
             "real_detector": real_name,
@@ -353,7 +387,10 @@ def format_boundaries(results: dict[str, Any]) -> str:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--streams", default=",".join(ALL_STREAMS), help="comma-separated: " + ", ".join(ALL_STREAMS)
+        "--streams",
+        default=",".join(ALL_STREAMS),
+        help="comma-separated: " + ", ".join(ALL_STREAMS) + ", built-in streams with shapes "
+        "(split-mnist:gradual), or 'shapes' for " + ", ".join(SHAPE_STREAMS),
     )
     p.add_argument("--detectors", default="all", help="comma-separated detector names, or 'all'")
     p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
@@ -364,6 +401,10 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from stream_cl.detect.drift import DETECTORS
 
     detectors = list(DETECTORS) if args.detectors == "all" else [d.strip() for d in args.detectors.split(",")]
-    streams = [s.strip() for s in args.streams.split(",")]
+    streams = [
+        name
+        for s in args.streams.split(",")
+        for name in (SHAPE_STREAMS if s.strip() == "shapes" else [s.strip()])
+    ]
     results = run_boundaries_bench(config, streams, detectors, seed=args.seed, max_delay=args.max_delay)
     return results, format_boundaries(results)

@@ -70,9 +70,9 @@ class ArrivalTracker:
 
         # The learner numbers labels in order of first appearance; the same order, from the stream.
         order: list[int] = []
-        for _, y, _, _ in stream.iter_samples():
-            if y not in order:
-                order.append(y)
+        for sample in stream.samples():
+            if sample.y is not None and sample.y not in order:
+                order.append(sample.y)
         self.test = {
             index: np.concatenate([t.test_x[t.test_y == label] for t in stream.tasks])
             for index, label in enumerate(order)

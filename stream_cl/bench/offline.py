@@ -18,10 +18,11 @@ from stream_cl.tools.datasets import BenchmarkStream
 
 
 def stream_records(stream: BenchmarkStream, chunk: int = 500) -> list[list[Record]]:
-    """The stream's training samples as the source would hand them over, in chunks."""
+    """The stream's samples as the source would hand them over, in chunks (unlabeled ones without `y`)."""
+    shape = tuple(stream.input_shape)
     records = [
-        Record(0, i, Sample(x=x, y=int(y), task=task, id=i, shape=tuple(stream.input_shape)), b"")
-        for i, (x, y, task, _) in enumerate(stream.iter_samples())
+        Record(0, s.index, Sample(x=s.x, y=s.y, task=s.task_id, id=s.index, shape=shape), b"")
+        for s in stream.samples()
     ]
     return [records[i : i + chunk] for i in range(0, len(records), chunk)]
 

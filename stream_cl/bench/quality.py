@@ -2,17 +2,21 @@
 
 The shared harness every strategy issue uses. For each stream × scenario, every contender learns
 the same seeded stream through the daemon's own path (`Learner`: label mapping, boundaries,
-batching, snapshots), task by task; row R[i] of the accuracy matrix scores, on every task's test
-split seen so far, the snapshot that ends task i: the one published at the boundary the next task
-opens (after the strategy's boundary work, such as a consolidation, as the daemon's evaluator
-finalizes it), or at the end of the stream for the last task. Scenarios:
+batching, snapshots), in the order the stream sends it (any built-in stream, shapes included:
+`split-mnist:recurring`); row R[i] of the accuracy matrix scores, on every task's test split seen
+so far, the snapshot that ends visit i (a task's visit: one per task on a plain stream): the one
+published at the boundary the next visit opens (after the strategy's boundary work, such as a
+consolidation, as the daemon's evaluator finalizes it), or at the end of the stream for the last.
+Scenarios:
 
 - `class` (class-incremental): predict without a task hint;
 - `task`  (task-incremental):  predict with the task hint (probability restricted to its classes).
 
-Two references learn the same data outside the daemon, with the same model:
+Two references learn the same labeled samples outside the daemon, with the same model, in every
+stream × scenario group:
 - `joint`: offline, shuffled, several epochs over every task (the upper bound);
 - `iid-online`: one shuffled pass (what the stream would give without its task order).
+Every row also shows its average accuracy as a share of its group's `joint`.
 
 Reported per row: final average accuracy, average (max-based) forgetting, BWT, route accuracy
 (class scenario: test samples the final model routes to their own task; only strategies that pick
@@ -100,7 +104,7 @@ def learn_stream(
     on_step: StepHook | None = None,
     before_step: BeforeStepHook | None = None,
 ) -> StreamRun:
-    """Learn `stream` task by task through the daemon's `Learner`, scoring after each task.
+    """Learn `stream` in its order through the daemon's `Learner`, scoring after each task's visit.
 
     `on_step(strategy, batch, result)` (optional) sees every learn step as the learner makes it,
     and `before_step(strategy, batch)` (optional, with `on_step`) the model just before it;
@@ -117,20 +121,24 @@ def learn_stream(
     holder = SnapshotHolder()
     learner = Learner(with_overrides(config, ["evaluation.holdout_fraction=0"]), holder, Metrics())
     (records,) = stream_records(stream, chunk=stream.n_train)  # offsets run on across tasks
-    ends: list[Snapshot] = []  # per task, the model its row R[i] is scored on
+    segments = stream.order.segments
+    firsts = [s.task for k, s in enumerate(segments) if s.task not in {p.task for p in segments[:k]}]
+    if firsts != sorted(firsts):
+        raise ValueError(f"{stream.name}: tasks must first appear in their index order to score R[i][j]")
+    ends: list[Snapshot] = []  # per segment (a task's visit), the model its row R[i] is scored on
     seconds = cpu_seconds = 0.0
-    end = 0
-    for task in stream.tasks:
-        start_index, end = end, end + len(task.train_y)
+    bounds = [s.start for s in segments] + [stream.n_train]
+    for k in range(len(segments)):
+        start_index, end = bounds[k], bounds[k + 1]
         chunks = [records[j : min(j + _CHUNK, end)] for j in range(start_index, end, _CHUNK)]
         start, cpu_start = time.perf_counter(), time.process_time()
-        for k, chunk in enumerate(chunks):
+        for c, chunk in enumerate(chunks):
             if on_step is not None and learner.strategy is None:
                 learner.process(chunk[:1])
                 _attach(learner, on_step, before_step)
                 chunk = chunk[1:]
-            if k == 0 and ends:
-                # This task's first record opens the boundary that ends the previous task. Like the
+            if c == 0 and ends:
+                # This visit's first record opens the boundary that ends the previous one. Like the
                 # daemon's evaluator, row R[i - 1] is finalized with the model published there: after
                 # the strategy's boundary work (a consolidation, say), before any sample of task i.
                 before = len(learner.boundaries)
@@ -139,7 +147,7 @@ def learn_stream(
                     ends[-1] = ended[0]
                 chunk = chunk[1:]
             learner.process(chunk)
-        if task is stream.tasks[-1]:
+        if k == len(segments) - 1:
             # Only the stream's end flushes: a task's partial last batch is learned when the next
             # task's first sample opens the boundary, as in the daemon (issue 29: flushing here
             # hid that the daemon learned that tail as the next task's).
@@ -150,12 +158,17 @@ def learn_stream(
         assert snapshot is not None
         ends.append(snapshot)
     hint = scenario == "task"
+    # Row i scores every task seen by the end of visit i (tasks first appear in index order).
+    seen = [max(s.task for s in segments[: i + 1]) + 1 for i in range(len(segments))]
     matrix = [
-        [accuracy(s, t.test_x, t.test_y.tolist(), t.task_id if hint else None) for t in stream.tasks[: i + 1]]
+        [
+            accuracy(s, t.test_x, t.test_y.tolist(), t.task_id if hint else None)
+            for t in stream.tasks[: seen[i]]
+        ]
         for i, s in enumerate(ends)
     ]
     routed = math.nan if hint else route_accuracy(ends[-1], stream)
-    return StreamRun(matrix, seconds, cpu_seconds, stream.n_train, learner, routed)
+    return StreamRun(matrix, seconds, cpu_seconds, stream.n_labeled, learner, routed)
 
 
 def _published_during(holder: SnapshotHolder, call: Callable[[], object]) -> list[Snapshot]:
@@ -210,7 +223,7 @@ def _attach(learner: Learner, on_step: StepHook, before_step: BeforeStepHook | N
 
 
 def reference_run(config: Config, stream: BenchmarkStream, scenario: str, epochs: int) -> dict[str, float]:
-    """Plain shuffled training on all tasks at once (`finetune`, random head); final accuracies only."""
+    """Plain shuffled training on every labeled sample at once (`finetune`, random head); final accuracies only."""
     import numpy as np
     import torch
 
@@ -226,9 +239,9 @@ def reference_run(config: Config, stream: BenchmarkStream, scenario: str, epochs
         if new:
             strategy.add_classes([index[c] for c in new], t)
         strategy.note_task(t, [index[c] for c in task.classes])
-    x = torch.from_numpy(np.concatenate([t.train_x for t in stream.tasks]))
-    x = x.reshape((-1, *stream.input_shape)).to(strategy.device)
-    y = torch.tensor([index[int(c)] for t in stream.tasks for c in t.train_y], device=strategy.device)
+    train = stream.labeled_arrays()  # what the stream labels, as sent: a shape may thin or hide samples
+    x = torch.from_numpy(train.x).reshape((-1, *stream.input_shape)).to(strategy.device)
+    y = torch.tensor([index[int(c)] for c in train.y], device=strategy.device)
     bs = cfg.model.batch_size
     rng = np.random.default_rng([stream.seed, 3])
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -316,11 +329,19 @@ def format_quality(result: dict[str, Any]) -> str:
     def cell(value: float, digits: int = 4) -> str:
         return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
+    # each row's average accuracy beside its group's upper bound
+    joint = {
+        (r["stream"], r["scenario"]): r["average_accuracy"] or math.nan
+        for r in result["rows"]
+        if r["strategy"] == "joint"
+    }
+
     headers = [
         "stream",
         "scenario",
         "strategy",
         "avg acc",
+        "/ joint",
         "avg forgetting",
         "BWT",
         "route acc",
@@ -335,6 +356,7 @@ def format_quality(result: dict[str, Any]) -> str:
                 r["scenario"],
                 r["strategy"],
                 cell(r["average_accuracy"]),
+                cell(r["average_accuracy"] / joint.get((r["stream"], r["scenario"]), math.nan), 2),
                 cell(r["average_forgetting"]),
                 cell(r["backward_transfer"]),
                 cell(r.get("route_accuracy", math.nan)),
@@ -346,8 +368,8 @@ def format_quality(result: dict[str, Any]) -> str:
     )
     return (
         f"quality (seed {result['seed']}; joint = {result['joint_epochs']} shuffled epochs, "
-        f"iid-online = 1 shuffled pass; forgetting is max-based; route acc = test samples routed to "
-        f"their own task without a hint)\n{table}"
+        f"iid-online = 1 shuffled pass; / joint = avg acc as a share of joint's; forgetting is "
+        f"max-based; route acc = test samples routed to their own task without a hint)\n{table}"
     ) + "".join(
         f"\n{r['stream']} {r['scenario']} {r['strategy']}: mean weight-box half-width {r['weight_half_width']:.3g}"
         for r in result["rows"]
@@ -360,7 +382,11 @@ HELP = "strategies side by side: final accuracy, forgetting, BWT, samples/s (+ j
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategies", default="finetune,replay", help="comma-separated strategy names")
-    p.add_argument("--streams", default="split-mnist", help="comma-separated built-in streams")
+    p.add_argument(
+        "--streams",
+        default="split-mnist",
+        help="comma-separated built-in streams, shapes included (e.g. split-mnist:gradual)",
+    )
     p.add_argument("--scenarios", default="class,task", help="class and/or task (comma-separated)")
     p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
     p.add_argument("--joint-epochs", type=int, default=5, help="epochs of the joint reference (default: 5)")

@@ -32,6 +32,16 @@ Recurring tasks: a drift boundary is matched against earlier tasks (`recurring`)
 "Recent" is the last `recurring_window` samples. New-class boundaries never recur (the label is
 new); explicit ones recur when the stream sends an id seen before.
 
+Gradual changes: the task just left keeps sending samples for a while after the boundary (its
+share falling as the new task's rises). So that one change opens one boundary:
+- a visit's classes leave out the labels of the task just left once the visit has a label of its
+  own (where every label is shared, as in domain-incremental streams, it keeps them all);
+- while labels that only the task just left has are among the recent labels since the boundary,
+  drift opens nothing: the loss rising on the old task's last samples is the same change;
+- a return to the task just left needs the new task to have settled first (the old task's share
+  of the recent labels down to `SETTLED_SHARE`), and then that share back up to `RETURN_SHARE`, or
+  its label after `QUIET_WINDOWS` windows without one (a sharp return: opened at once).
+
 A task's input signature (per-feature mean and variance) sums every input it was seen with,
 except while the stream names its tasks (a trusted `task` field): then its id finds it again and
 drift, whose matches read signatures and the recent window, is off. Its signature is still kept,
@@ -42,9 +52,9 @@ learner thread a share of its time on every sample for a signature nobody reads.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,12 +63,20 @@ import torch
 
 from stream_cl.config import BoundariesConfig
 from stream_cl.detect.drift import DriftMonitor, canonical_name, detector_params, resolve_signal
+from stream_cl.detect.signatures import TaskSignature
 from stream_cl.types import Label, TaskId
 
 STATE_VERSION = 1
-VARIANCE_FLOOR = 0.01  # × the mean per-feature variance: constant features (MNIST borders) stay finite
 FOLD_EVERY = 256  # inputs buffered before they are folded into the current task's signature
 EXPLICIT_INPUT_EVERY = 8  # while the stream names its tasks, the inputs kept: 1 in this many
+# Shares of the recent labels that only the task just left has: a visit has settled once they fall
+# to SETTLED_SHARE, and a return to that task needs them back at RETURN_SHARE. Apart, so that a
+# window's noise around one half during a gradual change does not flip between the two tasks.
+SETTLED_SHARE = 0.25
+RETURN_SHARE = 0.75
+# A label of the task just left after this many windows without one is a return at once: the gaps
+# between the last samples of a gradual change stay shorter (one window let about one in ten through).
+QUIET_WINDOWS = 2
 
 
 @dataclass(frozen=True)
@@ -73,71 +91,6 @@ class BoundaryEvent:
     sample_index: int = 0  # first sample (labeled, in stream order) of the new task
     time: float = field(default_factory=time.time)
     evidence: dict[str, Any] = field(default_factory=dict)
-
-
-class TaskSignature:
-    """Per-feature mean and variance of one task's raw inputs, as running sums (cheap, exact)."""
-
-    def __init__(self, size: int) -> None:
-        self.n = 0
-        self.sum = np.zeros(size)
-        self.sumsq = np.zeros(size)
-
-    def add(self, x: np.ndarray) -> None:
-        self.n += 1
-        self.sum += x
-        self.sumsq += x * x
-
-    def add_many(self, xs: np.ndarray | Sequence[np.ndarray], scratch: np.ndarray | None = None) -> None:
-        """`add` for each row of `xs` (an array [n, size] or a list of n inputs) in order, in one
-        call, with bit-identical sums.
-
-        The signature's sums go in as the first row of one reduction over rows: numpy reduces a
-        C-contiguous array along axis 0 row after row (pairwise summation applies only along the
-        contiguous axis), exactly the order of one `add` per row, so the rounding is the same
-        (`tests/test_boundaries.py` checks it bit for bit). Summing `xs` first and adding that to
-        the signature would round differently.
-
-        The rows are reduced in `scratch` (float64, at least [n + 1, size]), which the caller keeps
-        between calls: a fresh [n + 1, size] array per call costs more in page faults than the sums
-        themselves.
-        """
-        n = len(xs)
-        if n == 0:
-            return
-        if scratch is None or scratch.shape[0] < n + 1 or scratch.shape[1] != self.sum.size:
-            scratch = np.empty((n + 1, self.sum.size))
-        rows = scratch[: n + 1]
-        if isinstance(xs, np.ndarray):
-            rows[1:] = xs.reshape(n, self.sum.size)
-        else:  # one copy of the list into the buffer, converted to float64 on the way
-            np.concatenate([x.ravel() for x in xs], out=rows[1:].reshape(-1), casting="same_kind")
-        self.n += n
-        rows[0] = self.sum
-        self.sum = np.add.reduce(rows, axis=0)
-        np.square(rows[1:], out=rows[1:])
-        rows[0] = self.sumsq
-        self.sumsq = np.add.reduce(rows, axis=0)
-
-    def distance(self, mean: np.ndarray) -> float:
-        """How far a window's mean input lies from this task, in per-feature standard deviations."""
-        mu = self.sum / self.n
-        var = np.maximum(self.sumsq / self.n - mu * mu, 0.0)
-        var = var + VARIANCE_FLOOR * float(var.mean()) + 1e-12
-        return float(np.sqrt(np.mean((mean - mu) ** 2 / var)))
-
-    def state_dict(self) -> dict[str, Any]:
-        # Tensors, not lists: a list of floats per input feature is slow to convert, copy for the
-        # background writer and pickle at every checkpoint.
-        return {"n": self.n, "sum": torch.tensor(self.sum), "sumsq": torch.tensor(self.sumsq)}
-
-    @classmethod
-    def from_state(cls, state: dict[str, Any]) -> TaskSignature:
-        sig = cls(len(state["sum"]))
-        sig.n = state["n"]
-        sig.sum = np.asarray(state["sum"], dtype=np.float64)
-        sig.sumsq = np.asarray(state["sumsq"], dtype=np.float64)
-        return sig
 
 
 def build_monitor(config: BoundariesConfig) -> DriftMonitor | None:
@@ -164,6 +117,13 @@ class BoundaryDetector:
         self.task_labels: list[set[Label]] = []  # task index -> its classes (see `_remember`)
         self.signatures: list[TaskSignature | None] = []  # task index -> input signature
         self.current: int | None = None
+        self.previous: int | None = None  # the task the current visit took over from
+        self.own_label_seen = False  # the current visit has sent a label the previous task lacks
+        self.settled = True  # the old task's share of the recent labels fell (see the docstring)
+        self.left_label_at: int | None = None  # samples_in_task at the last label only the task just left has
+        self.classes_at_visit: frozenset[Label] = (
+            frozenset()
+        )  # the current task's classes when the visit began
         self.samples_in_task = 0  # labeled samples observed since the current task began
         self.samples_seen = 0  # labeled samples observed
         self.learned_in_task = 0  # outcomes reported for the current task (cool-down counts these)
@@ -210,12 +170,12 @@ class BoundaryDetector:
             evidence = {"label": label, "samples_in_task": self.samples_in_task}
             if new_label:
                 event = self._open(index, "new_class", partition, offset, evidence)
-            elif (back := self._returning_to(label)) is not None:
+            elif (back := self._returning_to(label)) is not None and self._may_return_to(back, by_label=True):
                 evidence["returning_to"] = self.task_ids[back]
                 event = self._open(index, "new_class", partition, offset, evidence, matched=back)
         self.samples_seen += 1
         self.samples_in_task += 1
-        self._remember(label, x)
+        self._remember(label, x, new_label)
         return event
 
     def observe_outcome(
@@ -248,6 +208,8 @@ class BoundaryDetector:
                 continue
             if monitor.fed <= cfg.drift_warmup or self.samples_in_task < cfg.min_task_length:
                 continue  # fired too early to tell a new task from noise; river resets itself
+            if self._previous_share() > 0:
+                continue  # the task just left still sends samples: the change that opened this one
             evidence: dict[str, Any] = {
                 "detector": monitor.name,
                 "signal": monitor.signal,
@@ -256,6 +218,8 @@ class BoundaryDetector:
                 "values_fed": monitor.fed,
             }
             matched, match = self._match()
+            if matched is not None and not self._may_return_to(matched):
+                continue  # the loss of the old task's last samples, forgotten: not a return to it
             if match:
                 evidence["match"] = match
             return self._open(self.samples_seen, "drift", partition, offset, evidence, matched=matched)
@@ -284,6 +248,11 @@ class BoundaryDetector:
             self.task_labels.append(set())
             self.signatures.append(None)
         previous, self.current = self.current, index
+        self.previous = previous
+        self.own_label_seen = False
+        self.settled = False
+        self.left_label_at = None
+        self.classes_at_visit = frozenset(self.task_labels[index])
         self.samples_in_task = 0
         self.learned_in_task = 0
         self.old_task_tail = reason != "drift"  # opened in `observe`: the learner flushes the old batch
@@ -301,7 +270,7 @@ class BoundaryDetector:
             evidence=evidence,
         )
 
-    def _remember(self, label: Label | None, x: np.ndarray | None) -> None:
+    def _remember(self, label: Label | None, x: np.ndarray | None, new_label: bool = False) -> None:
         """Keep the recent window and the current task's classes and input signature.
 
         A task's classes are the labels seen in the first max(min_task_length, recurring_window)
@@ -312,8 +281,7 @@ class BoundaryDetector:
         assert self.current is not None
         if label is not None:
             self.recent_labels.append(label)
-            if self.samples_in_task <= self._label_window:
-                self.task_labels[self.current].add(label)
+            self._remember_label(label, new_label)
         if x is not None and self.use_inputs:
             if self.explicit_stream and (self.samples_in_task - 1) % EXPLICIT_INPUT_EVERY:
                 return  # the stream names this task (see the module docstring)
@@ -324,6 +292,28 @@ class BoundaryDetector:
             self._unfolded.append(flat)
             if len(self._unfolded) >= FOLD_EVERY:
                 self._fold_inputs()
+
+    def _remember_label(self, label: Label, new_label: bool) -> None:
+        """The visit's classes, and what tells a gradual change from a return (module docstring).
+
+        A visit's own label is one the task just left lacks that is new, or was the visit's task's
+        before this visit.
+        """
+        assert self.current is not None
+        current = self.task_labels[self.current]
+        left = self.task_labels[self.previous] if self.previous is not None else ()
+        if self.own_label_seen and label in left and label not in current:
+            self.left_label_at = self.samples_in_task
+        if label not in left and (new_label or label in self.classes_at_visit):
+            self.own_label_seen = True  # (a label merely missing from the old task's set is not one)
+        if self.samples_in_task <= self._label_window and (label not in left or not self.own_label_seen):
+            current.add(label)  # all of them while labels cannot tell the tasks apart (shared labels)
+        if (
+            not self.settled
+            and self.samples_in_task >= self.config.recurring_window
+            and not self._previous_share() > SETTLED_SHARE
+        ):
+            self.settled = True  # judged over a full window since the boundary
 
     def _fold_inputs(self) -> None:
         """Add the buffered inputs to the current task's signature: the same sums as one `add` each."""
@@ -360,6 +350,38 @@ class BoundaryDetector:
             if t != self.current and label in labels and not labels & current
         ]
         return min(owners, key=lambda t: (len(self.task_labels[t]), -t)) if owners else None
+
+    def _previous_share(self) -> float:
+        """The share of the recent labels since the boundary that only the task just left has
+        (NaN where labels cannot tell the two apart: the visit has sent no label of its own, as
+        where tasks share their labels, or no label is the old task's alone)."""
+        if self.previous is None or self.current is None or not self.own_label_seen:
+            return math.nan
+        only_left = self.task_labels[self.previous] - self.task_labels[self.current]
+        since = min(self.samples_in_task, len(self.recent_labels))
+        if not only_left:
+            return math.nan
+        if since == 0:
+            return 0.0
+        recent = list(self.recent_labels)[-since:]
+        return sum(label in only_left for label in recent) / since
+
+    def _may_return_to(self, task: int, by_label: bool = False) -> bool:
+        """Whether a return to `task` is one, not the last samples of a gradual change away from it.
+
+        Only the task just left needs more: the current visit has settled, and the old task's labels
+        hold most recent ones again, or (`by_label`: one of its labels just came) had gone quiet for
+        `QUIET_WINDOWS` × max(recurring_window, min_task_length) samples before it, as at a sharp
+        return.
+        """
+        share = self._previous_share()
+        if task != self.previous or math.isnan(share):
+            return True
+        if not self.settled:
+            return False
+        since_left = self.samples_in_task - (self.left_label_at if self.left_label_at is not None else 0)
+        quiet = since_left >= QUIET_WINDOWS * max(self.config.recurring_window, self.config.min_task_length)
+        return share >= RETURN_SHARE or (by_label and quiet)
 
     def _match(self) -> tuple[int | None, dict[str, Any]]:
         """The earlier task the recent samples belong to, by the configured rule, and why."""
@@ -405,6 +427,11 @@ class BoundaryDetector:
             "task_labels": [sorted(labels, key=str) for labels in self.task_labels],
             "signatures": [None if s is None else s.state_dict() for s in self.signatures],
             "current": self.current,
+            "previous": self.previous,
+            "own_label_seen": self.own_label_seen,
+            "settled": self.settled,
+            "left_label_at": self.left_label_at,
+            "classes_at_visit": sorted(self.classes_at_visit, key=str),
             "samples_in_task": self.samples_in_task,
             "samples_seen": self.samples_seen,
             "learned_in_task": self.learned_in_task,
@@ -426,6 +453,12 @@ class BoundaryDetector:
         self.signatures = [None if s is None else TaskSignature.from_state(s) for s in state["signatures"]]
         self._unfolded = []
         self.current = state["current"]
+        # saved before gradual changes were told apart: as if the visit had long settled
+        self.previous = state.get("previous")
+        self.own_label_seen = state.get("own_label_seen", True)
+        self.settled = state.get("settled", True)
+        self.left_label_at = state.get("left_label_at")
+        self.classes_at_visit = frozenset(state.get("classes_at_visit", ()))
         self.samples_in_task = state["samples_in_task"]
         self.samples_seen = state["samples_seen"]
         self.learned_in_task = state["learned_in_task"]

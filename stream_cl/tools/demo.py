@@ -64,11 +64,12 @@ def run_demo(config: Config, args: argparse.Namespace) -> int:
         class_order=[int(c) for c in args.class_order.split(",")] if args.class_order else None,
         send_task=not args.no_task,
     )
-    total = stream.n_train
+    total = stream.n_labeled  # what can be learned or held out: unlabeled samples are only predicted
     stop = threading.Event()
     handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     print(
-        f"stream-cl demo: {stream.name}, {len(stream.tasks)} tasks, {total} samples, strategy {config.strategy.name}"
+        f"stream-cl demo: {stream.name}, {len(stream.tasks)} tasks, {stream.n_train} samples ({total} labeled), "
+        f"strategy {config.strategy.name}"
     )
     try:
         with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="stream-cl-demo-") as ckpt:

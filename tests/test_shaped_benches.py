@@ -1,0 +1,82 @@
+"""The benchmarks on shaped streams: `bench quality` prints both references in every group, and
+boundary detection holds on gradual changes (one boundary per change, returns recognised)."""
+
+from __future__ import annotations
+
+import pytest
+
+from stream_cl.bench.boundaries import LabeledStream, run_boundaries_bench, score
+from stream_cl.bench.boundaries import load_labeled as load_bench_stream
+from stream_cl.cli import main
+from stream_cl.config import load_config
+from stream_cl.detect.boundaries import BoundaryDetector, BoundaryEvent
+
+
+def test_bench_quality_prints_joint_and_iid_online_beside_every_strategy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    streams = ["split-digits:recurring", "split-digits:imbalance"]
+    argv = ["bench", "quality", "--strategies", "finetune", "--streams", ",".join(streams)]
+    argv += ["--scenarios", "class,task", "--joint-epochs", "1", "--set", "model.batch_size=32"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "/ joint" in next(line for line in lines if "strategy" in line)
+    for stream in streams:
+        for scenario in ("class", "task"):
+            group = {line.split()[2] for line in lines if line.split()[:2] == [stream, scenario]}
+            assert group == {"finetune", "joint", "iid-online"}, (stream, scenario, group)
+
+
+def observe_labels_only(name: str, **overrides: object) -> tuple[list[BoundaryEvent], LabeledStream]:
+    """A shaped stream's labels through the detector alone (class evidence; drift off), as sent."""
+    stream = load_bench_stream(name, seed=0)
+    overrides_ = [f"boundaries.{k}={v}" for k, v in overrides.items()]
+    config = load_config(None, ["boundaries.drift=false", *overrides_], env={})
+    detector = BoundaryDetector(config.boundaries)
+    seen: set[int] = set()
+    events = []
+    for y in stream.ys:
+        if y is None:
+            continue
+        if (event := detector.observe(None, y not in seen, label=y)) is not None:
+            events.append(event)
+        seen.add(y)
+    return events, stream
+
+
+@pytest.mark.parametrize("width", [200, 400])
+def test_a_gradual_change_opens_one_boundary_and_returns_are_recognised(width: int) -> None:
+    """Through gradual transitions (the old task's samples trickling on), every change opens one
+    boundary, and every return maps back to its task."""
+    events, stream = observe_labels_only(f"split-mnist:recurring:gradual:width={width}")
+    figures = score(events, stream, max_delay=1000)
+    assert figures["found"] == figures["boundaries"] == 7
+    assert figures["false_alarms"] == 0
+    assert figures["recurring_recognised"] == figures["returns"] == 3 and figures["recurring_wrong"] == 0
+
+
+def test_a_sharp_return_to_the_task_just_left_opens_at_once() -> None:
+    """The guard against a gradual change's trickle does not delay a sharp return."""
+    detector = BoundaryDetector(load_config(None, ["boundaries.drift=false"], env={}).boundaries)
+    labels = [0, 1] * 100 + [2, 3] * 100 + [0, 1] * 100
+    seen: set[int] = set()
+    events = []
+    for y in labels:
+        if (event := detector.observe(None, y not in seen, label=y)) is not None:
+            events.append(event)
+        seen.add(y)
+    assert [(e.sample_index, e.task, e.recurring) for e in events] == [
+        (0, 0, False),
+        (200, 1, False),
+        (400, 0, True),
+    ]
+
+
+def test_drift_on_a_learned_gradual_stream_keeps_false_alarms_bounded() -> None:
+    """split-mnist1d with gradual changes, learned by fip: while the old task still sends
+    samples, its rising loss opens no drift boundary."""
+    config = load_config(None, ["strategy.name=fip"], env={})  # it forgets the old task's last samples
+    results = run_boundaries_bench(config, ["split-mnist1d:gradual"], ["PageHinkley", "ADWIN", "KSWIN"])
+    for detector, figures in results["streams"]["split-mnist1d:gradual"]["detectors"].items():
+        assert figures["found"] == 4, detector
+        assert figures["false_alarms_per_10k"] <= 2.5, (detector, figures["false_alarms_per_10k"])
