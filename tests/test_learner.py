@@ -198,9 +198,11 @@ def test_background_checkpoints_hold_the_state_at_capture_and_commit_after_the_w
         learner.process(chunk)
     assert learner.checkpoint()  # waits for the write in flight, then writes the rest in line
     files = sorted(tmp_path.glob("ckpt-*"))
-    assert len(files) >= 4  # a boundary checkpoint per task boundary (4), written in the background
     states = [read_checkpoint(f) for f in files]
     learned = [s["learned"] for s in states]
+    # Boundary checkpoints were written in the background while learning went on (one write at a
+    # time: boundaries that come while one is in flight share the next), then the final one.
+    assert len(files) >= 2 and learned[0] < stream.n_train
     assert learned == sorted(learned) and learned[-1] == learner.learned == stream.n_train
     for s in states:  # each is consistent: its offsets cover exactly what it had learned
         assert s["offsets"] == {0: s["learned"]}
