@@ -266,6 +266,29 @@ def test_a_recovery_that_fails_tol_is_undone_and_twice_the_fraction_kept(
     assert s.free_capacity_ratio() == pytest.approx((16 - 4 + 12 - 3) / 28)
 
 
+def test_short_visits_wait_until_the_task_learned_enough_to_consolidate() -> None:
+    """A gradual transition with task ids makes every switch a boundary: short visits are not each
+    consolidated; a task is, at the first boundary after it learned `min_consolidation` samples."""
+    s = _strategy("mlp", "adam+decay", min_consolidation=40)  # batches of 8 samples
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng, steps=20)
+
+    def transition() -> None:
+        s.on_boundary(Boundary(previous_task=0, task=1, reason="explicit"))  # ends task 0's 160 samples
+        s.add_classes([2, 3], 1)
+        for visit in range(10):  # 1, 0, 1, 0, ...: five visits of 8 samples each
+            task = 1 - visit % 2
+            s.learn(_batch(task, [2 * task, 2 * task + 1], rng))
+            s.on_boundary(Boundary(previous_task=task, task=1 - task, reason="explicit", recurring=True))
+
+    events = _consolidations(s, transition)
+    assert [e["task"] for e in events] == [0, 1, 0]  # 12 boundaries, three consolidations
+    s.learn(_batch(1, [2, 3], rng))  # a visit not consolidated yet
+    restored = _strategy("mlp", "adam+decay", min_consolidation=40)
+    restored.load_state_dict(s.state_dict())  # its buffer survives a checkpoint
+    assert {t: b.seen for t, b in restored.task_buffers.items()} == {1: 8}
+
+
 def test_router_learns_from_statistics_and_survives_a_checkpoint() -> None:
     """The ridge router routes held-out samples of three tasks well above chance, also after a reload."""
     s = _strategy("mlp", "adam+decay")

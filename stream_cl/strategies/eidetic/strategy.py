@@ -71,6 +71,10 @@ class EideticOptions(RouterOptions):
 
     # Reservoir of the ending task's samples, consolidated on at its boundary.
     task_buffer: int = 1000
+    # A task is consolidated at the end of a visit once it learned this many samples since its last
+    # consolidation; a shorter visit (the back and forth of a gradual transition, where every
+    # switch of the task field is a boundary) keeps its samples for the task's next boundary.
+    min_consolidation: int = 64
     # How far (relative) a kept fraction's closed-form probe may fall below keeping every free
     # neuron: the smallest fraction within it is kept (larger = fewer neurons per task).
     probe_tol: float = 0.03
@@ -88,7 +92,12 @@ class EideticOptions(RouterOptions):
 
     def validate(self) -> None:
         super().validate()
-        check_int_options(1, task_buffer=self.task_buffer, max_attempts=self.max_attempts)
+        check_int_options(
+            1,
+            task_buffer=self.task_buffer,
+            max_attempts=self.max_attempts,
+            min_consolidation=self.min_consolidation,
+        )
         check_int_options(0, recovery_steps=self.recovery_steps)
         if not 0 <= self.probe_tol < 1:
             raise ValueError(
@@ -108,17 +117,24 @@ class Eidetic(Strategy):
     name = "eidetic"
     options_type = EideticOptions
     options: EideticOptions
-    unit_test_options = {"task_buffer": 16, "recovery_steps": 2, "max_attempts": 3, "router_features": 64}
+    unit_test_options = {
+        "task_buffer": 16,
+        "recovery_steps": 2,
+        "max_attempts": 3,
+        "router_features": 64,
+        "min_consolidation": 4,
+    }
 
     def __init__(self, context: StrategyContext, options: EideticOptions | None = None) -> None:
         super().__init__(context, options)
         o = self.options
-        self.task_buffer_size = o.task_buffer
         self.layers = protected_layers(self.model.backbone)
         self.masks = NeuronMasks(self.layers)
         self.consolidations: list[int] = []  # task consolidated at each rank
         self.task_heads: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
-        self.task_buffer = ReservoirBuffer(o.task_buffer, self.input_shape, self.device)
+        # Per task, the samples learned since its last consolidation (the current task's, and the
+        # previous one's while its visits were too short to consolidate; no others are kept).
+        self.task_buffers: dict[int, ReservoirBuffer] = {}
         self.router = o.make_router(self.input_shape, context.seed + 2, self.device)
         self.router_weight = float(o.router_weight)
         self.exhausted = False
@@ -148,27 +164,46 @@ class Eidetic(Strategy):
         self.model.train()
         losses, outcome = self._forward(batch.x, batch.y)
         self._step(losses.mean())
-        self.task_buffer.add(batch.x, batch.y, self.generator)
+        self._task_buffer(batch.task).add(batch.x, batch.y, self.generator)
         self.router.observe(batch.x, batch.y, batch.task)
         return outcome
 
     # -- boundaries: consolidation -------------------------------------------------------------
+    def _task_buffer(self, task: int) -> ReservoirBuffer:
+        buffer = self.task_buffers.get(task)
+        if buffer is None:
+            buffer = self.task_buffers[task] = ReservoirBuffer(
+                self.options.task_buffer, self.input_shape, self.device
+            )
+        return buffer
+
     def on_boundary(self, event: Boundary) -> None:
-        """Consolidate the finished task (if it learned anything), queue a router solve, start fresh."""
+        """Consolidate the finished task once it learned enough since its last consolidation,
+        queue a router solve, go on with the next task."""
         task = self.current_task
-        if len(self.task_buffer) and task < len(self.task_classes) and self.task_classes[task]:
+        buffer = self.task_buffers.get(task)
+        consolidate = (
+            buffer is not None
+            and buffer.seen >= self.options.min_consolidation
+            and task < len(self.task_classes)
+            and bool(self.task_classes[task])
+        )
+        if consolidate:
             self._consolidate(task)
+            del self.task_buffers[task]
         super().on_boundary(event)
-        self.task_buffer = ReservoirBuffer(self.task_buffer_size, self.input_shape, self.device)
-        self._rebuild_optimizer()  # fresh per task: no moment of a now-fixed entry survives
-        if self.router.since_solve or self.router.stale():
-            self.router.request_solve()
-        self.router.new_task()
+        self.task_buffers = {t: b for t, b in self.task_buffers.items() if t in (task, event.task)}
+        if consolidate:  # a short visit changes neither ownership nor the router's schedule
+            self._rebuild_optimizer()  # no moment of a now-fixed entry survives
+            if self.router.since_solve or self.router.stale():
+                self.router.request_solve()
+            self.router.new_task()
 
     def _consolidate(self, task: int) -> None:
         """Keep the fewest free neurons that hold the task (`eidetic/consolidation.py`), own them."""
         o = self.options
-        x, y = self.task_buffer.inputs().clone(), self.task_buffer.y[: len(self.task_buffer)].clone()
+        buffer = self.task_buffers[task]
+        x, y = buffer.inputs().clone(), buffer.y[: len(buffer)].clone()
         classes = list(self.task_classes[task])
         free = [rank == FREE for rank in self.masks.rank]
         scores = unit_scores(o.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
@@ -307,7 +342,7 @@ class Eidetic(Strategy):
                 t: {"classes": list(c), "weight": w.cpu().clone(), "bias": b.cpu().clone()}
                 for t, (c, w, b) in self.task_heads.items()
             },
-            "task_buffer": self.task_buffer.state_dict(),
+            "task_buffers": {t: b.state_dict() for t, b in self.task_buffers.items()},
             "router": self.router.state_dict(),
             "exhausted": self.exhausted,
         }
@@ -320,9 +355,15 @@ class Eidetic(Strategy):
             int(t): (list(h["classes"]), h["weight"].to(self.device), h["bias"].to(self.device))
             for t, h in state["task_heads"].items()
         }
-        self.task_buffer.load_state_dict(state["task_buffer"])
+        self.task_buffers = {}
+        # Checkpoints written before per-task buffers hold the current task's alone.
+        buffers = state.get("task_buffers", {self.current_task: state.get("task_buffer")})
+        for t, buffer in buffers.items():
+            if buffer is not None:
+                self._task_buffer(int(t)).load_state_dict(buffer)
         self.router.load_state_dict(state["router"])
         self.exhausted = bool(state["exhausted"])
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
-        return {**super().memory_usage(), "task_buffer": (len(self.task_buffer), self.task_buffer.capacity)}
+        held = sum(len(b) for b in self.task_buffers.values())
+        return {**super().memory_usage(), "task_buffers": (held, 2 * self.options.task_buffer)}
