@@ -86,6 +86,7 @@ class Learner:
         self._deferred: list[tuple[int, int]] = []
         self._steps_since_publish = 0
         self._last_publish = time.monotonic()
+        self._settled = True  # the last snapshot waited for the strategy's background work
         self._lock = threading.Lock()  # guards stats read by other threads
         # Hot-path bookkeeping (it runs for every sample): Prometheus children resolved
         # once (`labels()` costs microseconds), held-out counts reported per step, and
@@ -237,8 +238,9 @@ class Learner:
         self._learn_pending()
         self._report_held_out()
         # The quiet time finishes the strategy's background work; what it changes is published.
-        settled = self.strategy is not None and self.strategy.settle()
-        self._maybe_publish(force=self._steps_since_publish > 0 or settled)
+        changed = not self._settled and self.strategy is not None and self.strategy.settle()
+        self._settled = True
+        self._maybe_publish(force=self._steps_since_publish > 0 or changed)
         self._checkpoint_if_due()
 
     # -- learning -------------------------------------------------------------------------------
@@ -355,18 +357,15 @@ class Learner:
         self._done_without_learning(partition, offset)
 
     def _done_without_learning(self, partition: int, offset: int) -> None:
-        """Unlabeled, held-out or invalid: processed once the pending batch before it is learned.
-
-        Marking it at once would let a commit cover earlier, still unlearned records.
-        """
+        """Unlabeled, held-out or invalid: processed once the pending batch before it is learned
+        (marking it at once would let a commit cover earlier, still unlearned records)."""
         if self._pending:
             self._deferred.append((partition, offset))
         else:
             self._mark_offset(partition, offset)
 
     def _mark_offset(self, partition: int, offset: int) -> None:
-        if offset + 1 > self.offsets.get(partition, 0):
-            self.offsets[partition] = offset + 1
+        self.offsets[partition] = max(self.offsets.get(partition, 0), offset + 1)
         self.outputs.processed(partition, offset)
 
     # -- snapshots ------------------------------------------------------------------------------
@@ -381,8 +380,7 @@ class Learner:
         if force:
             self.publish()
             return
-        cfg = self.config.learner
-        steps = self._steps_since_publish
+        cfg, steps = self.config.learner, self._steps_since_publish
         if steps == 0:
             return
         since_ms = (time.monotonic() - self._last_publish) * 1000
@@ -399,6 +397,7 @@ class Learner:
             return None
         if settle:
             self.strategy.settle()
+        self._settled = settle
         self.version += 1
         snap = build_snapshot(
             self.strategy, self.version, self.labels, self.detector.task_ids, self.input_shape
@@ -496,5 +495,6 @@ class Learner:
                 if self.detector.current is None
                 else self.detector.task_ids[self.detector.current],
                 "prequential_accuracy": self.prequential_accuracy,
-                "unpublished_steps": self._steps_since_publish + (1 if self._pending else 0),
+                # a snapshot taken before the strategy's background work finished counts as one
+                "unpublished_steps": self._steps_since_publish + bool(self._pending) + (not self._settled),
             }
