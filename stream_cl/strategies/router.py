@@ -196,10 +196,7 @@ class RidgeRouter:
         with torch.no_grad():
             self._pending.append(self.features(x))
         self._pending_cols.append(cols)
-        if self.xy.shape[1] < targets:
-            self.xy = torch.cat(
-                [self.xy, self.xy.new_zeros((self.xy.shape[0], targets - self.xy.shape[1]))], 1
-            )
+        self.xy = self._xy(targets)
         if sum(len(c) for c in self._pending_cols) >= _FOLD:
             self._fold()
 
@@ -212,6 +209,16 @@ class RidgeRouter:
             self.gram += (phi.T @ phi).double()
             self.xy.index_add_(1, torch.cat(self._pending_cols), phi.T.double())
         self._pending, self._pending_cols = [], []
+
+    def _xy(self, targets: int) -> torch.Tensor:
+        """The statistics' target columns, zero-padded to `targets` (a target is registered on the
+        learning thread before its first batch is folded in)."""
+        missing = targets - self.xy.shape[1]
+        return (
+            self.xy
+            if missing <= 0
+            else torch.cat([self.xy, self.xy.new_zeros((self.xy.shape[0], missing))], 1)
+        )
 
     def _target(self, task: int, cls: int) -> int:
         col = self._column.get((task, cls))
@@ -260,10 +267,7 @@ class RidgeRouter:
     def _solve(self, targets: int) -> None:
         """(Background, or after `jobs.wait()`.) The ridge system on the statistics folded so far."""
         self._fold()
-        d = self.gram.shape[0]
-        xy = self.xy[:, :targets]
-        if xy.shape[1] < targets:
-            xy = torch.cat([xy, xy.new_zeros((d, targets - xy.shape[1]))], 1)
+        d, xy = self.gram.shape[0], self._xy(targets)[:, :targets]
         scale = float(self.gram.diagonal().mean()) or 1.0
         a = self.gram + (self.lam * scale) * torch.eye(d, dtype=self.gram.dtype, device=self.device)
         chol, info = torch.linalg.cholesky_ex(a)
@@ -281,10 +285,7 @@ class RidgeRouter:
     def state_dict(self) -> dict[str, Any]:
         self.jobs.wait()
         self._fold()
-        solution = self.solution
-        xy = self.xy
-        if xy.shape[1] < len(self.targets):
-            xy = torch.cat([xy, xy.new_zeros((xy.shape[0], len(self.targets) - xy.shape[1]))], 1)
+        solution, xy = self.solution, self._xy(len(self.targets))
         return {
             "gram": self.gram.cpu().clone(),
             "xy": xy.cpu().clone(),
