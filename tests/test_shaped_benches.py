@@ -80,3 +80,49 @@ def test_drift_on_a_learned_gradual_stream_keeps_false_alarms_bounded() -> None:
     for detector, figures in results["streams"]["split-mnist1d:gradual"]["detectors"].items():
         assert figures["found"] == 4, detector
         assert figures["false_alarms_per_10k"] <= 2.5, (detector, figures["false_alarms_per_10k"])
+
+
+def test_spurious_boundaries_open_new_tasks_inside_visits_and_the_bench_prints_both_rows() -> None:
+    """`--spurious N`: each false boundary falls in the middle half of its own visit, carries an id
+    no stream sends, and the learner opens one boundary more per false alarm."""
+    from stream_cl.bench.offline import stream_records
+    from stream_cl.bench.quality import (
+        SPURIOUS_TASK_IDS,
+        Contender,
+        learn_stream,
+        run_quality,
+        with_spurious_boundaries,
+    )
+    from stream_cl.tools.datasets import load_stream
+
+    stream = load_stream("split-digits", seed=0, send_task=True)
+    (records,) = stream_records(stream, chunk=stream.n_train)
+    changed = with_spurious_boundaries(records, stream, 2)
+    moved = [
+        i for i, (a, b) in enumerate(zip(records, changed, strict=True)) if a.sample.task != b.sample.task
+    ]
+    ends = [s.start for s in stream.order.segments[1:]] + [stream.n_train]
+    runs: dict[int, list[int]] = {}
+    for i in moved:
+        k = next(k for k, end in enumerate(ends) if i < end)
+        runs.setdefault(k, []).append(i)
+        assert changed[i].sample.task >= SPURIOUS_TASK_IDS
+    assert len(runs) == 2
+    for k, indices in runs.items():
+        start, end = stream.order.segments[k].start, ends[k]
+        assert indices == list(range(indices[0], end)), "a false boundary holds to its visit's end"
+        assert start + (end - start) // 4 <= indices[0] < start + 3 * (end - start) // 4
+    with pytest.raises(ValueError, match="spurious"):
+        with_spurious_boundaries(records, stream, len(stream.order.segments) + 1)
+
+    config = load_config(None, ["model.batch_size=16"], env={})
+    result = run_quality(
+        config, [Contender.strategy("replay")], ["split-digits"], ["class"], references=False, spurious=2
+    )
+    rows = {r["strategy"]: r for r in result["rows"]}
+    assert set(rows) == {"replay", "replay+spurious"}
+    assert rows["replay+spurious"]["spurious_boundaries"] == 2
+    assert len(rows["replay"]["accuracy_matrix"]) == len(rows["replay+spurious"]["accuracy_matrix"]) == 5
+    plain, alarmed = (learn_stream(config, stream, "class", spurious=n).learner.boundaries for n in (0, 2))
+    assert len(alarmed) == len(plain) + 2 == 5 + 2  # the first sample opens task 0
+    assert sum(e.task_id >= SPURIOUS_TASK_IDS for e in alarmed) == 2

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from stream_cl.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: the CLI imports this module for --help
+    from stream_cl.ingest.chunk import Record
     from stream_cl.learn.learner import Learner
     from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
     from stream_cl.strategies import Batch, StepResult, Strategy
@@ -103,6 +104,7 @@ def learn_stream(
     scenario: str,
     on_step: StepHook | None = None,
     before_step: BeforeStepHook | None = None,
+    spurious: int = 0,
 ) -> StreamRun:
     """Learn `stream` in its order through the daemon's `Learner`, scoring after each task's visit.
 
@@ -110,7 +112,8 @@ def learn_stream(
     and `before_step(strategy, batch)` (optional, with `on_step`) the model just before it;
     it needs `model.batch_size` > 1, since it is attached after the first sample created the model.
     The daemon's held-out evaluator is switched off: the harness scores the stream's own test
-    splits, so every training sample is learned, as by the references.
+    splits, so every training sample is learned, as by the references. `spurious` > 0 adds that
+    many false boundaries (`with_spurious_boundaries`).
     """
     from stream_cl.bench.offline import stream_records
     from stream_cl.evaluate.scoring import accuracy
@@ -121,6 +124,8 @@ def learn_stream(
     holder = SnapshotHolder()
     learner = Learner(with_overrides(config, ["evaluation.holdout_fraction=0"]), holder, Metrics())
     (records,) = stream_records(stream, chunk=stream.n_train)  # offsets run on across tasks
+    if spurious:
+        records = with_spurious_boundaries(records, stream, spurious)
     segments = stream.order.segments
     firsts = [s.task for k, s in enumerate(segments) if s.task not in {p.task for p in segments[:k]}]
     if firsts != sorted(firsts):
@@ -169,6 +174,45 @@ def learn_stream(
     ]
     routed = math.nan if hint else route_accuracy(ends[-1], stream)
     return StreamRun(matrix, seconds, cpu_seconds, stream.n_labeled, learner, routed)
+
+
+SPURIOUS_TASK_IDS = 1_000_000  # the task ids of false boundaries start here; no stream sends one
+
+
+def with_spurious_boundaries(records: list[Record], stream: BenchmarkStream, count: int) -> list[Record]:
+    """`records` with `count` false boundaries: what a boundary detector's false alarm does.
+
+    Each one falls inside a different visit (the longest ones, ties in a seeded order), at a seeded
+    point of the middle half of the visit's samples; from there to the visit's end, that task's
+    samples carry a task id no stream sends, so the learner opens a new task with the same classes
+    and the stream's next visit closes it as usual. Scoring is unchanged: every test split is still
+    scored by the task it belongs to, without a hint (class scenario).
+    """
+    import numpy as np
+
+    order, segments = stream.order, stream.order.segments
+    ends = [s.start for s in segments[1:]] + [len(order)]
+    spans = [
+        np.flatnonzero((order.task[s.start : end] == s.task) & order.labeled[s.start : end]) + s.start
+        for s, end in zip(segments, ends, strict=True)
+    ]
+    rng = np.random.default_rng([stream.seed, 7])
+    ranked = sorted(range(len(spans)), key=lambda k: (-len(spans[k]), rng.random()))
+    if count > len(spans) or any(len(spans[k]) < 8 for k in ranked[:count]):
+        raise ValueError(
+            f"{stream.name}: {count} spurious boundaries need {count} visits of 8 samples or more"
+        )
+    records = list(records)
+    for n, k in enumerate(sorted(ranked[:count])):
+        span = spans[k]
+        cut = int(rng.integers(len(span) // 4, 3 * len(span) // 4))
+        for i in span[cut:].tolist():
+            r = records[i]
+            assert r.sample is not None
+            records[i] = dataclasses.replace(
+                r, sample=dataclasses.replace(r.sample, task=SPURIOUS_TASK_IDS + n)
+            )
+    return records
 
 
 def _published_during(holder: SnapshotHolder, call: Callable[[], object]) -> list[Snapshot]:
@@ -272,11 +316,18 @@ def run_quality(
     seed: int = 0,
     joint_epochs: int = 5,
     references: bool = True,
+    spurious: int = 0,
 ) -> dict[str, Any]:
-    """Every contender (and the references) on every stream × scenario; rows for the table."""
+    """Every contender (and the references) on every stream × scenario; rows for the table.
+
+    `spurious` > 0: in the class scenario every contender also learns the stream with that many
+    false boundaries (`with_spurious_boundaries`), in a row labelled `NAME+spurious`.
+    """
     from stream_cl.evaluate.scoring import average_accuracy, average_forgetting, backward_transfer
     from stream_cl.tools.datasets import load_stream
 
+    if spurious < 0:
+        raise ValueError(f"spurious: expected a count >= 0, got {spurious}")
     rows: list[dict[str, Any]] = []
     for stream_name in streams:
         stream = load_stream(stream_name, seed=seed, send_task=True)
@@ -284,12 +335,19 @@ def run_quality(
             if scenario not in SCENARIOS:
                 raise ValueError(f"unknown scenario {scenario!r} (valid: {', '.join(SCENARIOS)})")
             base = {"stream": stream_name, "scenario": scenario}
-            for contender in contenders:
-                run = learn_stream(with_overrides(config, contender.overrides), stream, scenario)
+            # False boundaries only make sense without a hint: the hint names the stream's own task.
+            variants = [(c, 0) for c in contenders]
+            if spurious and scenario == "class":
+                variants = [(c, n) for c in contenders for n in (0, spurious)]
+            for contender, false_alarms in variants:
+                run = learn_stream(
+                    with_overrides(config, contender.overrides), stream, scenario, spurious=false_alarms
+                )
                 rows.append(
                     {
                         **base,
-                        "strategy": contender.label,
+                        "strategy": contender.label + ("+spurious" if false_alarms else ""),
+                        "spurious_boundaries": false_alarms,
                         "average_accuracy": average_accuracy(run.matrix),
                         "average_forgetting": average_forgetting(run.matrix),
                         "backward_transfer": backward_transfer(run.matrix),
@@ -313,7 +371,7 @@ def run_quality(
                         }
                         | ref
                     )
-    return {"seed": seed, "joint_epochs": joint_epochs, "rows": rows}
+    return {"seed": seed, "joint_epochs": joint_epochs, "spurious": spurious, "rows": rows}
 
 
 def _interval_figures(strategy: Strategy | None) -> dict[str, float]:
@@ -392,6 +450,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--joint-epochs", type=int, default=5, help="epochs of the joint reference (default: 5)")
     p.add_argument("--no-references", action="store_true", help="skip the joint and iid-online rows")
     p.add_argument(
+        "--spurious",
+        type=int,
+        default=0,
+        help="class scenario: also learn with this many false boundaries, rows NAME+spurious (default: 0)",
+    )
+    p.add_argument(
         "--override",
         action="append",
         default=[],
@@ -418,5 +482,6 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         seed=args.seed,
         joint_epochs=args.joint_epochs,
         references=not args.no_references,
+        spurious=args.spurious,
     )
     return result, format_quality(result)
