@@ -266,6 +266,43 @@ def test_a_recovery_that_fails_tol_is_undone_and_twice_the_fraction_kept(
     assert s.free_capacity_ratio() == pytest.approx((16 - 4 + 12 - 3) / 28)
 
 
+def test_no_task_keeps_more_than_max_keep_of_the_free_neurons(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Even when every smaller fraction fails, a task keeps at most `max_keep` of the free units."""
+    s = _strategy("mlp", "adam+decay", probe_tol=0.99, max_attempts=6, max_keep=0.5)
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng, steps=20)
+    calls = iter([1.0] + [0.0] * 6)  # before pruning, then every attempt falls short
+    monkeypatch.setattr(s, "_buffer_accuracy", lambda *a: next(calls))
+    (event,) = _consolidations(s, lambda: _learn_task(s, 1, rng))
+    assert event["units_kept"] == [8, 6]  # half of the free [16, 12], never all of them
+    assert s.masks.free_units() == [8, 6]
+
+
+def test_a_new_task_of_known_classes_trains_fresh_live_rows_and_old_answers_stay() -> None:
+    """Domain shift: task 1 has task 0's classes. Its live rows restart (the ridge rows written at
+    task 0's consolidation are gone, with a nonzero weight on every free feature), while task 0's
+    hinted logits stay bit-identical."""
+    s = _strategy("mlp", "adam+decay")
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng, steps=20)
+    s.on_boundary(Boundary(previous_task=0, task=1, reason="explicit"))
+    x = _random_inputs(3)
+    before = _head_logits(s, x, 0)
+    consolidated = s.model.head.weight[[0, 1]].detach().clone()
+    free = ~s.masks.owned_features()
+    assert bool(free.any()) and bool((consolidated[:, free] != 0).all()), "free columns restart from random"
+    s.note_task(1, [0, 1])
+    assert not torch.equal(s.model.head.weight[[0, 1]], consolidated)
+    assert torch.equal(s.model.head.bias[[0, 1]], torch.zeros(2))
+    for _ in range(10):
+        s.learn(Batch(x=_batch(1, [0, 1], rng).x, y=_batch(0, [0, 1], rng).y, task=1))
+    assert torch.equal(_head_logits(s, x, 0), before)
+    s.note_task(1, [0, 1])  # known in task 1 already: its rows are not touched again
+    trained = s.model.head.weight[[0, 1]].detach().clone()
+    s.note_task(1, [1])
+    assert torch.equal(s.model.head.weight[[0, 1]], trained)
+
+
 def test_short_visits_wait_until_the_task_learned_enough_to_consolidate() -> None:
     """A gradual transition with task ids makes every switch a boundary: short visits are not each
     consolidated; a task is, at the first boundary after it learned `min_consolidation` samples."""

@@ -95,7 +95,9 @@ class RouterOptions(StrategyOptions):
     # Random features of the task router (without a task hint it scores every (task, class) pair);
     # its memory is ~ router_features² floats, its cost ~ router_features² per sample.
     router_features: int = 1024
-    # The router's ridge λ, relative to the mean feature energy.
+    # The router's ridge λ, in units of one sample's squared feature norm (a prior worth that many
+    # samples, whatever the stream's length; relative to the whole Gram matrix it had grown with
+    # every sample and held a 5-permutation stream's router 1 point lower).
     router_lam: float = 0.001
     # Without a task hint, the best (task, class) by log p_task + router_weight · router score answers.
     router_weight: float = 30.0
@@ -268,7 +270,10 @@ class RidgeRouter:
         """(Background, or after `jobs.wait()`.) The ridge system on the statistics folded so far."""
         self._fold()
         d, xy = self.gram.shape[0], self._xy(targets)[:, :targets]
-        scale = float(self.gram.diagonal().mean()) or 1.0
+        # λ in units of one sample's squared feature norm (the last feature is the constant 1, so
+        # gram[-1, -1] counts the samples): a prior worth `lam` samples, whatever the stream's length.
+        samples = float(self.gram[-1, -1]) or 1.0
+        scale = float(self.gram.diagonal().sum()) / samples or 1.0
         a = self.gram + (self.lam * scale) * torch.eye(d, dtype=self.gram.dtype, device=self.device)
         chol, info = torch.linalg.cholesky_ex(a)
         w = torch.cholesky_solve(xy, chol) if int(info) == 0 else torch.linalg.lstsq(a, xy).solution
