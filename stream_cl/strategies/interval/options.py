@@ -29,6 +29,9 @@ class IntervalOptions(RouterOptions):
     chunk_dim: int = 8  # learned chunk-embedding size
     ramp_steps: int = 100  # batches (in samples) of a task over which ε ramps up and κ 1 → 0.5
     consolidation_steps: int = 50  # batches from the task buffer at a boundary
+    # A task is consolidated when left only once it learned this many samples since its last
+    # consolidation (the back and forth of a gradual transition makes every switch a boundary).
+    min_consolidation: int = 64
     # Reservoir of the ending task's samples (bounded; also the Fisher's data).
     consolidation_buffer: int = 500
     max_tasks: int = 32  # embedding slots and stored targets (later tasks share the last)
@@ -49,6 +52,7 @@ class IntervalOptions(RouterOptions):
             chunk_dim=self.chunk_dim,
             consolidation_buffer=self.consolidation_buffer,
             max_tasks=self.max_tasks,
+            min_consolidation=self.min_consolidation,
         )
         check_int_options(0, ramp_steps=self.ramp_steps, consolidation_steps=self.consolidation_steps)
         check_number_options(0, epsilon=self.epsilon, beta=self.beta)

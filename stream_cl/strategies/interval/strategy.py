@@ -19,15 +19,10 @@ Task `t` owns the embedding box `c_t ± ε/M` with the nested centre `c_t = (ε/
   `importance = "none"` is the paper's plain L2 (`Ω = 1`); the default `"fisher"` weights each
   generated weight and head entry by the summed diagonal Fisher of the frozen tasks (each task's
   scaled to mean 1, from per-sample gradients on its buffer at its boundary). Measured on
-  permuted-mnist (4 tasks): plain L2 at β = 0.1 forgot ~5 points and larger β stopped new tasks
-  from being learned at all; the Fisher metric kept forgetting under 1 point at similar plasticity.
-  Over all 10 permuted-mnist tasks (class scenario, seed 0) the summed Fisher grows with every
-  frozen task, and β = 0.1 left too little plasticity: each new task was learned worse (0.91 on
-  task 0, 0.69 on task 9; average 0.788). β = 0.01, the paper's range, learned every task at
-  0.84–0.91 (average 0.860, forgetting 0.026; seed 1: 0.849, 0.039); both weaker (0.003:
-  forgetting 0.056, 0: 0.158) and stronger (0.02: 0.034, 0.3: 0.075, with lower plasticity)
-  forgot more. On split-mnist's task scenario the two are alike on seeds 1–3 (0.961 / 0.954 /
-  0.959 against 0.964 / 0.953 / 0.945) but β = 0.1 held better on seed 0 (0.944 against 0.875).
+  permuted-mnist, plain L2 either forgot ~5 points or, with a larger β, stopped new tasks from
+  being learned; the Fisher metric kept forgetting under 1 point at similar plasticity. β = 0.01,
+  the paper's range, was the best trade-off measured on 10 permuted-mnist tasks (both weaker and
+  stronger forgot more; stronger also learned each new task worse as the summed Fisher grew).
 - Boundary: a short consolidation pass (`consolidation_steps` batches at the full `ε`, `κ = ½`)
   on a bounded reservoir of the ending task, then its embedding is frozen (restored bit-exactly
   after every step, since Adam's moments would otherwise keep moving it) and all targets are
@@ -39,24 +34,11 @@ Task `t` owns the embedding box `c_t ± ε/M` with the nested centre `c_t = (ε/
   of the intersection of the trained tasks' boxes), or the least uncertain task (`"entropy"`).
 
 What the intervals do in a one-pass stream (measured, split- and permuted-mnist): the worst-case
-term drives `H`'s sensitivity to the embedding towards zero, so the weight boxes end up narrow
-(mean half-width ~1e-7–1e-6 against mean |θ| ~0.03) and every task's centre network, and the
-universal one, are nearly the same network. In the nested variant this is what makes `θ*` valid
-for every task (each box contains every other task's centre); the protection of old tasks is then
-the regularizer's. An earlier version collapsed at the paper's ε = 0.5–1: the chunked `H` had no
-per-weight output bias, so every Adam step moved whole chunks coherently (new tasks stayed at
-chance, and the worst case killed every ReLU); with the bias (see `interval/bounds.py`) ε = 0.1, 0.5
-and 1.0 all learn.
-
-Width (measured, permuted-mnist, 10 tasks, class scenario, universal network): the target MLP's
-width decides how much the regularizer keeps. [256, 256] (default): forgetting 0.026 / 0.039
-(seeds 0 / 1); [512, 512]: 0.019 / 0.025; [1000, 1000], the paper's permuted-mnist network:
-0.014 / 0.015 / 0.005 (seeds 0–2), average accuracy 95.4–96.6% of joint, at a
-fraction of the default's speed. Also tried, at [256, 256] or [512, 512] (seed 1), none better than the defaults:
-a stronger β (0.02: 0.032 at [512, 512]); SGD with momentum instead of Adam (β 0.01: 0.038;
-β 0.1 diverges); the Fisher with labels sampled from the model (0.031 on seed 0); and keeping
-each frozen task's target from its own boundary instead of refreshing all targets (the targets of
-nearly one network then disagree: accuracy 0.42).
+term drives `H`'s sensitivity to the embedding towards zero, so the weight boxes end up narrow and
+every task's centre network, and the universal one, are nearly the same network; the protection of
+old tasks is then the regularizer's, and the target MLP's width decides how much it keeps (figures
+in docs/benchmarks.md). `H` has a per-weight output bias: without it every Adam step moved whole
+chunks coherently, and at the paper's ε = 0.5–1 new tasks stayed at chance.
 
 Memory: `max_tasks` embedding slots, stored targets and stored task answers (`max_tasks × |θ|`
 each; a task index beyond the last slot shares the last slot), one importance vector (`|θ|` +
@@ -87,10 +69,9 @@ from stream_cl.strategies.interval.bounds import (
     universal_embedding,
     write_mlp,
 )
+from stream_cl.strategies.interval.fisher import diagonal_fisher
 from stream_cl.strategies.interval.options import IntervalOptions
 from stream_cl.strategies.interval.serving import ServingState, TaskAnswer, make_predictor
-
-_FISHER_CHUNK = 64  # samples per vectorized per-sample gradient
 
 
 class Interval(Strategy):
@@ -106,6 +87,7 @@ class Interval(Strategy):
         "consolidation_steps": 2,
         "consolidation_buffer": 12,
         "max_tasks": 4,
+        "min_consolidation": 4,
     }
 
     def __init__(self, context: StrategyContext, options: IntervalOptions | None = None) -> None:
@@ -135,7 +117,10 @@ class Interval(Strategy):
         self.model.hyper = self.hyper
         for p in self.model.backbone.parameters():
             p.requires_grad_(False)  # materialized from H; never trained directly
-        self.buffer = ReservoirBuffer(o.consolidation_buffer, self.input_shape, self.device)
+        # Per slot, the samples learned since its last consolidation (the active slot's, and the
+        # previous one's while its visits were too short to consolidate; no others are kept).
+        self.buffers: dict[int, ReservoirBuffer] = {}
+        self.consolidated_at = [0] * max_tasks  # slot_samples at the slot's last consolidation
         self.frozen_embeddings = torch.zeros_like(self.hyper.embeddings.detach())
         self.targets = torch.zeros(max_tasks, self.layout.n_weights, device=self.device)
         self.frozen_slots: list[int] = []  # slots with a frozen embedding and a stored target
@@ -207,6 +192,17 @@ class Interval(Strategy):
         """Write `θ` into the classifier's plain MLP (what head policies' `model.features` use)."""
         write_mlp(self.model.backbone, self.layout, theta)
 
+    @property
+    def buffer(self) -> ReservoirBuffer:
+        """The active slot's samples since its last consolidation."""
+        buffer = self.buffers.get(self.active)
+        if buffer is None:
+            buffer = self.buffers[self.active] = self._new_buffer()
+        return buffer
+
+    def _new_buffer(self) -> ReservoirBuffer:
+        return ReservoirBuffer(self.options.consolidation_buffer, self.input_shape, self.device)
+
     # -- learning -------------------------------------------------------------------------------
     def _activate(self, slot: int) -> None:
         """Make `slot` the trained one; a recurring (frozen) task's embedding thaws."""
@@ -269,24 +265,10 @@ class Interval(Strategy):
             return
         theta = self._centre_weights(slot)
         head = self.model.head
-        w, b = head.weight.detach(), head.bias.detach()
-
-        def loss(
-            theta: torch.Tensor, w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor
-        ) -> torch.Tensor:
-            logits = F.linear(self.layout.forward(x.unsqueeze(0), theta), w, b)
-            return self._loss(logits, y.unsqueeze(0)).sum()
-
-        grads = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2)), in_dims=(None, None, None, 0, 0))
-        x_all, y_all = self.buffer.inputs(), self.buffer.y[: len(self.buffer)]
-        f_theta, f_w, f_b = torch.zeros_like(theta), torch.zeros_like(w), torch.zeros_like(b)
-        for i in range(0, len(y_all), _FISHER_CHUNK):
-            g_theta, g_w, g_b = grads(theta, w, b, x_all[i : i + _FISHER_CHUNK], y_all[i : i + _FISHER_CHUNK])
-            f_theta += (g_theta**2).sum(0)
-            f_w += (g_w**2).sum(0)
-            f_b += (g_b**2).sum(0)
-        scale = 1.0 / float(f_theta.mean()) if float(f_theta.mean()) > 0 else 0.0
-        f_theta, f_w, f_b = f_theta * scale, f_w * scale, f_b * scale
+        x, y = self.buffer.inputs(), self.buffer.y[: len(self.buffer)]
+        f_theta, f_w, f_b = diagonal_fisher(
+            self.layout, self._loss, theta, head.weight.detach(), head.bias.detach(), x, y
+        )
         if self.weight_importance is None:
             self.weight_importance = torch.zeros_like(theta)
         self.weight_importance += f_theta
@@ -334,25 +316,29 @@ class Interval(Strategy):
         return outcome
 
     def on_boundary(self, event: Boundary) -> None:
-        """Consolidate and freeze the ending task, store every frozen task's targets, move on."""
+        """Consolidate and freeze the ending task (once it learned enough), move on."""
         super().on_boundary(event)
-        self._switch_to(self._slot(event.task))
-        if self.router is not None:
+        consolidated = self._switch_to(self._slot(event.task))
+        if self.router is not None and consolidated:  # a short visit leaves the router's schedule
             if self.router.since_solve or self.router.stale():
                 self.router.solve()
             self.router.new_task()
 
-    def _switch_to(self, slot: int) -> None:
-        """End the active slot's task (consolidate, freeze, store targets) and activate `slot`.
+    def _switch_to(self, slot: int) -> bool:
+        """End the active slot's task and activate `slot`; True when the ending task was consolidated.
 
         Whatever moves training to another slot comes through here, a boundary or a batch of
-        another task: a task left without being frozen kept a live embedding that nothing
-        regularized, and its hinted answers fell to chance (issue 29).
+        another task (a task left unfrozen kept a live embedding that nothing regularized, and its
+        hinted answers fell to chance). A task is consolidated, frozen and its targets stored once
+        it learned `min_consolidation` samples since its last consolidation (its buffer holds
+        them); a shorter visit of a task consolidated before freezes it again as it was.
         """
         if slot == self.active:
-            return
+            return False
         ending = self.active
-        if self.trained[ending]:
+        learned = self.slot_samples[ending] - self.consolidated_at[ending]
+        consolidated = self.trained[ending] and learned >= self.options.min_consolidation
+        if consolidated:
             self._consolidate()
             if self.importance == "fisher":
                 self._accumulate_fisher(ending)
@@ -366,9 +352,16 @@ class Interval(Strategy):
                 self.head_target = (head.weight.detach().clone(), head.bias.detach().clone())
                 if self.options.keep_task_weights:
                     self._store_answer(ending)
-        self.buffer = ReservoirBuffer(self.buffer.capacity, self.input_shape, self.device)
+            self.consolidated_at[ending] = self.slot_samples[ending]
+            del self.buffers[ending]
+        elif self.consolidated_at[ending]:
+            with torch.no_grad():
+                self.hyper.embeddings[ending] = self.frozen_embeddings[ending]
+            self.frozen_slots = sorted({*self.frozen_slots, ending})
+        self.buffers = {s: b for s, b in self.buffers.items() if s in (ending, slot)}
         self._activate(slot)
         self._sync_backbone(self._centre_weights(slot))
+        return consolidated
 
     def _consolidate(self) -> None:
         """A few batches from the ending task's reservoir at the full ε and κ = ½."""
@@ -442,7 +435,8 @@ class Interval(Strategy):
                 "trained": list(self.trained),
                 "slot_samples": list(self.slot_samples),
                 "active": self.active,
-                "buffer": self.buffer.state_dict(),
+                "buffers": {s: b.state_dict() for s, b in self.buffers.items()},
+                "consolidated_at": list(self.consolidated_at),
                 "head_target": _cpu(self.head_target),
                 "weight_importance": _cpu(self.weight_importance),
                 "head_importance": _cpu(self.head_importance),
@@ -460,7 +454,18 @@ class Interval(Strategy):
         self.trained = list(extra["trained"])
         self.slot_samples = list(extra["slot_samples"])
         self.active = int(extra["active"])
-        self.buffer.load_state_dict(extra["buffer"])
+        self.buffers = {}
+        # A checkpoint from before per-slot buffers holds one buffer, the active slot's.
+        for s, b in extra.get("buffers", {self.active: extra.get("buffer")}).items():
+            self.buffers[int(s)] = self._new_buffer()
+            self.buffers[int(s)].load_state_dict(b)
+        # Before short visits were left unconsolidated every frozen slot was consolidated when left.
+        saved = extra.get("consolidated_at")
+        self.consolidated_at = (
+            list(saved)
+            if saved is not None
+            else [self.slot_samples[s] if s in self.frozen_slots else 0 for s in range(self.max_tasks)]
+        )
         self.head_target = _pair_to(extra.get("head_target"), self.device)
         self.head_importance = _pair_to(extra.get("head_importance"), self.device)
         importance = extra.get("weight_importance")
