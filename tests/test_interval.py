@@ -272,3 +272,30 @@ def test_ramp_counts_samples_not_steps() -> None:
     for _ in range(4):
         s.learn(Batch(x=one.x[:1], y=one.y[:1], task=0))
     assert s._progress() == pytest.approx(4 / (2 * checks.BATCH))
+
+
+def test_short_visits_of_a_gradual_transition_consolidate_only_once_enough_was_learned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Back and forth between two tasks, one batch per visit: a task is consolidated when left
+    only once it learned `min_consolidation` samples since its last consolidation, and a short
+    visit of a frozen task leaves its embedding frozen as it was."""
+    batch = len(checks.make_batch(0, [0, 1]).y)
+    s = checks.factory_for(Interval, ramp_steps=3, min_consolidation=6 * batch)()
+    assert isinstance(s, Interval)
+    consolidated: list[int] = []
+    consolidate = s._consolidate
+    monkeypatch.setattr(s, "_consolidate", lambda: (consolidated.append(s.active), consolidate())[1])
+    driver = checks.Driver(s)
+    driver.feed([(0, [0, 1])] * 6)  # a first visit of 6 batches: enough
+    driver.feed([(1, [2, 3])], salt=10)
+    assert consolidated == [0] and s.frozen_slots == [0]
+    frozen = s.frozen_embeddings[0].clone()
+    for k in range(8):  # one batch per visit: task 0 learns 4 more batches, task 1 5 in all
+        driver.feed([(k % 2, [2 * (k % 2), 2 * (k % 2) + 1])], salt=20 + k)
+    assert consolidated == [0], "no short visit was consolidated"
+    assert torch.equal(s.hyper.embeddings[0], frozen) and s.frozen_slots == [0]
+    assert set(s.buffers) == {0, 1} and len(s.buffers[1]) == min(5 * batch, s.buffers[1].capacity)
+    driver.feed([(1, [2, 3])], salt=40)  # task 1's sixth batch, then a switch: consolidated
+    driver.feed([(0, [0, 1])], salt=41)
+    assert consolidated == [0, 1] and s.frozen_slots == [1] and set(s.buffers) == {0}  # 0 is active again
