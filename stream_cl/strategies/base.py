@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -338,7 +338,11 @@ class Strategy(abc.ABC):
             self.optimizer.state[p] = moved
 
     def _forward(
-        self, x: torch.Tensor, y: torch.Tensor, observed: int | None = None
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        observed: int | None = None,
+        train_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, StepResult]:
         """Per-sample training losses on (x, y) and the pre-update outcome of the stream batch.
 
@@ -346,16 +350,19 @@ class Strategy(abc.ABC):
         replayed). Features are computed once: the outcome is scored, then the head policy sees
         the stream part's features and may write rows for new classes; if it does, the returned
         losses are recomputed with those rows, so the coming gradient step trains from them.
+        `train_loss(logits, y)` (default `_loss`) gives the training losses returned; the outcome
+        always scores `_loss`.
         """
         n = y.shape[0] if observed is None else observed
+        train_loss = train_loss or self._loss
         features = self.model.features(x)
         logits = self.model.head(features)
         losses = self._loss(logits, y)
         outcome = self._outcome(logits[:n], losses[:n], y[:n])
         rows = self.head_policy.observe(self.model, x[:n], features[:n].detach(), y[:n])
         if rows is not None and self._write_rows(rows):
-            losses = self._loss(self.model.head(features), y)
-        return losses, outcome
+            return train_loss(self.model.head(features), y), outcome
+        return (losses if train_loss == self._loss else train_loss(logits, y)), outcome
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample loss: cross-entropy, or squared error against one-hot targets (`mse`)."""
