@@ -354,15 +354,17 @@ class Strategy(abc.ABC):
         always scores `_loss`.
         """
         n = y.shape[0] if observed is None else observed
-        train_loss = train_loss or self._loss
         features = self.model.features(x)
         logits = self.model.head(features)
         losses = self._loss(logits, y)
         outcome = self._outcome(logits[:n], losses[:n], y[:n])
         rows = self.head_policy.observe(self.model, x[:n], features[:n].detach(), y[:n])
         if rows is not None and self._write_rows(rows):
-            return train_loss(self.model.head(features), y), outcome
-        return (losses if train_loss == self._loss else train_loss(logits, y)), outcome
+            logits = self.model.head(features)
+            losses = self._loss(logits, y) if train_loss is None else train_loss(logits, y)
+        elif train_loss is not None:
+            losses = train_loss(logits, y)
+        return losses, outcome
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample loss: cross-entropy, or squared error against one-hot targets (`mse`)."""
