@@ -306,11 +306,9 @@ class Eidetic(Strategy):
         fresh = [c for c in class_ids if task >= len(self.task_classes) or c not in self.task_classes[task]]
         super().note_task(task, class_ids)
         if fresh and task not in self.task_heads:
-            head = self.model.head
-            bound = 1.0 / math.sqrt(head.weight.shape[1])
-            gen = self.generator if head.weight.device.type == "cpu" else None
-            weight = torch.empty((len(fresh), head.weight.shape[1])).uniform_(-bound, bound, generator=gen)
-            self._write_rows(HeadRows(tuple(fresh), weight, torch.zeros(len(fresh))))
+            self._write_rows(
+                HeadRows(tuple(fresh), self._fresh_head_weight(len(fresh)), torch.zeros(len(fresh)))
+            )
 
     def _reinit_free_head_columns(self) -> None:
         """The live head reads the re-initialized free features through fresh weights.
@@ -326,11 +324,16 @@ class Eidetic(Strategy):
         free = ~self.masks.owned_features().to(head.weight.device)
         if not bool(free.any()):
             return
-        bound = 1.0 / math.sqrt(head.weight.shape[1])
-        gen = self.generator if head.weight.device.type == "cpu" else None
         with torch.no_grad():
-            fresh = torch.empty_like(head.weight).uniform_(-bound, bound, generator=gen)
-            head.weight[:, free] = fresh[:, free]
+            head.weight[:, free] = self._fresh_head_weight(head.weight.shape[0])[:, free]
+
+    def _fresh_head_weight(self, rows: int) -> torch.Tensor:
+        """`rows` head rows drawn as a Linear layer's default initialization draws them."""
+        weight = self.model.head.weight
+        bound = 1.0 / math.sqrt(weight.shape[1])
+        gen = self.generator if weight.device.type == "cpu" else None
+        fresh = torch.empty((rows, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        return fresh.uniform_(-bound, bound, generator=gen)
 
     def _store_task_head(self, task: int) -> None:
         """Copy the task's head rows, reading only owned features, for exact task-hinted prediction."""
