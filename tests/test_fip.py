@@ -88,7 +88,33 @@ def test_memory_is_bounded_and_snapshotted_at_boundaries() -> None:
         fip.learn(Batch(x=x[i : i + 16], y=y[i : i + 16], task=0))
     assert fip.memory_usage()["fip_memory"] == (20, 20) and fip.memory.anchored() == 0
     fip.on_boundary(Boundary(previous_task=0, task=1, reason="explicit"))
-    assert fip.memory.anchored() == 20 and fip.memory.p_old.shape[1] == 2
+    right = fip.memory.p_old[:20].argmax(dim=1) == fip.memory.y[:20]
+    assert fip.memory.anchored() == int(right.sum()) > 0 and fip.memory.p_old.shape[1] == 2
+
+
+def test_only_right_answers_become_anchors_and_wrong_ones_wait_for_a_later_boundary() -> None:
+    """A snapshot anchors an input only where the network answers its label; an input left
+    unanchored gets its target at a later boundary, once the network answers it right."""
+    from stream_cl.strategies.fip import InputMemory
+
+    memory = InputMemory(4, (2,), torch.device("cpu"))
+    memory.add(
+        torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]),
+        torch.tensor([0, 1, 0, 1]),
+        torch.Generator(),
+    )
+    says_zero = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        says_zero.weight.zero_()
+        says_zero.bias.copy_(torch.tensor([1.0, 0.0]))
+    memory.snapshot(says_zero, keep=True)
+    assert memory.valid[:4].tolist() == [True, False, True, False]
+    with torch.no_grad():
+        says_zero.weight.copy_(torch.eye(2))
+        says_zero.bias.zero_()
+    memory.snapshot(says_zero, keep=True)
+    assert memory.valid[:4].tolist() == [True, True, True, True]
+    assert memory.p_old[0].argmax() == 0 and memory.p_old[1].argmax() == 1
 
 
 @pytest.mark.parametrize("targets", ["first", "latest"])
@@ -110,7 +136,9 @@ def test_targets_first_keeps_each_input_anchored_to_its_own_task(targets: str) -
     assert 0 < int(kept.sum()) < 50
     fip.on_boundary(Boundary(previous_task=1, task=2, reason="explicit"))
     after = fip.memory.p_old[:50]
-    assert after.shape[1] == 4 and bool(fip.memory.valid[:50].all())
+    right = after.argmax(dim=1) == fip.memory.y[:50]  # only outputs that answer right anchor
+    assert after.shape[1] == 4
+    assert torch.equal(fip.memory.valid[:50], kept | right if targets == "first" else right)
     if targets == "first":
         assert torch.equal(after[kept, :2], first[kept]) and float(after[kept, 2:].abs().max()) == 0.0
     else:
