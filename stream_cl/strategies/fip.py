@@ -77,7 +77,7 @@ def normalized_step(params: Sequence[nn.Parameter], step_size: float) -> None:
 
 
 class InputMemory:
-    """A reservoir of stream inputs (no labels) plus the outputs snapshotted on them at boundaries.
+    """A reservoir of stream inputs (and their labels) plus the outputs snapshotted on them at boundaries.
 
     Inputs are sampled uniformly over the whole stream (Vitter's R) into `capacity` slots
     allocated once. `snapshot(p)` stores the network's probabilities for every held slot; a slot
