@@ -323,7 +323,7 @@ def test_short_visits_wait_until_the_task_learned_enough_to_consolidate() -> Non
     s.learn(_batch(1, [2, 3], rng))  # a visit not consolidated yet
     restored = _strategy("mlp", "adam+decay", min_consolidation=40)
     restored.load_state_dict(s.state_dict())  # its buffer survives a checkpoint
-    assert {t: b.seen for t, b in restored.task_buffers.items()} == {1: 8}
+    assert {t: b.seen for t, b in restored.task_buffers.by_task.items()} == {1: 8}
 
 
 def test_router_learns_from_statistics_and_survives_a_checkpoint() -> None:

@@ -122,3 +122,45 @@ class ReservoirBuffer(SampleStore):
 
     def _load_seen(self, seen: Any) -> None:
         self.seen = int(seen)
+
+
+class TaskBuffers:
+    """Per task, a reservoir of the samples learned since the task's last consolidation.
+
+    What `eidetic` and `interval` consolidate on. A task's buffer is dropped once it is
+    consolidated; a visit too short to consolidate keeps it for the task's next boundary, and
+    `keep_only` keeps the current and the previous task's (no others are held).
+    """
+
+    def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
+        self.capacity, self.input_shape, self.device = capacity, tuple(input_shape), device
+        self.by_task: dict[int, ReservoirBuffer] = {}
+
+    def of(self, task: int) -> ReservoirBuffer:
+        """`task`'s buffer, created empty when it has none."""
+        buffer = self.by_task.get(task)
+        if buffer is None:
+            buffer = self.by_task[task] = ReservoirBuffer(self.capacity, self.input_shape, self.device)
+        return buffer
+
+    def get(self, task: int) -> ReservoirBuffer | None:
+        return self.by_task.get(task)
+
+    def drop(self, task: int) -> None:
+        self.by_task.pop(task, None)
+
+    def keep_only(self, *tasks: int) -> None:
+        self.by_task = {t: b for t, b in self.by_task.items() if t in tasks}
+
+    def held(self) -> int:
+        """Samples held over every task."""
+        return sum(len(b) for b in self.by_task.values())
+
+    def state_dict(self) -> dict[int, dict[str, Any]]:
+        return {t: b.state_dict() for t, b in self.by_task.items()}
+
+    def load_state_dict(self, state: dict[Any, dict[str, Any] | None]) -> None:
+        self.by_task = {}
+        for task, buffer in state.items():
+            if buffer is not None:
+                self.of(int(task)).load_state_dict(buffer)

@@ -57,7 +57,7 @@ from stream_cl.strategies.base import (
     StrategyContext,
     check_int_options,
 )
-from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.buffers import TaskBuffers
 from stream_cl.strategies.eidetic.consolidation import Probe, keep_top, smallest_fraction
 from stream_cl.strategies.eidetic.masks import FREE, SCORES, NeuronMasks, protected_layers, unit_scores
 from stream_cl.strategies.eidetic.predictor import EideticPredictor
@@ -144,7 +144,7 @@ class Eidetic(Strategy):
         self.task_heads: dict[int, tuple[list[int], torch.Tensor, torch.Tensor]] = {}
         # Per task, the samples learned since its last consolidation (the current task's, and the
         # previous one's while its visits were too short to consolidate; no others are kept).
-        self.task_buffers: dict[int, ReservoirBuffer] = {}
+        self.task_buffers = TaskBuffers(self.options.task_buffer, self.input_shape, self.device)
         self.router = o.make_router(self.input_shape, context.seed + 2, self.device)
         self.router_weight = float(o.router_weight)
         self.exhausted = False
@@ -174,19 +174,11 @@ class Eidetic(Strategy):
         self.model.train()
         losses, outcome = self._forward(batch.x, batch.y)
         self._step(losses.mean())
-        self._task_buffer(batch.task).add(batch.x, batch.y, self.generator)
+        self.task_buffers.of(batch.task).add(batch.x, batch.y, self.generator)
         self.router.observe(batch.x, batch.y, batch.task)
         return outcome
 
     # -- boundaries: consolidation -------------------------------------------------------------
-    def _task_buffer(self, task: int) -> ReservoirBuffer:
-        buffer = self.task_buffers.get(task)
-        if buffer is None:
-            buffer = self.task_buffers[task] = ReservoirBuffer(
-                self.options.task_buffer, self.input_shape, self.device
-            )
-        return buffer
-
     def on_boundary(self, event: Boundary) -> None:
         """Consolidate the finished task once it learned enough since its last consolidation,
         queue a router solve, go on with the next task."""
@@ -200,9 +192,9 @@ class Eidetic(Strategy):
         )
         if consolidate:
             self._consolidate(task)
-            del self.task_buffers[task]
+            self.task_buffers.drop(task)
         super().on_boundary(event)
-        self.task_buffers = {t: b for t, b in self.task_buffers.items() if t in (task, event.task)}
+        self.task_buffers.keep_only(task, event.task)
         if consolidate:  # a short visit changes neither ownership nor the router's schedule
             self._rebuild_optimizer()  # no moment of a now-fixed entry survives
             if self.router.since_solve or self.router.stale():
@@ -212,7 +204,7 @@ class Eidetic(Strategy):
     def _consolidate(self, task: int) -> None:
         """Keep the fewest free neurons that hold the task (`eidetic/consolidation.py`), own them."""
         o = self.options
-        buffer = self.task_buffers[task]
+        buffer = self.task_buffers.of(task)
         x, y = buffer.inputs().clone(), buffer.y[: len(buffer)].clone()
         classes = list(self.task_classes[task])
         free = [rank == FREE for rank in self.masks.rank]
@@ -392,7 +384,7 @@ class Eidetic(Strategy):
                 t: {"classes": list(c), "weight": w.cpu().clone(), "bias": b.cpu().clone()}
                 for t, (c, w, b) in self.task_heads.items()
             },
-            "task_buffers": {t: b.state_dict() for t, b in self.task_buffers.items()},
+            "task_buffers": self.task_buffers.state_dict(),
             "router": self.router.state_dict(),
             "exhausted": self.exhausted,
         }
@@ -405,15 +397,13 @@ class Eidetic(Strategy):
             int(t): (list(h["classes"]), h["weight"].to(self.device), h["bias"].to(self.device))
             for t, h in state["task_heads"].items()
         }
-        self.task_buffers = {}
         # Checkpoints written before per-task buffers hold the current task's alone.
-        buffers = state.get("task_buffers", {self.current_task: state.get("task_buffer")})
-        for t, buffer in buffers.items():
-            if buffer is not None:
-                self._task_buffer(int(t)).load_state_dict(buffer)
+        self.task_buffers.load_state_dict(
+            state.get("task_buffers", {self.current_task: state.get("task_buffer")})
+        )
         self.router.load_state_dict(state["router"])
         self.exhausted = bool(state["exhausted"])
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
-        held = sum(len(b) for b in self.task_buffers.values())
+        held = self.task_buffers.held()
         return {**super().memory_usage(), "task_buffers": (held, 2 * self.options.task_buffer)}

@@ -61,7 +61,7 @@ from stream_cl.strategies.base import (
     Strategy,
     StrategyContext,
 )
-from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.buffers import ReservoirBuffer, TaskBuffers
 from stream_cl.strategies.interval.bounds import (
     HyperNetwork,
     TargetLayout,
@@ -119,7 +119,7 @@ class Interval(Strategy):
             p.requires_grad_(False)  # materialized from H; never trained directly
         # Per slot, the samples learned since its last consolidation (the active slot's, and the
         # previous one's while its visits were too short to consolidate; no others are kept).
-        self.buffers: dict[int, ReservoirBuffer] = {}
+        self.buffers = TaskBuffers(o.consolidation_buffer, self.input_shape, self.device)
         self.consolidated_at = [0] * max_tasks  # slot_samples at the slot's last consolidation
         self.frozen_embeddings = torch.zeros_like(self.hyper.embeddings.detach())
         self.targets = torch.zeros(max_tasks, self.layout.n_weights, device=self.device)
@@ -195,13 +195,7 @@ class Interval(Strategy):
     @property
     def buffer(self) -> ReservoirBuffer:
         """The active slot's samples since its last consolidation."""
-        buffer = self.buffers.get(self.active)
-        if buffer is None:
-            buffer = self.buffers[self.active] = self._new_buffer()
-        return buffer
-
-    def _new_buffer(self) -> ReservoirBuffer:
-        return ReservoirBuffer(self.options.consolidation_buffer, self.input_shape, self.device)
+        return self.buffers.of(self.active)
 
     # -- learning -------------------------------------------------------------------------------
     def _activate(self, slot: int) -> None:
@@ -353,12 +347,12 @@ class Interval(Strategy):
                 if self.options.keep_task_weights:
                     self._store_answer(ending)
             self.consolidated_at[ending] = self.slot_samples[ending]
-            del self.buffers[ending]
+            self.buffers.drop(ending)
         elif self.consolidated_at[ending]:
             with torch.no_grad():
                 self.hyper.embeddings[ending] = self.frozen_embeddings[ending]
             self.frozen_slots = sorted({*self.frozen_slots, ending})
-        self.buffers = {s: b for s, b in self.buffers.items() if s in (ending, slot)}
+        self.buffers.keep_only(ending, slot)
         self._activate(slot)
         self._sync_backbone(self._centre_weights(slot))
         return consolidated
@@ -435,7 +429,7 @@ class Interval(Strategy):
                 "trained": list(self.trained),
                 "slot_samples": list(self.slot_samples),
                 "active": self.active,
-                "buffers": {s: b.state_dict() for s, b in self.buffers.items()},
+                "buffers": self.buffers.state_dict(),
                 "consolidated_at": list(self.consolidated_at),
                 "head_target": _cpu(self.head_target),
                 "weight_importance": _cpu(self.weight_importance),
@@ -454,11 +448,8 @@ class Interval(Strategy):
         self.trained = list(extra["trained"])
         self.slot_samples = list(extra["slot_samples"])
         self.active = int(extra["active"])
-        self.buffers = {}
         # A checkpoint from before per-slot buffers holds one buffer, the active slot's.
-        for s, b in extra.get("buffers", {self.active: extra.get("buffer")}).items():
-            self.buffers[int(s)] = self._new_buffer()
-            self.buffers[int(s)].load_state_dict(b)
+        self.buffers.load_state_dict(extra.get("buffers", {self.active: extra.get("buffer")}))
         # Before short visits were left unconsolidated every frozen slot was consolidated when left.
         saved = extra.get("consolidated_at")
         self.consolidated_at = (
