@@ -55,9 +55,26 @@ class TaskSlots:
     def slots(self) -> int:
         return sum(len(c) for c in self.classes)
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(known tasks, most classes of one): the shape a sample's slots take when padded."""
+        return (int(self.pad.shape[0]), int(self.pad.shape[1]))
+
     def pairs(self) -> list[tuple[int, int]]:
         """(task, class) of every slot, in slot order."""
         return [(t, c) for t, classes in zip(self.known, self.classes, strict=True) for c in classes]
+
+    def padded(self, slot_values: torch.Tensor, fill: float) -> torch.Tensor:
+        """`slot_values` [n, slots] as [n, known tasks, most classes], `fill` past a task's classes."""
+        extra = slot_values.new_full((slot_values.shape[0], 1), fill)
+        return torch.cat([slot_values, extra], dim=1)[:, self.pad]
+
+    def padded_rows(self, rows: torch.Tensor, fill: float) -> torch.Tensor:
+        """Per-slot `rows` [slots, ...] (a head's weight rows, a bias) laid out as the padded grid
+        [known tasks × most classes, ...], `fill` past a task's classes: a linear map with these rows
+        answers in the padded layout directly."""
+        extra = rows.new_full((1, *rows.shape[1:]), fill)
+        return torch.cat([rows, extra])[self.pad.flatten()]
 
 
 def answer_hinted(logits: torch.Tensor, classes: list[int], n_classes: int) -> torch.Tensor:
@@ -67,25 +84,31 @@ def answer_hinted(logits: torch.Tensor, classes: list[int], n_classes: int) -> t
     return torch.softmax(out, dim=1)
 
 
+def answer_padded(logits: torch.Tensor, scores: torch.Tensor | None, layout: TaskSlots) -> Predict:
+    """The joint choice on the padded grid: `logits` [n, known tasks, most classes] (−inf past a
+    task's classes), `scores` the router's, already times `router_weight` (anything finite past a
+    task's classes; None: the latest task answers). Per sample, the task of the best
+    `log_softmax(task logits) + score` answers with the softmax of its classes' joint scores."""
+    n = logits.shape[0]
+    joint = logits.log_softmax(dim=2)
+    if scores is None or len(layout.known) == 1:
+        best = torch.full((n,), len(layout.known) - 1, dtype=torch.long, device=logits.device)
+    else:
+        joint = joint + scores
+        best = joint.amax(dim=2).argmax(dim=1)
+    chosen = joint[torch.arange(n, device=joint.device), best].softmax(dim=1)  # 0 past its classes
+    out = chosen.new_zeros((n, layout.n_classes + 1))  # the padding lands in the extra column
+    out.scatter_(1, layout.pad_class[best], chosen)
+    return out[:, : layout.n_classes], [layout.known[i] for i in best.tolist()]
+
+
 def answer_routed(
     slot_logits: torch.Tensor, router_slots: torch.Tensor | None, router_weight: float, layout: TaskSlots
 ) -> Predict:
-    """The best joint (task, class) per sample picks the task that answers (`router_slots` None,
-    or a single known task: the latest task answers)."""
-    n = slot_logits.shape[0]
-    if router_slots is None or len(layout.known) == 1:
-        classes, start = layout.classes[-1], layout.slots - len(layout.classes[-1])
-        proba = answer_hinted(slot_logits[:, start : start + len(classes)], classes, layout.n_classes)
-        return proba, [layout.known[-1]] * n
-    minus_inf = slot_logits.new_full((n, 1), float("-inf"))
-    log_p = torch.cat([slot_logits, minus_inf], dim=1)[:, layout.pad].log_softmax(dim=2)
-    scores = torch.cat([router_slots, router_slots.new_zeros((n, 1))], dim=1)[:, layout.pad]
-    joint = log_p + router_weight * scores  # [n, known, most classes]; −inf past a task's classes
-    best = joint.amax(dim=2).argmax(dim=1)
-    rows = torch.arange(n, device=joint.device)
-    out = joint.new_full((n, layout.n_classes + 1), float("-inf"))
-    out.scatter_(1, layout.pad_class[best], joint[rows, best])
-    return torch.softmax(out[:, : layout.n_classes], dim=1), [layout.known[i] for i in best.tolist()]
+    """`answer_padded` from per-slot logits and router scores [n, slots] (`router_slots` None, or a
+    single known task: the latest task answers)."""
+    scores = None if router_slots is None else router_weight * layout.padded(router_slots, 0.0)
+    return answer_padded(layout.padded(slot_logits, float("-inf")), scores, layout)
 
 
 TaskLogits = Callable[[int], torch.Tensor]  # task index -> logits [n, len(its classes)]
@@ -126,9 +149,9 @@ def predict_by_task(
 
 def _only_latest(layout: TaskSlots) -> TaskSlots:
     """`layout` narrowed to its latest task (its logits alone were computed)."""
-    return TaskSlots(
-        layout.known[-1:], layout.classes[-1:], layout.n_classes, layout.pad[-1:], layout.pad_class[-1:]
-    )
+    task, classes = layout.known[-1], layout.classes[-1]
+    narrowed: list[list[int]] = [[] for _ in range(task)] + [classes]
+    return TaskSlots.of(narrowed, layout.n_classes, layout.pad.device)
 
 
 def entropy_route(

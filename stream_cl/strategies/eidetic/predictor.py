@@ -4,9 +4,9 @@ Built once per snapshot (`Eidetic.predictor()`), immutable, safe to call from se
 while the strategy learns on. A consolidated task answers with its stored head rows (they read
 only owned features, so with its hint its logits are bit-identical forever); a task not
 consolidated as it is now with the live head's rows for its classes. Without a hint, the rows of
-every known task are stacked into one matrix and the router's weights are gathered per (task,
-class) slot, so the joint choice (`strategies/routing.py`) costs two products and a few tensor
-operations, however many tasks there are.
+every known task are laid out as one matrix answering on the padded (task, class) grid, and the
+router's weights (times `router_weight`) likewise, so the joint choice (`strategies/routing.py`)
+costs two products and a few tensor operations, however many tasks there are.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from stream_cl.strategies.backbones import Classifier
 from stream_cl.strategies.router import RouterScores
-from stream_cl.strategies.routing import Predict, TaskSlots, answer_hinted, answer_routed
+from stream_cl.strategies.routing import Predict, TaskSlots, answer_hinted, answer_padded
 
 # task -> (its classes, stored head weight rows, stored head bias)
 TaskHeads = Mapping[int, tuple[list[int], torch.Tensor, torch.Tensor]]
@@ -52,10 +52,12 @@ class EideticPredictor:
             else:
                 self.rows[t] = (head.weight[classes].detach().clone(), head.bias[classes].detach().clone())
         known = self.layout.known
-        self.weight = torch.cat([self.rows[t][0] for t in known]) if known else head.weight[:0]
-        self.bias = torch.cat([self.rows[t][1] for t in known]) if known else head.bias[:0]
-        self.router = router if len(known) > 1 else None
-        self.router_slots = None if self.router is None else self.router.slot_weight(self.layout)
+        weight = torch.cat([self.rows[t][0] for t in known]) if known else head.weight[:0]
+        bias = torch.cat([self.rows[t][1] for t in known]) if known else head.bias[:0]
+        self.grid_weight = self.layout.padded_rows(weight, 0.0)
+        self.grid_bias = self.layout.padded_rows(bias, float("-inf"))
+        router = router if len(known) > 1 else None
+        self.router = None if router is None else router.on_grid(self.layout, router_weight)
 
     def __call__(self, x: torch.Tensor, task: int | None) -> Predict:
         n = x.shape[0]
@@ -71,8 +73,6 @@ class EideticPredictor:
                 return answer_hinted(
                     F.linear(features, weight, bias), self.task_classes[task], self.n_classes
                 ), [task] * n
-            slot_logits = F.linear(features, self.weight, self.bias)
-            scores = None
-            if self.router is not None and self.router_slots is not None:
-                scores = self.router.features(x) @ self.router_slots
-            return answer_routed(slot_logits, scores, self.router_weight, self.layout)
+            logits = F.linear(features, self.grid_weight, self.grid_bias).view(n, *self.layout.grid)
+            scores = None if self.router is None else self.router(x)
+            return answer_padded(logits, scores, self.layout)

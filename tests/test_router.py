@@ -1,0 +1,50 @@
+"""The task router's random features and its per-snapshot scoring grid, against plain formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from stream_cl.strategies.router import RandomFeatures, RouterScores
+from stream_cl.strategies.routing import TaskSlots
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 12, 12), (1, 9, 7)])
+@pytest.mark.parametrize("n", [1, 5])
+def test_image_features_are_pooled_relu_of_both_signs_square_rooted(shape: tuple[int, ...], n: int) -> None:
+    features = RandomFeatures(shape, 256, seed=3)
+    x = torch.randn(n, *shape)
+    filters = features.weight[: features.weight.shape[0] // 2]  # the second half is their negation
+    z = F.conv2d(x, filters)  # the default convolution, whatever kernel `RandomFeatures` runs
+    pooled = [F.adaptive_avg_pool2d(F.relu(s * z), features.pool) for s in (1.0, -1.0)]
+    expected = torch.cat(pooled, dim=1).flatten(1).sqrt()
+    got = features(x)
+    assert got.shape == (n, features.dim)
+    assert torch.allclose(got[:, :-1], expected, atol=1e-5)
+    assert torch.equal(got[:, -1], torch.ones(n))
+    assert torch.equal(features.unbiased(x), got[:, :-1])
+
+
+def test_flat_features_are_relu_of_both_signs_square_rooted() -> None:
+    features = RandomFeatures((20,), 64, seed=1)
+    x = torch.randn(4, 20)
+    projection = features.weight[:, :32]
+    expected = torch.cat([F.relu(x @ projection), F.relu(-(x @ projection))], dim=1).sqrt()
+    assert torch.allclose(features(x)[:, :-1], expected, atol=1e-6)
+    assert features.dim == 65
+
+
+def test_grid_scores_are_the_weighted_slot_scores_padded() -> None:
+    features = RandomFeatures((1, 8, 8), 64, seed=0)
+    task_classes = [[0, 1], [], [2, 3, 4], [5]]
+    layout = TaskSlots.of(task_classes, 6, torch.device("cpu"))
+    pairs = layout.pairs()
+    column = {pair: i for i, pair in enumerate(pairs[:-1])}  # the last pair was not solved yet
+    router = RouterScores(features, torch.randn(features.dim, len(column)), column)
+    x = torch.randn(3, 1, 8, 8)
+    grid = router.on_grid(layout, scale=30.0)(x)
+    assert grid.shape == (3, 3, 3)  # 3 known tasks, at most 3 classes each
+    assert torch.allclose(grid, 30.0 * layout.padded(router.by_slot(x, layout), 0.0), atol=1e-4)
+    assert torch.equal(grid[:, 2, 0], torch.zeros(3))  # the unsolved pair scores nothing
+    assert torch.equal(grid[:, 0, 2], torch.zeros(3))  # past task 0's two classes
