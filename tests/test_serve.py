@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from stream_cl.config import ServeConfig
 from stream_cl.metrics import Metrics
+from stream_cl.serve import batcher
 from stream_cl.serve.client import PredictionClient, PredictionError
 from stream_cl.serve.registry import SnapshotRegistry
 from stream_cl.serve.server import MAX_IN_FLIGHT_PER_CONNECTION, PredictionServer
@@ -469,6 +470,56 @@ def test_requests_arriving_together_share_one_forward_per_task(serve: Callable[.
     assert sorted(calls[1:], key=str) == [(4, "a"), (4, "b")]
     assert [r["id"] for r in replies if r is not None] == list(range(8))
     assert {r["model_version"] for r in replies if r is not None} == {2}
+
+
+def threaded_snapshot(forwards: list[tuple[str, int]], sleep_s: float = 0.0) -> Snapshot:
+    """A snapshot whose forward records (the thread it ran on, batch size)."""
+    inner = make_snapshot()
+
+    def predictor(x: torch.Tensor, task: TaskId | None) -> tuple[torch.Tensor, Any]:
+        forwards.append((threading.current_thread().name, len(x)))
+        time.sleep(sleep_s)
+        return inner.predictor(x, task)
+
+    return make_snapshot(predictor=predictor)
+
+
+def test_a_lone_client_is_predicted_on_the_loop_and_its_pipelined_frames_share_a_forward(
+    serve: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One connected client and a fast forward: no thread hand-off (the loop predicts), frames sent
+    in one write still make one forward; a second client connected sends it back to the worker."""
+    monkeypatch.setattr(batcher, "INLINE_FORWARD_MAX_S", 1.0)  # "fast" even on a loaded machine
+    forwards: list[tuple[str, int]] = []
+    snapshot = threaded_snapshot(forwards)
+    running = serve(snapshot)
+    xs = samples(6)
+    sock = running.raw()
+    for i in (0, 1):  # the first forward's time is unknown: the worker
+        send_msg(sock, {"op": "predict", "id": i, "x": xs[i].tobytes()})
+        assert recv_msg(sock) is not None
+    assert forwards == [("stream_cl-predict", 1), ("stream_cl-serve", 1)]
+    sock.sendall(b"".join(frame({"op": "predict", "id": i, "x": xs[i].tobytes()}) for i in range(2, 5)))
+    replies = [recv_msg(sock) for _ in range(3)]
+    assert [r["id"] for r in replies if r is not None] == [2, 3, 4]
+    assert forwards[-1] == ("stream_cl-serve", 3)
+    with running.client() as other:  # connected and between requests: the worker again
+        other.health()  # its connection is admitted
+        send_msg(sock, {"op": "predict", "id": 5, "x": xs[5].tobytes()})
+        reply = recv_msg(sock)
+        assert reply is not None and reply["ok"] is True
+        assert forwards[-1] == ("stream_cl-predict", 1)
+        assert_matches(other.predict(xs[5]), snapshot, xs[5])
+    sock.close()
+
+
+def test_a_slow_forward_stays_off_the_loop_even_for_a_lone_client(serve: Callable[..., Running]) -> None:
+    forwards: list[tuple[str, int]] = []
+    running = serve(threaded_snapshot(forwards, sleep_s=0.005))
+    with running.client() as client:
+        for x in samples(3):
+            client.predict(x)
+    assert [thread for thread, _ in forwards] == ["stream_cl-predict"] * 3
 
 
 def test_a_client_that_does_not_read_stops_being_read(serve: Callable[..., Running]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +23,11 @@ from stream_cl.config import ServeConfig
 from stream_cl.serve.frames import error_frame, pack_frame
 from stream_cl.serve.snapshot import Snapshot, SnapshotHolder
 from stream_cl.types import TaskId
+
+# A lone client's requests are predicted on the loop thread itself when the last forward took less
+# than this: the hand-off to the worker and back (two thread wake-ups) then costs about as much as
+# the forward, and a stall this short is far below every timeout the loop keeps.
+INLINE_FORWARD_MAX_S = 0.001
 
 
 class ReplyChannel(Protocol):
@@ -63,12 +69,26 @@ class Batcher:
 
     Callback-driven on the loop (no task, no executor future): a lone request is handed to the
     worker within the same loop callback that decoded it, which keeps single-client latency low.
+    With a single client connected, and forwards shorter than `INLINE_FORWARD_MAX_S`, its requests
+    are predicted on the loop thread instead, in the loop's next round (so the frames it pipelined
+    in one read still share a forward): no other client can be kept waiting, and the two thread
+    hand-offs are saved.
     """
 
-    def __init__(self, config: ServeConfig, anyone_could_send: Callable[[], bool], log: Any) -> None:
-        """`anyone_could_send`: whether some client is between requests (waiting could grow a batch)."""
+    def __init__(
+        self,
+        config: ServeConfig,
+        anyone_could_send: Callable[[], bool],
+        lone_client: Callable[[], bool],
+        log: Any,
+    ) -> None:
+        """`anyone_could_send`: whether some client is between requests (waiting could grow a batch);
+        `lone_client`: whether one client is connected, and it awaits its replies."""
         self._config = config
         self._anyone_could_send = anyone_could_send
+        self._lone_client = lone_client
+        self._last_forward_s = float("inf")  # how long the last batch took (none yet: unknown)
+        self._inline_scheduled = False
         self.log = log
         self._queue: deque[PredictJob] = deque()
         self._queued_samples = 0
@@ -105,6 +125,11 @@ class Batcher:
         """
         if self._running or not self._queue:
             return
+        if self._last_forward_s < INLINE_FORWARD_MAX_S and self._loop is not None and self._lone_client():
+            if not self._inline_scheduled:
+                self._inline_scheduled = True
+                self._loop.call_soon(self._run_inline)
+            return
         config = self._config
         if self._queued_samples >= config.max_batch or not self._anyone_could_send():
             self._dispatch()
@@ -119,6 +144,15 @@ class Batcher:
             return
         self._running = True
         self._inbox.put(self._take(self._config.max_batch))
+
+    def _run_inline(self) -> None:
+        """(Loop thread.) The queued jobs predicted here and now, as the worker would."""
+        self._inline_scheduled = False
+        if self._running or not self._queue:
+            return
+        self._running = True
+        jobs = self._take(self._config.max_batch)
+        self._done(jobs, self._predict(jobs))
 
     def _work(self) -> None:
         """Worker thread: run each batch, hand the reply frames back to the loop."""
@@ -153,7 +187,9 @@ class Batcher:
         return jobs
 
     def _predict(self, jobs: list[PredictJob]) -> list[tuple[bytes, bool]]:
-        """Worker thread: one `Snapshot.predict` per (model, task hint); (reply frame, ok) per job."""
+        """Worker thread (or the loop's, for a lone client): one `Snapshot.predict` per (model, task
+        hint); (reply frame, ok) per job."""
+        started = time.perf_counter()
         groups: dict[tuple[int, TaskId | None], list[int]] = {}
         for i, job in enumerate(jobs):
             groups.setdefault((id(job.model), job.task), []).append(i)
@@ -167,6 +203,7 @@ class Batcher:
                 frames = [(error_frame(j.rid, "internal", "prediction failed"), False) for j in group]
             for i, frame in zip(idx, frames, strict=True):
                 out[i] = frame
+        self._last_forward_s = time.perf_counter() - started
         return out
 
 

@@ -153,6 +153,10 @@ class HttpFront:
         if self._listener is not None:
             await self._listener.wait_closed()
 
+    def open_connections(self) -> int:
+        runner = self._runner
+        return 0 if runner is None or runner.server is None else len(runner.server.connections)
+
     def could_send(self) -> bool:
         """Whether some open HTTP connection is between requests (the batcher may wait for it)."""
         runner = self._runner

@@ -7,8 +7,10 @@ come back in request order, so a pipelining client can match them by position as
 Why it is built this way:
 - One asyncio event loop in one background thread owns every socket: a connection costs a
   protocol object and a timer, not a thread, and the caller of `start()` is never blocked.
-- The torch forward runs on ONE worker thread, never on the loop, so a slow forward cannot stall
-  reading, writing or timeouts. Predict requests that arrive while the worker is busy (or within
+- The torch forward runs on ONE worker thread, not on the loop, so a slow forward cannot stall
+  reading, writing or timeouts. The one exception costs nobody: with a single client connected
+  and forwards under a millisecond, its requests are predicted on the loop (batcher.py), saving
+  the two thread hand-offs that would cost about as much as the forward. Predict requests that arrive while the worker is busy (or within
   `serve.batch_wait_ms` of each other) and share a task hint are stacked into one
   `Snapshot.predict` call; every reply of a batch comes from the same snapshot and carries its
   version. The batcher waits for companions only while some open connection could still send
@@ -75,7 +77,7 @@ class PredictionServer:
         self.registry = models if isinstance(models, SnapshotRegistry) else SnapshotRegistry.single(models)
         self.metrics = metrics
         self.log = logger if logger is not None else get_logger("stream_cl.serve.server")
-        self.batcher = Batcher(config, self.anyone_could_send, self.log)
+        self.batcher = Batcher(config, self.anyone_could_send, self.lone_client, self.log)
         self.port: int | None = None
         self.http: HttpFront | None = HttpFront(self) if config.http_enabled else None
         self.http_port: int | None = None  # bound before start() returns
@@ -139,6 +141,12 @@ class PredictionServer:
         """Whether waiting for more predict requests can pay off: some client (socket or HTTP) is
         between requests."""
         return self._admitted > self.busy_connections or (self.http is not None and self.http.could_send())
+
+    def lone_client(self) -> bool:
+        """Whether one client (socket or HTTP) is connected and it awaits its replies: nobody else's
+        reading, writing or companion request can be kept waiting by a forward on the loop."""
+        http = 0 if self.http is None else self.http.open_connections()
+        return self._admitted + http == 1 and not self.anyone_could_send()
 
     def record_prediction(self, slot: Slot) -> None:
         """Successful predictions only: an error reply says nothing about serving latency."""
