@@ -41,6 +41,9 @@ from stream_cl.strategies.base import (
 from stream_cl.strategies.buffers import reservoir_slots, write_rows
 
 EPS = 1e-8
+# A task opened at a boundary continues the task it closed (a detector's false alarm) when its first
+# batch holds only that task's classes and is answered about as well as that task's recent batches.
+CONTINUATION_MARGIN = 0.15
 
 
 def bhattacharyya(p: torch.Tensor, p_old: torch.Tensor, eps: float = EPS) -> torch.Tensor:
@@ -248,10 +251,19 @@ class FIP(Strategy):
         self.targets = o.targets
         self.temperature = float(o.temperature)
         self.memory = InputMemory(o.memory_size, self.input_shape, self.device)
+        # The anchors as they were before the last boundary's snapshot, until the new task's first
+        # batch shows whether that boundary was a false one (`_undo_false_boundary`); not
+        # checkpointed: a restart in between keeps the snapshot.
+        self._undo: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self._recent_accuracy = 0.0  # pre-update accuracy of the stream batches, moving average
 
     def learn(self, batch: Batch) -> StepResult:
         self.model.train()
         losses, outcome = self._forward(batch.x, batch.y)
+        accuracy = float(outcome.correct.mean())
+        if self._undo is not None:
+            self._undo_false_boundary(batch, accuracy)
+        self._recent_accuracy = 0.8 * self._recent_accuracy + 0.2 * accuracy
         loss = losses.mean()
         if self.beta > 0 and self.memory.anchored():
             mem_x, p_old = self.memory.sample(self.memory_batch or len(batch.y), self.generator)
@@ -271,8 +283,25 @@ class FIP(Strategy):
 
     def on_boundary(self, event: Boundary) -> None:
         super().on_boundary(event)
+        self._undo = None
         if event.previous_task is not None and len(self.memory):
+            if not event.recurring:
+                memory = self.memory
+                self._undo = (event.previous_task, memory.p_old.clone(), memory.valid.clone())
             self.memory.snapshot(self.model, keep=self.targets == "first")
+
+    def _undo_false_boundary(self, batch: Batch, accuracy: float) -> None:
+        """Take back the last boundary's snapshot when the task it opened continues the one it
+        closed: same classes, answered as well as just before. A false boundary mid-visit otherwise
+        anchors that task's inputs to its half-learned outputs, for good under `targets = "first"`.
+        A new domain (same labels, new inputs) is answered worse and keeps its anchors; a return
+        to a known task is never undone (`recurring`)."""
+        assert self._undo is not None
+        previous, p_old, valid = self._undo
+        self._undo = None
+        same_classes = set(batch.y.tolist()) <= set(self.task_classes[previous])
+        if same_classes and accuracy >= self._recent_accuracy - CONTINUATION_MARGIN:
+            self.memory.p_old, self.memory.valid = p_old, valid
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "memory": self.memory.state_dict()}
@@ -280,6 +309,7 @@ class FIP(Strategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.memory.load_state_dict(state["memory"])
+        self._undo = None  # the loaded anchors are the ones to keep
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         return {**super().memory_usage(), "fip_memory": (len(self.memory), self.memory.capacity)}
