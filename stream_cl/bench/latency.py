@@ -1,8 +1,9 @@
 """Socket and OIP v2 HTTP latency and throughput of the prediction server, against the
 in-process forward.
 
-Everything is measured side by side in one run on the same machine, server and snapshot, and
-the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
+Everything is measured side by side in one run on the same machine, server and snapshot (the
+in-process forward, the plain backbone's and the socket round trip take turns in blocks of 50
+calls), and the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
 (JSON and binary tensors) p50 over socket p50, and throughput with many concurrent clients over
 throughput with one. Socket latency is taken with `PredictionClient`, as a caller sees it; HTTP
 latency with a lean keep-alive client (bench/latency_http.py); throughput with connections that each do
@@ -16,7 +17,7 @@ import os
 import selectors
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import msgpack
@@ -36,30 +37,27 @@ THROUGHPUT_GOAL_X_ONE_CLIENT = 4.0
 HTTP_BINARY_P50_GOAL_X_SOCKET = 1.5
 HTTP_ENCODINGS = ("json", "binary")
 _WARMUP = 200
+_BLOCK = 50  # timed calls of one kind before the next kind's turn
 
 
 def _percentile_ms(seconds: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(seconds), q) * 1000.0)
 
 
-def _inprocess_seconds(snapshot: Snapshot, xs: np.ndarray, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        j = i % len(xs)
-        start = time.perf_counter()
-        snapshot.predict(xs[j : j + 1])
-        out.append(time.perf_counter() - start)
-    return out
-
-
-def _socket_seconds(port: int, xs: np.ndarray, n: int) -> list[float]:
-    out = []
-    with PredictionClient(port=port) as client:
-        for i in range(n):
-            x = xs[i % len(xs)]
-            start = time.perf_counter()
-            client.predict(x)
-            out.append(time.perf_counter() - start)
+def _interleaved_seconds(
+    calls: dict[str, Callable[[np.ndarray], object]], xs: np.ndarray, n: int, block: int = _BLOCK
+) -> dict[str, list[float]]:
+    """Per named call, `n` timings of it on one row of `xs` (shaped [1, input size]), the calls
+    taking turns in blocks of `block`: on a machine whose speed drifts (a shared host), every call
+    meets the same slow and fast stretches, so their ratios hold where back-to-back runs drift."""
+    out: dict[str, list[float]] = {name: [] for name in calls}
+    for first in range(0, n, block):
+        for name, call in calls.items():
+            for i in range(first, min(n, first + block)):
+                j = i % len(xs)
+                start = time.perf_counter()
+                call(xs[j : j + 1])
+                out[name].append(time.perf_counter() - start)
     return out
 
 
@@ -160,13 +158,16 @@ def run_latency_bench(
     with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
         port = server.port
         assert port is not None
-        _inprocess_seconds(snapshot, xs, _WARMUP)
-        _socket_seconds(port, xs, _WARMUP)
-        inprocess = _inprocess_seconds(snapshot, xs, n_requests)
-        if plain is not None:
-            _inprocess_seconds(plain, xs, _WARMUP)
-        plain_seconds = None if plain is None else _inprocess_seconds(plain, xs, n_requests)
-        sock = _socket_seconds(port, xs, n_requests)
+        with PredictionClient(port=port) as client:
+            calls: dict[str, Callable[[np.ndarray], object]] = {
+                "inprocess": snapshot.predict,
+                "socket": lambda x: client.predict(x[0]),
+            }
+            if plain is not None:
+                calls["plain"] = plain.predict
+            _interleaved_seconds(calls, xs, _WARMUP)
+            timed = _interleaved_seconds(calls, xs, n_requests)
+        inprocess, sock, plain_seconds = timed["inprocess"], timed["socket"], timed.get("plain")
         frames = _request_frames(xs)
         throughput = {str(c): _throughput(port, frames, c, duration_s) for c in concurrency}
         http_port, model = server.http_port, server.config.model_name
@@ -242,6 +243,8 @@ def format_latency_table(result: dict[str, Any]) -> str:
     for clients, rps in result["throughput_rps"].items():
         rows.append((f"throughput, {clients} client(s)", f"{rps:,.0f} req/s"))
     rows.append(("socket p50 / in-process p50", f"{result['p50_vs_inprocess']:.2f}x"))
+    overhead = result["socket_p50_ms"] - result["inprocess_p50_ms"]
+    rows.append(("socket p50 - in-process p50 (the server's own cost)", f"{overhead:.3f} ms"))
     lo, hi = result["concurrency"]
     rows.append((f"throughput {hi} / {lo} client(s)", f"{result[f'throughput_{hi}_vs_{lo}']:.2f}x"))
     for encoding, figures in result.get("http", {}).items():
