@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from stream_cl.config import ModelConfig
 from stream_cl.strategies.eidetic.consolidation import (
     FittedHead,
     KeptUnits,
+    Probe,
     fit_ridge_head,
     fractions,
     keep_top,
     smallest_fraction,
 )
+from stream_cl.strategies.eidetic.masks import FREE
+from stream_cl.strategies.eidetic.strategy import Eidetic
 
 
 def test_keep_top_keeps_the_best_scored_free_units_and_at_least_one() -> None:
@@ -77,3 +82,46 @@ def test_max_keep_caps_the_kept_fraction() -> None:
     assert kept.fraction == 0.5 and int(kept.keep[0].sum()) == 4 and head.accuracy == 0.5
     probe = _ScriptedProbe({1.0: 1.0, 0.5: 0.5, 0.25: 0.99, 0.125: 0.5})
     assert smallest_fraction(probe, scores, free, tol=0.03, max_keep=0.5)[0].fraction == 0.25  # type: ignore[arg-type]
+
+
+def test_a_probe_reuses_the_first_layer_only_while_its_parameters_stay_the_same(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Later fits of one probe skip the first protected layer (no kept set changes its output) and
+    answer exactly as a fresh probe; an in-place change of that layer's weights is seen."""
+    model = ModelConfig(backbone="mlp", hidden=[16, 12], seed=0, device="cpu", batch_size=8)
+    s = Eidetic.build((1, 8, 8), model=model, device="cpu", router_features=64)
+    s.add_classes([0, 1], 0)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 2, (64,), generator=gen)
+    free = [rank == FREE for rank in s.masks.rank]
+    scores = [torch.rand(len(f), generator=gen) for f in free]
+    first = s.layers[0].module
+    computed = []  # one entry per forward the first layer really computed
+    linear_forward = torch.nn.Linear.forward
+
+    def counting(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self is first:
+            computed.append(1)
+        return linear_forward(self, x)
+
+    monkeypatch.setattr(torch.nn.Linear, "forward", counting)
+
+    def fresh(kept: KeptUnits) -> FittedHead:
+        return Probe(s.model, s.layers, s.masks.rank, x, y, [0, 1], torch.Generator()).fit(kept)
+
+    probe = Probe(s.model, s.layers, s.masks.rank, x, y, [0, 1], torch.Generator())
+    for fraction in (1.0, 0.5, 0.25):
+        kept = keep_top(scores, free, fraction)
+        head, before = probe.fit(kept), len(computed)
+        expected = fresh(kept)
+        assert len(computed) == before + 1  # the fresh probe computed it
+        assert head.accuracy == expected.accuracy
+        assert torch.equal(head.weight, expected.weight) and torch.equal(head.bias, expected.bias)
+    assert len(computed) == 1 + 3  # the probe itself computed it once, for its first fit
+    assert "forward" not in vars(first)  # the module's own forward is back
+    with torch.no_grad():
+        first.weight.mul_(-1.0)  # in place: the cached output is stale now
+    kept = keep_top(scores, free, 0.5)
+    assert torch.equal(probe.fit(kept).weight, fresh(kept).weight)
+    assert len(computed) == 4 + 2

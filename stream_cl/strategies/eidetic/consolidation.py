@@ -85,11 +85,23 @@ class Probe:
         index = {c: i for i, c in enumerate(classes)}
         self.target = torch.tensor([index.get(int(c), -1) for c in y.tolist()], device=x.device)
         self.n_classes = len(classes)
+        # The first protected layer's output on x before its mask, and the versions of that layer's
+        # parameters it was computed with: no kept set changes it, so later probes reuse it while
+        # the parameters stay as they were (on the default MLP that layer is most of a forward).
+        self._first: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     def fit(self, kept: KeptUnits) -> FittedHead:
         """A ridge head over the features the kept set leaves (owned ones included), and its
         buffer accuracy."""
         masks = [(r != FREE) | k for r, k in zip(self.rank, kept.keep, strict=True)]
+        first = self.layers[0].module
+        versions = tuple(p._version for p in first.parameters())
+        if self._first is None or self._first[0] != versions:
+            # Registered before the mask hooks, so it sees the unmasked output.
+            capture = first.register_forward_hook(lambda m, i, o: setattr(self, "_first", (versions, o)))
+        else:
+            cached = self._first[1]
+            first.forward = lambda *args, **kwargs: cached  # type: ignore[method-assign]
         handles = [
             (layer.norm if layer.norm is not None else layer.module).register_forward_hook(
                 lambda m, i, o, alive=alive: (
@@ -106,6 +118,10 @@ class Probe:
         finally:
             for h in handles:
                 h.remove()
+            if "forward" in vars(first):
+                del first.forward  # the module's own forward again
+            else:
+                capture.remove()
             self.model.train(was_training)
         return fit_ridge_head(f, masks[-1].to(f.device), self.target, self.n_classes)
 
