@@ -6,10 +6,12 @@ answers. Without one, each known task's classes score
 `log_softmax(task logits) + router_weight · router score(task, class)`, and the best pair's task
 answers with the softmax of its classes' joint scores (`strategies/router.py` says why joint).
 
-`TaskSlots` lays every known task's classes side by side in one row of *slots*, so all tasks'
-logits and router scores are one [n, slots] tensor each, and the joint choice is a handful of
-tensor operations whatever the number of tasks: no Python loop per task or per sample on the
-predict path. A snapshot builds its `TaskSlots` (and its router's slot weights) once.
+`TaskSlots` lays every known task's classes side by side in one row of *slots*, and pads them
+into a grid [known tasks, most classes of one], so all tasks' logits and router scores are one
+[n, tasks, most classes] tensor each and the joint choice (`answer_padded`) is a handful of tensor
+operations whatever the number of tasks: no Python loop per task or per sample on the predict
+path. A snapshot builds its `TaskSlots` once, and where it can its head rows and router weights
+already in grid order (`TaskSlots.padded_rows`), so a request needs no gather.
 """
 
 from __future__ import annotations
@@ -50,10 +52,6 @@ class TaskSlots:
             pad_class[i, : len(c)] = torch.tensor(c)
             start += len(c)
         return cls(known, classes, n_classes, pad.to(device), pad_class.to(device))
-
-    @property
-    def slots(self) -> int:
-        return sum(len(c) for c in self.classes)
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -36,7 +36,7 @@ class EideticPredictor:
         task_heads: TaskHeads,
     ) -> None:
         """`model` must be a frozen copy (eval mode, no grad): it is used as it is, never copied."""
-        self.model, self.router_weight = model, router_weight
+        self.model = model
         self.task_classes = [list(c) for c in task_classes]
         head = model.head
         self.n_classes = int(head.weight.shape[0])
