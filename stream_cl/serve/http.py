@@ -159,8 +159,7 @@ class HttpFront:
 
     def could_send(self) -> bool:
         """Whether some open HTTP connection is between requests (the batcher may wait for it)."""
-        runner = self._runner
-        return runner is not None and runner.server is not None and len(runner.server.connections) > self.busy
+        return self.open_connections() > self.busy
 
     # -- every request --------------------------------------------------------------------------
     @web.middleware

@@ -10,8 +10,8 @@ Why it is built this way:
 - The torch forward runs on ONE worker thread, not on the loop, so a slow forward cannot stall
   reading, writing or timeouts. The one exception costs nobody: with a single client connected
   and forwards under a millisecond, its requests are predicted on the loop (batcher.py), saving
-  the two thread hand-offs that would cost about as much as the forward. Predict requests that arrive while the worker is busy (or within
-  `serve.batch_wait_ms` of each other) and share a task hint are stacked into one
+  the two thread hand-offs that would cost about as much as the forward. Predict requests that
+  arrive while the worker is busy (or within `serve.batch_wait_ms` of each other) and share a task hint are stacked into one
   `Snapshot.predict` call; every reply of a batch comes from the same snapshot and carries its
   version. The batcher waits for companions only while some open connection could still send
   one, so a lone sequential client pays no batching delay.

@@ -99,11 +99,16 @@ class RandomFeatures(nn.Module):
         return torch.cat([h, h.new_ones((h.shape[0], 1))], dim=1)
 
 
+# ATen's own im2col convolution (None where this torch lacks it), looked up once: it is on the
+# predict path.
+_IM2COL_CONV = getattr(torch.ops.aten, "thnn_conv2d", None)
+
+
 def _convolve(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
     """`F.conv2d(x, filters)`. On the CPU through ATen's own im2col kernel: with oneDNN's, the
     default, the features took 1.6× as long for one sample and 2.0–2.2× for 32 to 256 (torch 2.13)."""
-    if x.device.type == "cpu" and hasattr(torch.ops.aten, "thnn_conv2d"):
-        return torch.ops.aten.thnn_conv2d(x, filters, list(filters.shape[-2:]))
+    if _IM2COL_CONV is not None and x.device.type == "cpu":
+        return _IM2COL_CONV(x, filters, list(filters.shape[-2:]))
     return F.conv2d(x, filters)
 
 

@@ -96,6 +96,7 @@ class Probe:
         masks = [(r != FREE) | k for r, k in zip(self.rank, kept.keep, strict=True)]
         first = self.layers[0].module
         versions = tuple(p._version for p in first.parameters())
+        capture = None
         if self._first is None or self._first[0] != versions:
             # Registered before the mask hooks, so it sees the unmasked output.
             capture = first.register_forward_hook(lambda m, i, o: setattr(self, "_first", (versions, o)))
@@ -118,10 +119,10 @@ class Probe:
         finally:
             for h in handles:
                 h.remove()
-            if "forward" in vars(first):
-                del first.forward  # the module's own forward again
-            else:
+            if capture is not None:
                 capture.remove()
+            else:
+                del first.forward  # the module's own forward again
             self.model.train(was_training)
         return fit_ridge_head(f, masks[-1].to(f.device), self.target, self.n_classes)
 
