@@ -25,6 +25,14 @@ def test_image_features_are_pooled_relu_of_both_signs_square_rooted(shape: tuple
     assert torch.equal(features.unbiased(x), got[:, :-1])
 
 
+def test_a_batch_larger_than_a_slice_gets_each_sample_s_own_features_bit_for_bit() -> None:
+    features = RandomFeatures((1, 28, 28), 1024, seed=0)
+    x = torch.randn(2 * features.chunk + 3, 1, 28, 28)
+    assert features.chunk < len(x)  # the batch is computed in three slices
+    alone = torch.cat([features(sample[None]) for sample in x])
+    assert torch.equal(features(x), alone)
+
+
 def test_flat_features_are_relu_of_both_signs_square_rooted() -> None:
     features = RandomFeatures((20,), 64, seed=1)
     x = torch.randn(4, 20)

@@ -229,6 +229,7 @@ def daemon_run(
     import threading
 
     from stream_cl.runtime.daemon import Daemon
+    from stream_cl.strategies import background
 
     with tempfile.TemporaryDirectory() as ckpt:
         cfg = dataclasses.replace(
@@ -258,6 +259,7 @@ def daemon_run(
             stats = learner.stats()
             return int(stats["learned"] + stats["held_out"]), int(stats["learned"])
 
+        background.start()
         daemon.start()
         try:
             deadline = time.monotonic() + timeout_s

@@ -27,8 +27,14 @@ def _shared_executor() -> ThreadPoolExecutor:
     global _executor
     with _lock:
         if _executor is None:
-            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream_cl-background")
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-cl-background")
         return _executor
+
+
+def start() -> None:
+    """Start the background thread now (it starts at the first job otherwise): a bench that meters
+    the daemon's threads from its first sample on sees it."""
+    _shared_executor().submit(lambda: None).result()
 
 
 class BackgroundJobs:
