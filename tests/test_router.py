@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from stream_cl.strategies.router import RandomFeatures, RouterScores
+from stream_cl.strategies.router import RandomFeatures, RidgeRouter, RouterScores
 from stream_cl.strategies.routing import TaskSlots
 
 
@@ -55,3 +55,36 @@ def test_grid_scores_are_the_weighted_slot_scores_padded() -> None:
     assert torch.allclose(grid, 30.0 * layout.padded(router.by_slot(x, layout), 0.0), atol=1e-4)
     assert torch.equal(grid[:, 2, 0], torch.zeros(3))  # the unsolved pair scores nothing
     assert torch.equal(grid[:, 0, 2], torch.zeros(3))  # past task 0's two classes
+
+
+def _learned(router: RidgeRouter, task: int, samples: int) -> None:
+    for _ in range(samples // 8):
+        router.observe(torch.rand(8, 1, 8, 8), torch.arange(8) % 2, task)
+
+
+def test_a_new_task_is_solved_at_doubling_counts_a_returning_one_every_refresh() -> None:
+    router = RidgeRouter((1, 8, 8), 64, lam=0.001, refresh=400, seed=0, device=torch.device("cpu"))
+    for task in (0, 1):
+        _learned(router, task, 16)
+        assert router.stale()  # its targets are new
+        router.solve()
+        _learned(router, task, 32)
+        assert router.stale()  # a new task: 32 samples since the solve (the doubling schedule)
+        router.solve()
+        router.new_task(task + 1)
+    router.new_task(0)  # task 0 returns: its targets were solved for
+    _learned(router, 0, 392)
+    assert not router.stale()
+    _learned(router, 0, 8)
+    assert router.stale()  # `refresh` samples since the last solve
+    router.solve()
+    router.new_task(2)  # a task never solved for: the doubling schedule again
+    _learned(router, 2, 8)
+    assert router.stale()
+    router.solve()
+    _learned(router, 2, 32)
+    assert router.stale()
+    restored = RidgeRouter((1, 8, 8), 64, lam=0.001, refresh=400, seed=0, device=torch.device("cpu"))
+    router.new_task(1)
+    restored.load_state_dict(router.state_dict())
+    assert restored.returning and restored.stale() == router.stale()

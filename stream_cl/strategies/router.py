@@ -228,6 +228,7 @@ class RidgeRouter:
         self.solved_targets = 0  # targets of the last solve asked for
         self.since_solve = 0
         self.task_samples = self.task_samples_at_solve = 0  # samples of the current task (at the last solve)
+        self.returning = False  # the current task was solved for in an earlier visit
         self._pending: list[torch.Tensor] = []  # features not yet folded into the statistics
         self._pending_cols: list[torch.Tensor] = []
         self.jobs = BackgroundJobs()
@@ -284,13 +285,22 @@ class RidgeRouter:
 
     def stale(self) -> bool:
         """New targets, or more learned samples since the last solve than the task had then (capped
-        at `refresh`): solves at about 1×, 2×, 4×... a task's first batches, then every `refresh`."""
-        due = min(self.refresh, max(_MIN_REFRESH, self.task_samples_at_solve))
+        at `refresh`): solves at about 1×, 2×, 4×... a new task's first batches, then every
+        `refresh`; a returning task's visit every `refresh` from its start."""
+        due = (
+            self.refresh
+            if self.returning
+            else min(self.refresh, max(_MIN_REFRESH, self.task_samples_at_solve))
+        )
         return len(self.targets) != self.solved_targets or self.since_solve >= due
 
-    def new_task(self) -> None:
-        """A boundary: the doubling schedule of `stale` starts over for the next task."""
+    def new_task(self, task: int) -> None:
+        """A boundary: the doubling schedule of `stale` starts over for the next task, unless
+        `task` returns (the router was solved on its targets before): it is routed to already, so
+        its visit is solved at the boundary and every `refresh` samples (new classes of it are
+        solved for at once, as any new target)."""
         self.task_samples = self.task_samples_at_solve = 0
+        self.returning = any(t == task for t, _ in self.targets[: self.solved_targets])
 
     def request_solve(self) -> None:
         """Queue a solve on everything observed so far (no-op before any target)."""
@@ -352,6 +362,7 @@ class RidgeRouter:
             "solved_targets": self.solved_targets,
             "since_solve": self.since_solve,
             "task_samples": [self.task_samples, self.task_samples_at_solve],
+            "returning": self.returning,
         }
 
     def __getstate__(self) -> dict[str, Any]:
@@ -370,4 +381,5 @@ class RidgeRouter:
         )
         self.solved_targets, self.since_solve = int(state["solved_targets"]), int(state["since_solve"])
         self.task_samples, self.task_samples_at_solve = (int(v) for v in state["task_samples"])
+        self.returning = bool(state.get("returning", False))  # absent from earlier checkpoints
         self._pending, self._pending_cols = [], []

@@ -199,7 +199,7 @@ class Eidetic(Strategy):
             self._rebuild_optimizer()  # no moment of a now-fixed entry survives
             if self.router.since_solve or self.router.stale():
                 self.router.request_solve()
-            self.router.new_task()
+            self.router.new_task(event.task)
 
     def _consolidate(self, task: int) -> None:
         """Keep the fewest free neurons that hold the task (`eidetic/consolidation.py`), own them."""

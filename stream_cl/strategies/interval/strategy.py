@@ -316,7 +316,7 @@ class Interval(Strategy):
         if self.router is not None and consolidated:  # a short visit leaves the router's schedule
             if self.router.since_solve or self.router.stale():
                 self.router.solve()
-            self.router.new_task()
+            self.router.new_task(event.task)
 
     def _switch_to(self, slot: int) -> bool:
         """End the active slot's task and activate `slot`; True when the ending task was consolidated.
