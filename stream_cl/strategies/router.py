@@ -14,7 +14,8 @@ every learned sample adds `φ(x)φ(x)ᵀ` to a Gram matrix and `φ(x)` to its ta
 router never forgets a task, needs no stored samples, and its memory is fixed by the feature
 dimension (D² + D·targets floats), whatever the stream's length. It is solved (Cholesky, float64)
 at every boundary and, between boundaries, when a new (task, class) target appeared, when the
-current task's samples doubled since the last solve, or `refresh` samples after it at most. Features
+current task's samples doubled since the last solve (while the task is new: a returning one is
+routed to already), or `refresh` samples after it at most. Features
 are folded into the Gram matrix in blocks of a few hundred samples (one large product is cheaper).
 
 Its work runs off the learner's thread (`strategies/background.py`): the features and statistics
@@ -135,7 +136,7 @@ class RouterOptions(StrategyOptions):
     # Without a task hint, the best (task, class) by log p_task + router_weight · router score answers.
     router_weight: float = 30.0
     # Most learned samples between two router solves (it is also solved at every boundary, and
-    # within a task whenever the task's samples doubled since the last solve).
+    # within a new task whenever the task's samples doubled since the last solve).
     router_refresh: int = 2000
 
     def validate(self) -> None:
