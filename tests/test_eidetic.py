@@ -13,6 +13,7 @@ from torch import nn
 from stream_cl.config import ModelConfig
 from stream_cl.metrics import Metrics
 from stream_cl.strategies import Batch, Boundary
+from stream_cl.strategies.eidetic.consolidation import fit_ridge_head
 from stream_cl.strategies.eidetic.strategy import Eidetic, protected_layers
 
 SHAPE = (1, 8, 8)
@@ -301,6 +302,39 @@ def test_a_new_task_of_known_classes_trains_fresh_live_rows_and_old_answers_stay
     trained = s.model.head.weight[[0, 1]].detach().clone()
     s.note_task(1, [1])
     assert torch.equal(s.model.head.weight[[0, 1]], trained)
+
+
+def test_a_domain_shift_task_s_fresh_rows_start_from_a_ridge_fit_once_overdetermined() -> None:
+    """Task 1 has task 0's classes: its fresh rows are replaced, once, by the closed-form ridge head
+    on its buffer as soon as the buffer holds more samples than the head reads features (12 here)
+    and each of its classes. The start still pending is kept in a checkpoint."""
+    s = _strategy("mlp", "adam+decay")
+    rng = np.random.default_rng(0)
+    _learn_task(s, 0, rng, steps=20)
+    s.on_boundary(Boundary(previous_task=0, task=1, reason="explicit"))
+    s.note_task(1, [0, 1])
+    restored = _strategy("mlp", "adam+decay")
+    restored.load_state_dict(s.state_dict())
+    assert s.ridge_start == restored.ridge_start == {1: [0, 1]}
+    features = s.model.head.weight.shape[1]
+    batches = [_batch(1, [0, 1], rng) for _ in range(features // 8 + 1)]
+    for batch in batches[:-1]:  # not more samples than features yet
+        s.learn(batch)
+    assert s.ridge_start == {1: [0, 1]}
+    s.learn(batches[-1])
+    assert s.ridge_start == {}
+    buffer = s.task_buffers.of(1)
+    s.model.eval()
+    with torch.no_grad():
+        f = s.model.features(buffer.inputs())
+    s.model.train()
+    y = buffer.y[: len(buffer)]
+    assert set(y.tolist()) == {0, 1}
+    fit = fit_ridge_head(f, torch.ones(f.shape[1], dtype=torch.bool), y, 2)
+    assert torch.equal(s.model.head.weight[[0, 1]], fit.weight)
+    assert torch.equal(s.model.head.bias[[0, 1]], fit.bias)
+    s.learn(_batch(1, [0, 1], rng))  # once: the rows train on from there
+    assert not torch.equal(s.model.head.weight[[0, 1]], fit.weight)
 
 
 def test_short_visits_wait_until_the_task_learned_enough_to_consolidate() -> None:

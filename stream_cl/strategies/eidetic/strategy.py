@@ -58,7 +58,7 @@ from stream_cl.strategies.base import (
     check_int_options,
 )
 from stream_cl.strategies.buffers import TaskBuffers
-from stream_cl.strategies.eidetic.consolidation import Probe, keep_top, smallest_fraction
+from stream_cl.strategies.eidetic.consolidation import Probe, fit_ridge_head, keep_top, smallest_fraction
 from stream_cl.strategies.eidetic.masks import FREE, SCORES, NeuronMasks, protected_layers, unit_scores
 from stream_cl.strategies.eidetic.predictor import EideticPredictor
 from stream_cl.strategies.heads import HeadRows
@@ -148,6 +148,8 @@ class Eidetic(Strategy):
         self.router = o.make_router(self.input_shape, context.seed + 2, self.device)
         self.router_weight = float(o.router_weight)
         self.exhausted = False
+        # Per task of a domain shift, its classes whose fresh rows wait for their ridge start.
+        self.ridge_start: dict[int, list[int]] = {}
         self.log = get_logger("stream_cl.strategies.eidetic.strategy")
         self.optimizer = self._make_optimizer()  # the model's BatchNorm modules were swapped
 
@@ -176,7 +178,39 @@ class Eidetic(Strategy):
         self._step(losses.mean())
         self.task_buffers.of(batch.task).add(batch.x, batch.y, self.generator)
         self.router.observe(batch.x, batch.y, batch.task)
+        if batch.task in self.ridge_start:
+            self._ridge_start(batch.task)
         return outcome
+
+    def _ridge_start(self, task: int) -> None:
+        """Once the task's buffer holds more samples than the head reads features (and every class
+        of the task), its fresh rows become the closed-form ridge head on those samples, once.
+
+        A fresh row is a random draw, so the new task's steps first had to learn a head on top of
+        features that move too; a consolidation refits the rows, but a task that is never
+        consolidated (the stream's last, so far) answered from its trained rows alone.
+        """
+        buffer = self.task_buffers.of(task)
+        head = self.model.head
+        if len(buffer) <= head.weight.shape[1]:
+            return
+        classes = list(self.task_classes[task])
+        y = buffer.y[: len(buffer)]
+        if int(torch.bincount(y, minlength=self.n_classes)[classes].min()) == 0:
+            return
+        fresh = set(self.ridge_start.pop(task))
+        index = {c: i for i, c in enumerate(classes)}
+        target = torch.tensor([index.get(int(c), -1) for c in y.tolist()], device=y.device)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            f = self.model.features(buffer.inputs())
+        self.model.train(was_training)
+        fit = fit_ridge_head(
+            f, torch.ones(f.shape[1], dtype=torch.bool, device=f.device), target, len(classes)
+        )
+        rows = [i for i, c in enumerate(classes) if c in fresh]
+        self._write_rows(HeadRows(tuple(classes[i] for i in rows), fit.weight[rows], fit.bias[rows]))
 
     # -- boundaries: consolidation -------------------------------------------------------------
     def on_boundary(self, event: Boundary) -> None:
@@ -193,6 +227,7 @@ class Eidetic(Strategy):
         if consolidate:
             self._consolidate(task)
             self.task_buffers.drop(task)
+            self.ridge_start.pop(task, None)
         super().on_boundary(event)
         self.task_buffers.keep_only(task, event.task)
         if consolidate:  # a short visit changes neither ownership nor the router's schedule
@@ -299,6 +334,7 @@ class Eidetic(Strategy):
         fresh = [c for c in class_ids if task >= len(self.task_classes) or c not in self.task_classes[task]]
         super().note_task(task, class_ids)
         if fresh and task not in self.task_heads:
+            self.ridge_start[task] = [*self.ridge_start.get(task, []), *fresh]
             self._write_rows(
                 HeadRows(tuple(fresh), self._fresh_head_weight(len(fresh)), torch.zeros(len(fresh)))
             )
@@ -387,6 +423,7 @@ class Eidetic(Strategy):
             "task_buffers": self.task_buffers.state_dict(),
             "router": self.router.state_dict(),
             "exhausted": self.exhausted,
+            "ridge_start": {t: list(c) for t, c in self.ridge_start.items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -403,6 +440,8 @@ class Eidetic(Strategy):
         )
         self.router.load_state_dict(state["router"])
         self.exhausted = bool(state["exhausted"])
+        # Absent from earlier checkpoints: their fresh rows train on from where they are.
+        self.ridge_start = {int(t): list(c) for t, c in state.get("ridge_start", {}).items()}
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         held = self.task_buffers.held()
