@@ -3,6 +3,8 @@ boundary detection holds on gradual changes (one boundary per change, returns re
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from stream_cl.bench.boundaries import LabeledStream, run_boundaries_bench, score
@@ -126,3 +128,37 @@ def test_spurious_boundaries_open_new_tasks_inside_visits_and_the_bench_prints_b
     plain, alarmed = (learn_stream(config, stream, "class", spurious=n).learner.boundaries for n in (0, 2))
     assert len(alarmed) == len(plain) + 2 == 5 + 2  # the first sample opens task 0
     assert sum(e.task_id >= SPURIOUS_TASK_IDS for e in alarmed) == 2
+
+
+def test_bench_spurious_pairs_each_model_seed_plain_and_with_false_boundaries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`bench spurious`: per model seed, the plain run is `bench quality`'s run with that seed, the
+    other the same with the false boundaries, and the cost is their difference in points."""
+    import json
+
+    from stream_cl.bench.quality import Contender, run_quality
+
+    out = tmp_path / "spurious.json"
+    argv = ["bench", "spurious", "--strategies", "finetune", "--streams", "split-digits"]
+    argv += ["--model-seeds", "2", "--set", "model.batch_size=16", "--json", str(out)]
+    assert main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert len(row["plain"]) == len(row["spurious"]) == 2
+    for m in range(2):
+        config = load_config(None, ["model.batch_size=16", f"model.seed={m}"], env={})
+        quality = run_quality(
+            config,
+            [Contender.strategy("finetune")],
+            ["split-digits"],
+            ["class"],
+            references=False,
+            spurious=2,
+        )
+        by_label = {r["strategy"]: r["average_accuracy"] for r in quality["rows"]}
+        assert row["plain"][m] == by_label["finetune"]
+        assert row["spurious"][m] == by_label["finetune+spurious"]
+        assert row["cost_points"][m] == pytest.approx(100 * (row["plain"][m] - row["spurious"][m]))
+    assert row["mean_cost_points"] == pytest.approx(sum(row["cost_points"]) / 2)
+    assert main(["bench", "spurious", "--model-seeds", "1"]) == 2
+    assert "--model-seeds" in capsys.readouterr().err

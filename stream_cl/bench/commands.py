@@ -39,6 +39,10 @@ VERBS: dict[str, tuple[str, str]] = {
         "stream_cl.bench.boundaries",
         "task-boundary detectors side by side: delay, false alarms, misses, recurring tasks",
     ),
+    "spurious": (
+        "stream_cl.bench.spurious",
+        "false boundaries' cost per strategy: paired runs over model seeds, mean and standard error",
+    ),
     "transfer": (
         "stream_cl.bench.transfer",
         "transferred vs naive vs fresh initialization: accuracy before training, samples to the source's",
