@@ -6,9 +6,10 @@ end, the samples carry a task id the stream never sends, so the learner opens a 
 same classes) changes more than the strategy's boundary hooks: the learner learns the batch it
 cuts short on its own, which shifts every later batch and random draw. That shift alone moves a
 one-pass run by a point or more either way, as another model seed does, so one run with and one
-without cannot tell a 1-point cost. Here each strategy learns each stream with model seeds
-0 … K−1 (`model.seed`: initialization and the strategy's own draws), once plainly and once with the
-false boundaries; the cost is the mean of the K paired differences, printed with its standard
+without cannot tell a 1-point cost. Here each strategy learns each stream, for every stream seed
+asked for (the class order and the false boundaries' places) and model seeds 0 … K−1
+(`model.seed`: initialization and the strategy's own draws), once plainly and once with the
+false boundaries; the cost is the mean of the paired differences, printed with its standard
 error and the worst pair.
 
 Goal: the mean cost ≤ 1 point (0.01 of average accuracy, class scenario) for every strategy and
@@ -34,32 +35,36 @@ def run_spurious(
     config: Config,
     strategies: Sequence[str],
     streams: Sequence[str],
-    seed: int = 0,
+    seeds: Sequence[int] = (0,),
     model_seeds: int = 5,
     spurious: int = 2,
 ) -> dict[str, Any]:
     """Per stream and strategy: average accuracy (class scenario) plain and with `spurious` false
-    boundaries, for model seeds 0 … `model_seeds` − 1, and the paired costs."""
+    boundaries, for every stream seed in `seeds` and model seeds 0 … `model_seeds` − 1 (pairs in
+    that order), and the paired costs."""
     from stream_cl.bench.quality import Contender, learn_stream, with_overrides
     from stream_cl.evaluate.scoring import average_accuracy
     from stream_cl.tools.datasets import load_stream
 
-    if model_seeds < 2:
-        raise ValueError(f"model_seeds: expected 2 or more (a standard error needs pairs), got {model_seeds}")
+    if len(seeds) * model_seeds < 2:
+        raise ValueError(
+            f"expected 2 or more pairs (a standard error needs them), got {len(seeds) * model_seeds}"
+        )
     if spurious < 1:
         raise ValueError(f"spurious: expected a count >= 1, got {spurious}")
     rows = []
     for stream_name in streams:
-        stream = load_stream(stream_name, seed=seed, send_task=True)
+        loaded = [load_stream(stream_name, seed=seed, send_task=True) for seed in seeds]
         for name in strategies:
             contender = Contender.strategy(name)
             plain: list[float] = []
             with_false: list[float] = []
-            for m in range(model_seeds):
-                seeded = with_overrides(config, [*contender.overrides, f"model.seed={m}"])
-                for false_alarms, out in ((0, plain), (spurious, with_false)):
-                    run = learn_stream(seeded, stream, "class", spurious=false_alarms)
-                    out.append(average_accuracy(run.matrix))
+            for stream in loaded:
+                for m in range(model_seeds):
+                    seeded = with_overrides(config, [*contender.overrides, f"model.seed={m}"])
+                    for false_alarms, out in ((0, plain), (spurious, with_false)):
+                        run = learn_stream(seeded, stream, "class", spurious=false_alarms)
+                        out.append(average_accuracy(run.matrix))
             costs = [100.0 * (a - b) for a, b in zip(plain, with_false, strict=True)]
             mean = statistics.fmean(costs)
             rows.append(
@@ -74,7 +79,7 @@ def run_spurious(
                     "goal_met": mean <= GOAL_POINTS,
                 }
             )
-    return {"seed": seed, "model_seeds": model_seeds, "spurious": spurious, "rows": rows}
+    return {"seeds": list(seeds), "model_seeds": model_seeds, "spurious": spurious, "rows": rows}
 
 
 def format_spurious(result: dict[str, Any]) -> str:
@@ -97,9 +102,10 @@ def format_spurious(result: dict[str, Any]) -> str:
         ],
     )
     return (
-        f"false boundaries (stream seed {result['seed']}; {result['spurious']} per run; model seeds "
-        f"0-{result['model_seeds'] - 1}, each learned plainly and with them; cost = plain - with, in "
-        f"points of average accuracy, class scenario; goal: mean cost <= {GOAL_POINTS:g})\n{table}"
+        f"false boundaries (stream seeds {','.join(map(str, result['seeds']))} x model seeds "
+        f"0-{result['model_seeds'] - 1}, each pair learned plainly and with {result['spurious']} false "
+        f"boundaries; cost = plain - with, in points of average accuracy, class scenario; goal: mean "
+        f"cost <= {GOAL_POINTS:g})\n{table}"
     )
 
 
@@ -110,17 +116,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="split-mnist,split-mnist:recurring",
         help="comma-separated built-in streams, shapes included",
     )
-    p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
+    p.add_argument("--seeds", default="0", help="comma-separated stream seeds (default: 0)")
     p.add_argument(
-        "--model-seeds", type=int, default=5, help="paired runs per strategy and stream (default: 5)"
+        "--model-seeds",
+        type=int,
+        default=5,
+        help="paired runs per stream seed, strategy and stream (default: 5)",
     )
     p.add_argument("--spurious", type=int, default=2, help="false boundaries per run (default: 2)")
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    if args.model_seeds < 2:
+    try:
+        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError("--seeds", f"expected comma-separated integers, got {args.seeds!r}") from None
+    if not seeds or args.model_seeds < 1 or len(seeds) * args.model_seeds < 2:
         raise ConfigError(
-            "--model-seeds", f"expected 2 or more (a standard error needs pairs), got {args.model_seeds}"
+            "--model-seeds",
+            "expected 2 or more pairs (stream seeds x model seeds): a standard error needs them",
         )
     if args.spurious < 1:
         raise ConfigError("--spurious", f"expected a count >= 1, got {args.spurious}")
@@ -128,7 +142,7 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         config,
         [n.strip() for n in args.strategies.split(",") if n.strip()],
         [s.strip() for s in args.streams.split(",") if s.strip()],
-        seed=args.seed,
+        seeds=seeds,
         model_seeds=args.model_seeds,
         spurious=args.spurious,
     )
