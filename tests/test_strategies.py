@@ -146,6 +146,24 @@ def test_reservoir_batch_writes_equal_writing_the_items_one_by_one() -> None:
     assert buffer.seen == seen == 400
 
 
+def test_a_reservoir_restored_into_a_smaller_capacity_keeps_a_subset_and_its_count() -> None:
+    """A checkpoint written before the capacity was lowered (`task_buffer`, `buffer_size`) loads:
+    the same `capacity` items of it each time, and `seen` still counts every item offered."""
+    gen = torch.Generator().manual_seed(0)
+    large = ReservoirBuffer(10, (1,), torch.device("cpu"))
+    large.add(torch.arange(25.0).view(25, 1), torch.arange(25), gen)
+    state = large.state_dict()
+    restored = [ReservoirBuffer(4, (1,), torch.device("cpu")) for _ in range(2)]
+    for buffer in restored:
+        buffer.load_state_dict(state)
+    a, b = restored
+    assert len(a) == 4 and a.seen == 25
+    assert torch.equal(a.labels(), b.labels()) and torch.equal(a.inputs(), b.inputs())
+    held = dict(zip(large.labels().tolist(), large.inputs().flatten().tolist(), strict=True))
+    assert set(a.labels().tolist()) <= set(held)
+    assert all(held[int(y)] == float(x) for x, y in zip(a.inputs().flatten(), a.labels(), strict=True))
+
+
 def test_replay_mixes_a_buffer_batch_into_each_step() -> None:
     """After the first step, every forward pass sees the stream batch plus a replayed batch."""
     s = checks.factory_for(Replay)()

@@ -120,6 +120,18 @@ class ReservoirBuffer(SampleStore):
         idx = torch.randperm(self.size, generator=generator)[:k].to(self.x.device)
         return self.x[idx], self.y[idx]
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint of a larger reservoir (its capacity was lowered since) keeps a uniform
+        subset of its items, drawn with a fixed seed (a restore is repeatable): a uniform sample of
+        a uniform sample is one too, and `seen` goes on counting every item offered."""
+        n = int(state["x"].shape[0])
+        if n > self.capacity:
+            keep = (
+                torch.randperm(n, generator=torch.Generator().manual_seed(0))[: self.capacity].sort().values
+            )
+            state = {**state, "x": state["x"][keep], "y": state["y"][keep]}
+        super().load_state_dict(state)
+
     def _load_seen(self, seen: Any) -> None:
         self.seen = int(seen)
 

@@ -72,9 +72,10 @@ class EideticOptions(RouterOptions):
     """`strategy.options` of `eidetic` (all bounded)."""
 
     # Reservoir of the ending task's samples, consolidated on at its boundary (dropped then). At
-    # 500, the accuracy was the same but recoveries failed `tol` more often: boundaries took
-    # ~20% more CPU on split-mnist (undone and repeated attempts).
-    task_buffer: int = 1000
+    # 500 and 1000 the accuracy on every stream shape was the same, and so was a consolidation's
+    # CPU (once the search by probes replaced prune-retrain-undo rounds, which failed `tol` more
+    # often on fewer samples).
+    task_buffer: int = 500
     # A task is consolidated at the end of a visit once it learned this many samples since its last
     # consolidation; a shorter visit (the back and forth of a gradual transition, where every
     # switch of the task field is a boundary) keeps its samples for the task's next boundary.
