@@ -12,7 +12,7 @@ from stream_cl.bench.offline import learn_offline
 from stream_cl.config import Config, ConfigError, load_config
 from stream_cl.evaluate.scoring import accuracy
 from stream_cl.runtime import tuning
-from stream_cl.strategies.buffers import ReservoirBuffer
+from stream_cl.strategies.buffers import ReservoirBuffer, TaskBuffers
 from stream_cl.strategies.finetune import Finetune
 from stream_cl.strategies.heads import LSHead
 from stream_cl.strategies.replay import Replay
@@ -162,6 +162,27 @@ def test_a_reservoir_restored_into_a_smaller_capacity_keeps_a_subset_and_its_cou
     held = dict(zip(large.labels().tolist(), large.inputs().flatten().tolist(), strict=True))
     assert set(a.labels().tolist()) <= set(held)
     assert all(held[int(y)] == float(x) for x, y in zip(a.inputs().flatten(), a.labels(), strict=True))
+
+
+def test_task_buffers_held_at_once_share_the_capacity() -> None:
+    """Two tasks' buffers (a gradual transition) hold `capacity` samples together: the first keeps
+    a subset of its own samples when the second opens, and grows back once it is alone again."""
+    gen = torch.Generator().manual_seed(0)
+    buffers = TaskBuffers(10, (1,), torch.device("cpu"))
+    buffers.of(0).add(torch.arange(30.0).view(30, 1), torch.arange(30), gen)
+    first = set(buffers.of(0).labels().tolist())
+    assert len(first) == 10 and buffers.of(0).seen == 30
+    buffers.of(1).add(torch.arange(100.0, 120.0).view(20, 1), torch.arange(100, 120), gen)
+    assert buffers.held() == 10 and len(buffers.of(0)) == len(buffers.of(1)) == 5
+    assert set(buffers.of(0).labels().tolist()) <= first
+    restored = TaskBuffers(10, (1,), torch.device("cpu"))
+    restored.load_state_dict(buffers.state_dict())
+    assert {t: b.labels().tolist() for t, b in restored.by_task.items()} == {
+        t: b.labels().tolist() for t, b in buffers.by_task.items()
+    }
+    buffers.drop(1)
+    buffers.of(0).add(torch.arange(200.0, 205.0).view(5, 1), torch.arange(200, 205), gen)
+    assert len(buffers.of(0)) == 10 and buffers.of(0).capacity == 10
 
 
 def test_replay_mixes_a_buffer_batch_into_each_step() -> None:

@@ -135,24 +135,47 @@ class ReservoirBuffer(SampleStore):
     def _load_seen(self, seen: Any) -> None:
         self.seen = int(seen)
 
+    def resize(self, capacity: int, generator: torch.Generator) -> None:
+        """Hold at most `capacity` items from now on. Shrinking keeps a uniform subset of the items
+        held (still a uniform sample of every item offered); growing leaves the new slots to the
+        items that follow, so the reservoir then favours them."""
+        if capacity <= 0:
+            raise ValueError(f"a buffer needs a positive capacity, got {capacity}")
+        keep = torch.arange(self.size)
+        if self.size > capacity:
+            keep = torch.randperm(self.size, generator=generator)[:capacity].sort().values
+        keep = keep.to(self.x.device)
+        x, y = self.x[keep], self.y[keep]
+        self.capacity, self.size = capacity, len(keep)
+        self.x = torch.zeros((capacity, *self.x.shape[1:]), device=self.x.device)
+        self.y = torch.zeros(capacity, dtype=torch.long, device=self.y.device)
+        self.x[: self.size], self.y[: self.size] = x, y
+
 
 class TaskBuffers:
-    """Per task, a reservoir of the samples learned since the task's last consolidation.
+    """Per task, a reservoir of the samples learned since the task's last consolidation; all of
+    them together hold at most `capacity` samples.
 
     What `eidetic` and `interval` consolidate on. A task's buffer is dropped once it is
     consolidated; a visit too short to consolidate keeps it for the task's next boundary, and
-    `keep_only` keeps the current and the previous task's (no others are held).
+    `keep_only` keeps the current and the previous task's (no others are held). Buffers held at
+    once (the two tasks of a gradual transition) share the capacity: when one opens, those held
+    keep a uniform subset of their samples (a seeded draw, so a run is repeatable); a buffer left
+    alone again grows back, its new room going to the samples that follow.
     """
 
     def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
         self.capacity, self.input_shape, self.device = capacity, tuple(input_shape), device
         self.by_task: dict[int, ReservoirBuffer] = {}
+        self._generator = torch.Generator().manual_seed(0)
 
     def of(self, task: int) -> ReservoirBuffer:
         """`task`'s buffer, created empty when it has none."""
         buffer = self.by_task.get(task)
         if buffer is None:
-            buffer = self.by_task[task] = ReservoirBuffer(self.capacity, self.input_shape, self.device)
+            share = self._share(len(self.by_task) + 1)
+            buffer = self.by_task[task] = ReservoirBuffer(share, self.input_shape, self.device)
+            self._rebalance()
         return buffer
 
     def get(self, task: int) -> ReservoirBuffer | None:
@@ -160,19 +183,32 @@ class TaskBuffers:
 
     def drop(self, task: int) -> None:
         self.by_task.pop(task, None)
+        self._rebalance()
 
     def keep_only(self, *tasks: int) -> None:
         self.by_task = {t: b for t, b in self.by_task.items() if t in tasks}
+        self._rebalance()
 
     def held(self) -> int:
         """Samples held over every task."""
         return sum(len(b) for b in self.by_task.values())
+
+    def _share(self, buffers: int) -> int:
+        return max(1, self.capacity // max(1, buffers))
+
+    def _rebalance(self) -> None:
+        share = self._share(len(self.by_task))
+        for buffer in self.by_task.values():
+            if buffer.capacity != share:
+                buffer.resize(share, self._generator)
 
     def state_dict(self) -> dict[int, dict[str, Any]]:
         return {t: b.state_dict() for t, b in self.by_task.items()}
 
     def load_state_dict(self, state: dict[Any, dict[str, Any] | None]) -> None:
         self.by_task = {}
-        for task, buffer in state.items():
-            if buffer is not None:
-                self.of(int(task)).load_state_dict(buffer)
+        held = {int(task): buffer for task, buffer in state.items() if buffer is not None}
+        for task in held:  # every buffer first, at its share, then their samples
+            self.of(task)
+        for task, buffer in held.items():
+            self.by_task[task].load_state_dict(buffer)

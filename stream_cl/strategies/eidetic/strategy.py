@@ -446,4 +446,4 @@ class Eidetic(Strategy):
 
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         held = self.task_buffers.held()
-        return {**super().memory_usage(), "task_buffers": (held, 2 * self.options.task_buffer)}
+        return {**super().memory_usage(), "task_buffers": (held, self.options.task_buffer)}

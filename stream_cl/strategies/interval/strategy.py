@@ -469,7 +469,7 @@ class Interval(Strategy):
     def memory_usage(self) -> dict[str, tuple[int, int]]:
         return {
             **super().memory_usage(),
-            "consolidation_buffer": (len(self.buffer), self.buffer.capacity),
+            "consolidation_buffer": (self.buffers.held(), self.options.consolidation_buffer),
             "stored_targets": (len(self.frozen_slots), self.max_tasks),
             "task_answers": (len(self.task_answers), self.max_tasks),
         }
