@@ -62,10 +62,13 @@ class SampleStore:
     def __init__(self, capacity: int, input_shape: Sequence[int], device: torch.device) -> None:
         if capacity <= 0:
             raise ValueError(f"a buffer needs a positive capacity, got {capacity}")
+        self.size = 0  # slots filled
+        self._allocate(capacity, tuple(input_shape), device)
+
+    def _allocate(self, capacity: int, input_shape: tuple[int, ...], device: torch.device) -> None:
         self.capacity = capacity
         self.x = torch.zeros((capacity, *input_shape), device=device)
         self.y = torch.zeros(capacity, dtype=torch.long, device=device)
-        self.size = 0  # slots filled
 
     def __len__(self) -> int:
         return self.size
@@ -126,9 +129,7 @@ class ReservoirBuffer(SampleStore):
         a uniform sample is one too, and `seen` goes on counting every item offered."""
         n = int(state["x"].shape[0])
         if n > self.capacity:
-            keep = (
-                torch.randperm(n, generator=torch.Generator().manual_seed(0))[: self.capacity].sort().values
-            )
+            keep = uniform_subset(n, self.capacity, torch.Generator().manual_seed(0))
             state = {**state, "x": state["x"][keep], "y": state["y"][keep]}
         super().load_state_dict(state)
 
@@ -141,15 +142,18 @@ class ReservoirBuffer(SampleStore):
         items that follow, so the reservoir then favours them."""
         if capacity <= 0:
             raise ValueError(f"a buffer needs a positive capacity, got {capacity}")
-        keep = torch.arange(self.size)
-        if self.size > capacity:
-            keep = torch.randperm(self.size, generator=generator)[:capacity].sort().values
-        keep = keep.to(self.x.device)
+        keep = uniform_subset(self.size, capacity, generator).to(self.x.device)
         x, y = self.x[keep], self.y[keep]
-        self.capacity, self.size = capacity, len(keep)
-        self.x = torch.zeros((capacity, *self.x.shape[1:]), device=self.x.device)
-        self.y = torch.zeros(capacity, dtype=torch.long, device=self.y.device)
+        self._allocate(capacity, tuple(self.x.shape[1:]), self.x.device)
+        self.size = len(keep)
         self.x[: self.size], self.y[: self.size] = x, y
+
+
+def uniform_subset(n: int, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of a uniform subset of `k` of `n` items, in order (all of them when `k` >= `n`)."""
+    if k >= n:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator)[:k].sort().values
 
 
 class TaskBuffers:
