@@ -125,3 +125,34 @@ def test_a_probe_reuses_the_first_layer_only_while_its_parameters_stay_the_same(
     kept = keep_top(scores, free, 0.5)
     assert torch.equal(probe.fit(kept).weight, fresh(kept).weight)
     assert len(computed) == 4 + 2
+
+
+def test_a_kept_sets_features_are_computed_once_and_are_the_models_own_once_the_rest_is_pruned() -> None:
+    """What lets a consolidation take its accuracies from the probe's features instead of forwards
+    of its own: keeping every free unit gives the model's features bit for bit, and so does a kept
+    set once the other free units are pruned. Asked again for the same kept set of the same
+    parameters, a probe answers with the features it computed; a parameter change is seen."""
+    model = ModelConfig(backbone="mlp", hidden=[16, 12], seed=0, device="cpu", batch_size=8)
+    s = Eidetic.build((1, 8, 8), model=model, device="cpu", router_features=64)
+    s.add_classes([0, 1], 0)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 2, (64,), generator=gen)
+    free = [rank == FREE for rank in s.masks.rank]
+    scores = [torch.rand(len(f), generator=gen) for f in free]
+
+    def own_features() -> torch.Tensor:
+        s.model.eval()
+        with torch.no_grad():
+            f = s.model.features(x)
+        s.model.train()
+        return f
+
+    probe = Probe(s.model, s.layers, s.masks.rank, x, y, [0, 1], torch.Generator())
+    everything = keep_top(scores, free, 1.0)
+    f = probe.features(everything)
+    assert torch.equal(f, own_features())
+    assert probe.features(everything) is f  # not computed again
+    kept = keep_top(scores, free, 0.5)
+    assert not torch.equal(probe.features(kept), f)  # the other half silenced
+    s.masks.apply_pruned(kept.pruned(free))  # in place: the probe sees the new parameters
+    assert torch.equal(probe.features(kept), own_features())

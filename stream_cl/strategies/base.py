@@ -264,14 +264,18 @@ class Strategy(abc.ABC):
         with torch.no_grad():
             logits = model(x)
         model.train(was_training)
-        n = x.shape[0]
+        return Strategy._proba(logits, task_classes, task), [task] * x.shape[0]
+
+    @staticmethod
+    def _proba(logits: torch.Tensor, task_classes: list[list[int]], task: int | None) -> torch.Tensor:
+        """Probabilities from the whole head's logits; with a task hint, over that task's classes."""
         if logits.shape[1] == 0:
-            return logits.new_zeros((n, 0)), [task] * n
+            return logits.new_zeros((logits.shape[0], 0))
         if task is not None and task < len(task_classes) and task_classes[task]:
             mask = torch.full_like(logits, float("-inf"))
             mask[:, task_classes[task]] = 0.0
             logits = logits + mask
-        return torch.softmax(logits, dim=1), [task] * n
+        return torch.softmax(logits, dim=1)
 
     def predictor(self) -> Any:
         """A frozen copy of what prediction needs, safe to call from other threads."""

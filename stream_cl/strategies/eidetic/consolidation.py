@@ -77,6 +77,7 @@ class Probe:
         generator: torch.Generator,
         samples: int = PROBE_SAMPLES,
     ) -> None:
+        self.all_samples = len(x) <= samples  # else a random subset of them
         if len(x) > samples:
             pick = torch.randperm(len(x), generator=generator)[:samples].to(x.device)
             x, y = x[pick], y[pick]
@@ -89,17 +90,41 @@ class Probe:
         # parameters it was computed with: no kept set changes it, so later probes reuse it while
         # the parameters stay as they were (on the default MLP that layer is most of a forward).
         self._first: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # The last masked features computed: (the version of every backbone tensor, the masks, the
+        # features). Asked again for the same kept set of the same parameters, they are reused.
+        self._last: tuple[tuple[int, ...], list[torch.Tensor], torch.Tensor] | None = None
 
     def fit(self, kept: KeptUnits) -> FittedHead:
         """A ridge head over the features the kept set leaves (owned ones included), and its
         buffer accuracy."""
-        masks = [(r != FREE) | k for r, k in zip(self.rank, kept.keep, strict=True)]
+        f = self.features(kept)
+        return fit_ridge_head(f, self._masks(kept)[-1].to(f.device), self.target, self.n_classes)
+
+    def _masks(self, kept: KeptUnits) -> list[torch.Tensor]:
+        return [(r != FREE) | k for r, k in zip(self.rank, kept.keep, strict=True)]
+
+    def features(self, kept: KeptUnits) -> torch.Tensor:
+        """The model's features of the probe's samples (eval mode) with every free unit the kept
+        set leaves out silenced. A unit already fixed at zero output (a pruned one) gives the same
+        features silenced or not, so after pruning to `kept` these are the model's own features."""
+        masks = self._masks(kept)
+        backbone = self.model.backbone
+        versions = tuple(t._version for t in (*backbone.parameters(), *backbone.buffers()))
+        last = self._last
+        if (
+            last is not None
+            and last[0] == versions
+            and all(torch.equal(a, b) for a, b in zip(last[1], masks, strict=True))
+        ):
+            return last[2]
         first = self.layers[0].module
-        versions = tuple(p._version for p in first.parameters())
+        versions_first = tuple(p._version for p in first.parameters())
         capture = None
-        if self._first is None or self._first[0] != versions:
+        if self._first is None or self._first[0] != versions_first:
             # Registered before the mask hooks, so it sees the unmasked output.
-            capture = first.register_forward_hook(lambda m, i, o: setattr(self, "_first", (versions, o)))
+            capture = first.register_forward_hook(
+                lambda m, i, o: setattr(self, "_first", (versions_first, o))
+            )
         else:
             cached = self._first[1]
             first.forward = lambda *args, **kwargs: cached  # type: ignore[method-assign]
@@ -124,7 +149,8 @@ class Probe:
             else:
                 del first.forward  # the module's own forward again
             self.model.train(was_training)
-        return fit_ridge_head(f, masks[-1].to(f.device), self.target, self.n_classes)
+        self._last = (versions, masks, f)
+        return f
 
 
 @dataclass(frozen=True)

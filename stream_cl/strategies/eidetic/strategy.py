@@ -245,15 +245,19 @@ class Eidetic(Strategy):
         classes = list(self.task_classes[task])
         free = [rank == FREE for rank in self.masks.rank]
         scores = unit_scores(o.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
-        probe = Probe(self.model, self.layers, self.masks.rank, x, y, classes, self.generator)
-        before = self._buffer_accuracy(probe.x, probe.y, classes)  # on the probe's samples: cheaper
+        # Accuracies are taken on the probe's samples (cheaper), from the features its probes
+        # compute: keeping every free unit leaves the model's own features, and so does the kept
+        # set once the rest is pruned. No forward is made twice.
+        probe_args = (self.model, self.layers, self.masks.rank, x, y, classes, self.generator)
+        probe = Probe(*probe_args)
+        before = self._buffer_accuracy(probe.features(keep_top(scores, free, 1.0)), probe.y, classes)
         kept, head = smallest_fraction(probe, scores, free, o.probe_tol, o.max_keep)
         saved = self._save_params()
         for attempt in range(1, o.max_attempts + 1):
             self.masks.apply_pruned(kept.pruned(free))
             self._write_rows(HeadRows(tuple(classes), head.weight, head.bias))
             self._recover(x, y)
-            accuracy = self._buffer_accuracy(probe.x, probe.y, classes)
+            accuracy = self._buffer_accuracy(probe.features(kept), probe.y, classes)
             if accuracy >= before * (1 - o.tol) or kept.fraction >= o.max_keep or attempt == o.max_attempts:
                 break
             # Recovery could not bring the pruned network back: undo, keep twice as many.
@@ -261,17 +265,18 @@ class Eidetic(Strategy):
             kept = keep_top(scores, free, min(o.max_keep, 2 * kept.fraction))
             head = probe.fit(kept)
         # A closed-form fit on the whole buffer often answers it better than the recovery's few steps.
-        refit = Probe(self.model, self.layers, self.masks.rank, x, y, classes, self.generator, len(x)).fit(
-            kept
-        )
+        whole = probe if probe.all_samples else Probe(*probe_args, len(x))
+        refit = whole.fit(kept)
         if refit.accuracy > accuracy:
             self._write_rows(HeadRows(tuple(classes), refit.weight, refit.bias))
             accuracy = refit.accuracy
         self._take_ownership(task, kept.pruned(free), attempt, accuracy)
         self._store_task_head(task)
 
-    def _buffer_accuracy(self, x: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
-        proba, _ = Strategy._predict_with(self.model, [classes], x, 0)
+    def _buffer_accuracy(self, features: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
+        """The live head's accuracy over `classes` on samples of these (eval-mode) features."""
+        with torch.no_grad():
+            proba = Strategy._proba(self.model.head(features), [classes], 0)
         return float((proba.argmax(1) == y).float().mean())
 
     def _recover(self, x: torch.Tensor, y: torch.Tensor) -> None:
