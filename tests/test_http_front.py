@@ -276,6 +276,9 @@ def test_latency_bench_measures_http_next_to_the_socket() -> None:
         assert figures["p50_vs_socket"] > 0
     assert "http_binary_p50_within_1.5x_socket" in result["goals"]
     assert "HTTP binary infer p50" in format_latency_table(result)
+    # the same round trip to a model that answers at once is timed beside it
+    assert result["socket_noop_model_p50_ms"] > 0 and result["inprocess_after_round_trip_p50_ms"] > 0
+    assert "model that answers at once" in format_latency_table(result)
 
 
 def test_stalled_headers_get_408_and_silent_connections_close() -> None:

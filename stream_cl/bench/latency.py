@@ -2,8 +2,8 @@
 in-process forward.
 
 Everything is measured side by side in one run on the same machine, server and snapshot (the
-in-process forward, the plain backbone's and the socket round trip take turns in blocks of 50
-calls), and the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
+in-process forward, the plain backbone's, the socket round trip, the round trip to a model that
+answers at once and the in-process forward right after one take turns in blocks of 50 calls), and the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
 (JSON and binary tensors) p50 over socket p50, and throughput with many concurrent clients over
 throughput with one. Socket latency is taken with `PredictionClient`, as a caller sees it; HTTP
 latency with a lean keep-alive client (bench/latency_http.py); throughput with connections that each do
@@ -45,16 +45,25 @@ def _percentile_ms(seconds: Sequence[float], q: float) -> float:
 
 
 def _interleaved_seconds(
-    calls: dict[str, Callable[[np.ndarray], object]], xs: np.ndarray, n: int, block: int = _BLOCK
+    calls: dict[str, Callable[[np.ndarray], object]],
+    xs: np.ndarray,
+    n: int,
+    block: int = _BLOCK,
+    untimed_before: dict[str, Callable[[np.ndarray], object]] | None = None,
 ) -> dict[str, list[float]]:
     """Per named call, `n` timings of it on one row of `xs` (shaped [1, input size]), the calls
     taking turns in blocks of `block`: on a machine whose speed drifts (a shared host), every call
-    meets the same slow and fast stretches, so their ratios hold where back-to-back runs drift."""
+    meets the same slow and fast stretches, so their ratios hold where back-to-back runs drift.
+    `untimed_before[name]`, where given, runs on the same row right before each timed call."""
+    before = untimed_before or {}
     out: dict[str, list[float]] = {name: [] for name in calls}
     for first in range(0, n, block):
         for name, call in calls.items():
+            setup = before.get(name)
             for i in range(first, min(n, first + block)):
                 j = i % len(xs)
+                if setup is not None:
+                    setup(xs[j : j + 1])
                 start = time.perf_counter()
                 call(xs[j : j + 1])
                 out[name].append(time.perf_counter() - start)
@@ -153,20 +162,30 @@ def run_latency_bench(
     """
     xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(len(xs), -1)
     lo, hi = min(concurrency), max(concurrency)
-    holder = SnapshotHolder()
+    holder, noop_holder = SnapshotHolder(), SnapshotHolder()
     holder.publish(snapshot)
-    with PredictionServer(ServeConfig(port=0, http_port=0), holder) as server:
+    noop_holder.publish(noop_snapshot(snapshot))
+    with (
+        PredictionServer(ServeConfig(port=0, http_port=0), holder) as server,
+        PredictionServer(ServeConfig(port=0, http_enabled=False), noop_holder) as noop_server,
+    ):
         port = server.port
-        assert port is not None
-        with PredictionClient(port=port) as client:
+        assert port is not None and noop_server.port is not None
+        with PredictionClient(port=port) as client, PredictionClient(port=noop_server.port) as noop:
             calls: dict[str, Callable[[np.ndarray], object]] = {
                 "inprocess": snapshot.predict,
                 "socket": lambda x: client.predict(x[0]),
+                "noop": lambda x: noop.predict(x[0]),
+                # the forward as a server meets it: the round trip before it has evicted the
+                # weights the back-to-back in-process calls keep in the core's caches
+                "inprocess_cold": snapshot.predict,
             }
             if plain is not None:
                 calls["plain"] = plain.predict
-            _interleaved_seconds(calls, xs, _WARMUP)
-            timed = _interleaved_seconds(calls, xs, n_requests)
+            before = {"inprocess_cold": lambda x: noop.predict(x[0])}
+            _interleaved_seconds(calls, xs, _WARMUP, untimed_before=before)
+            timed = _interleaved_seconds(calls, xs, n_requests, untimed_before=before)
+        noop_server.stop()  # before the throughput runs: its loop thread would only compete
         inprocess, sock, plain_seconds = timed["inprocess"], timed["socket"], timed.get("plain")
         frames = _request_frames(xs)
         throughput = {str(c): _throughput(port, frames, c, duration_s) for c in concurrency}
@@ -209,6 +228,11 @@ def run_latency_bench(
         # the configured backbone with a plain head: the forward without the strategy's protection
         "plain_forward_p50_ms": None if plain_seconds is None else _percentile_ms(plain_seconds, 50),
         "socket_p50_ms": socket_p50,
+        # the same round trip to a server whose model answers at once: what the serving stack
+        # (client, loopback, event loop, batcher, msgpack) costs alone
+        "socket_noop_model_p50_ms": _percentile_ms(timed["noop"], 50),
+        # the in-process forward, each call right after a round trip to that server
+        "inprocess_after_round_trip_p50_ms": _percentile_ms(timed["inprocess_cold"], 50),
         "socket_p99_ms": _percentile_ms(sock, 99),
         "throughput_rps": throughput,
         "p50_vs_inprocess": p50_ratio,
@@ -228,6 +252,17 @@ def run_latency_bench(
     }
 
 
+def noop_snapshot(served: Snapshot) -> Snapshot:
+    """A snapshot like `served` (labels, tasks, input shape) whose predictor answers uniform
+    probabilities at once: served, it shows the round trip's cost without a model."""
+    n_labels = len(served.labels)
+
+    def predictor(x: torch.Tensor, task: Any) -> tuple[torch.Tensor, list[Any]]:
+        return torch.full((len(x), n_labels), 1.0 / n_labels), [task] * len(x)
+
+    return Snapshot(0, "noop", served.labels, served.tasks, served.input_shape, predictor)
+
+
 def format_latency_table(result: dict[str, Any]) -> str:
     """A plain-text table of `run_latency_bench`'s figures, ratios and goals."""
     rows: list[tuple[str, str]] = [
@@ -245,6 +280,18 @@ def format_latency_table(result: dict[str, Any]) -> str:
     rows.append(("socket p50 / in-process p50", f"{result['p50_vs_inprocess']:.2f}x"))
     overhead = result["socket_p50_ms"] - result["inprocess_p50_ms"]
     rows.append(("socket p50 - in-process p50 (the server's own cost)", f"{overhead:.3f} ms"))
+    rows.append(
+        (
+            "socket p50 with a model that answers at once (the stack alone)",
+            f"{result['socket_noop_model_p50_ms']:.3f} ms",
+        )
+    )
+    rows.append(
+        (
+            "in-process forward p50 right after such a round trip (caches cold)",
+            f"{result['inprocess_after_round_trip_p50_ms']:.3f} ms",
+        )
+    )
     lo, hi = result["concurrency"]
     rows.append((f"throughput {hi} / {lo} client(s)", f"{result[f'throughput_{hi}_vs_{lo}']:.2f}x"))
     for encoding, figures in result.get("http", {}).items():
