@@ -239,6 +239,35 @@ def test_refresh_recomputes_statistics_under_the_current_backbone() -> None:
     assert policy.memory_usage() == {"refresh_buffer": (12, 16)}
 
 
+@pytest.mark.parametrize("refresh_buffer", [16, 0])
+def test_with_a_refresh_buffer_the_solve_rebuilds_the_second_moment_unread(refresh_buffer: int) -> None:
+    """So it is not summed per batch: a solve writes the same rows whatever it held before. Without a
+    refresh buffer the summed moment is what the solve reads, and garbage there changes the rows."""
+    rows = []
+    for garbage in (False, True):
+        policy = make_head_policy(
+            "ls",
+            {"refresh_buffer": refresh_buffer, "min_samples": 4},
+            loss="mse",
+            feature_dim=D,
+            seed=0,
+            device=torch.device("cpu"),
+        )
+        assert isinstance(policy, LSHead)
+        model = _model(2)
+        policy.on_new_classes([0])
+        x = torch.rand(8, 4, generator=torch.Generator().manual_seed(3))
+        policy.observe(model, x, model.features(x).detach(), torch.tensor([0] * 8))  # solves class 0
+        policy.on_new_classes([1])
+        if garbage:
+            policy.second_moment.fill_(1e6)
+        x2 = torch.rand(4, 4, generator=torch.Generator().manual_seed(4))
+        out = policy.observe(model, x2, model.features(x2).detach(), torch.tensor([1] * 4))  # solves 1
+        assert out is not None and out.classes == (1,)
+        rows.append(out.weight)
+    assert torch.equal(rows[0], rows[1]) == bool(refresh_buffer)
+
+
 def _finetune(head: str, **head_options: object) -> Finetune:
     model = ModelConfig(hidden=[16], weight_decay=0.1, seed=0, device="cpu")
     return Finetune.build((1, 4, 4), model=model, head=head, head_options=head_options, device="cpu")

@@ -226,7 +226,8 @@ class LSHead(_DeferredHead):
     - stale statistics (`refresh_buffer`): the backbone moves, so features summed long ago no
       longer match it; at each solve `S` (and `G_old`, the mean of the old classes' own second
       moments) is recomputed from a class-balanced reservoir of inputs through the current
-      backbone. Class-balanced, because a uniform reservoir barely holds the class that arrived a
+      backbone (so with a refresh buffer `S` is not summed per batch: it would be overwritten
+      unread). Class-balanced, because a uniform reservoir barely holds the class that arrived a
       few samples earlier (the other class of a task just begun), and the solve would ignore it:
       measured on split-mnist (mse, seed 0), the second class's new row gave a mean logit of 0.51
       on the first class's test samples with a uniform reservoir, 0.09 with this one. The new
@@ -275,7 +276,8 @@ class LSHead(_DeferredHead):
         self, model: Classifier, x: torch.Tensor, features: torch.Tensor, y: torch.Tensor
     ) -> None:
         a = _augment(features)
-        self.second_moment += a.T @ a
+        if not self.options.refresh_buffer:  # else every solve rebuilds S from the buffer (`_refresh`)
+            self.second_moment += a.T @ a
         self.class_sums.index_add_(0, y, a)
         self.total += int(y.shape[0])
         for c, moment in self.pending_moments.items():
