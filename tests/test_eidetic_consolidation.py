@@ -84,18 +84,27 @@ def test_max_keep_caps_the_kept_fraction() -> None:
     assert smallest_fraction(probe, scores, free, tol=0.03, max_keep=0.5)[0].fraction == 0.25  # type: ignore[arg-type]
 
 
+def _untrained_two_class_task(
+    seed: int,
+) -> tuple[Eidetic, torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """A small eidetic MLP with classes 0 and 1, 64 random samples of them, which units are free,
+    and random unit scores."""
+    model = ModelConfig(backbone="mlp", hidden=[16, 12], seed=0, device="cpu", batch_size=8)
+    s = Eidetic.build((1, 8, 8), model=model, device="cpu", router_features=64)
+    s.add_classes([0, 1], 0)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 2, (64,), generator=gen)
+    free = [rank == FREE for rank in s.masks.rank]
+    scores = [torch.rand(len(f), generator=gen) for f in free]
+    return s, x, y, free, scores
+
+
 def test_a_probe_reuses_the_first_layer_only_while_its_parameters_stay_the_same(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Later fits of one probe skip the first protected layer (no kept set changes its output) and
     answer exactly as a fresh probe; an in-place change of that layer's weights is seen."""
-    model = ModelConfig(backbone="mlp", hidden=[16, 12], seed=0, device="cpu", batch_size=8)
-    s = Eidetic.build((1, 8, 8), model=model, device="cpu", router_features=64)
-    s.add_classes([0, 1], 0)
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 2, (64,), generator=gen)
-    free = [rank == FREE for rank in s.masks.rank]
-    scores = [torch.rand(len(f), generator=gen) for f in free]
+    s, x, y, free, scores = _untrained_two_class_task(seed=0)
     first = s.layers[0].module
     computed = []  # one entry per forward the first layer really computed
     linear_forward = torch.nn.Linear.forward
@@ -132,13 +141,7 @@ def test_a_kept_sets_features_are_computed_once_and_are_the_models_own_once_the_
     of its own: keeping every free unit gives the model's features bit for bit, and so does a kept
     set once the other free units are pruned. Asked again for the same kept set of the same
     parameters, a probe answers with the features it computed; a parameter change is seen."""
-    model = ModelConfig(backbone="mlp", hidden=[16, 12], seed=0, device="cpu", batch_size=8)
-    s = Eidetic.build((1, 8, 8), model=model, device="cpu", router_features=64)
-    s.add_classes([0, 1], 0)
-    gen = torch.Generator().manual_seed(1)
-    x, y = torch.randn(64, 1, 8, 8, generator=gen), torch.randint(0, 2, (64,), generator=gen)
-    free = [rank == FREE for rank in s.masks.rank]
-    scores = [torch.rand(len(f), generator=gen) for f in free]
+    s, x, y, free, scores = _untrained_two_class_task(seed=1)
 
     def own_features() -> torch.Tensor:
         s.model.eval()

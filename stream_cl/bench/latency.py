@@ -182,7 +182,9 @@ def run_latency_bench(
             }
             if plain is not None:
                 calls["plain"] = plain.predict
-            before = {"inprocess_cold": lambda x: noop.predict(x[0])}
+            before: dict[str, Callable[[np.ndarray], object]] = {
+                "inprocess_cold": lambda x: noop.predict(x[0])
+            }
             _interleaved_seconds(calls, xs, _WARMUP, untimed_before=before)
             timed = _interleaved_seconds(calls, xs, n_requests, untimed_before=before)
         noop_server.stop()  # before the throughput runs: its loop thread would only compete
