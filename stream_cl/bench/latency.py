@@ -3,7 +3,8 @@ in-process forward.
 
 Everything is measured side by side in one run on the same machine, server and snapshot (the
 in-process forward, the plain backbone's, the socket round trip, the round trip to a model that
-answers at once and the in-process forward right after one take turns in blocks of 50 calls), and the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
+answers at once and the in-process forward right after one take turns in blocks of 50 calls), and
+the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
 (JSON and binary tensors) p50 over socket p50, and throughput with many concurrent clients over
 throughput with one. Socket latency is taken with `PredictionClient`, as a caller sees it; HTTP
 latency with a lean keep-alive client (bench/latency_http.py); throughput with connections that each do
