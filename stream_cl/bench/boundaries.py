@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from stream_cl.bench.options import comma_list
 from stream_cl.config import Config
 
 # Heavy imports (torch, river, the learner) live inside the functions: building the CLI parser
@@ -400,11 +401,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     from stream_cl.detect.drift import DETECTORS
 
-    detectors = list(DETECTORS) if args.detectors == "all" else [d.strip() for d in args.detectors.split(",")]
-    streams = [
-        name
-        for s in args.streams.split(",")
-        for name in (SHAPE_STREAMS if s.strip() == "shapes" else [s.strip()])
-    ]
+    detectors = list(DETECTORS) if args.detectors == "all" else comma_list(args.detectors)
+    streams = [name for s in comma_list(args.streams) for name in (SHAPE_STREAMS if s == "shapes" else [s])]
     results = run_boundaries_bench(config, streams, detectors, seed=args.seed, max_delay=args.max_delay)
     return results, format_boundaries(results)

@@ -37,8 +37,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from stream_cl.bench.options import comma_ints, comma_list, overrides_by_name
 from stream_cl.bench.quality import Contender, learn_stream, with_overrides
-from stream_cl.config import Config, ConfigError
+from stream_cl.config import Config
 
 if TYPE_CHECKING:
     from stream_cl.strategies import Batch, StepResult, Strategy
@@ -282,22 +283,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    per_head: dict[str, list[str]] = {h: [] for h in heads}
-    for item in args.override:
-        head, sep, override = item.partition(":")
-        if not sep or head not in per_head:
-            raise ConfigError(
-                "--override", f"expected HEAD:section.key=value with HEAD in {heads}, got {item!r}"
-            )
-        per_head[head].append(override)
+    heads = comma_list(args.heads)
+    per_head = overrides_by_name(args.override, heads, "HEAD")
     # Options of one policy are not valid for another: each head starts from no options, plus its
     # own `strategy.head_options.KEY=VALUE` overrides, folded into one table.
     contenders = [Contender(h, (f"strategy.head={h}", *_head_options_table(per_head[h]))) for h in heads]
-    seeds = _seeds(args.seed)
+    seeds = comma_ints(args.seed, "--seed")
     protected = with_overrides(config, [f"strategy.name={args.strategy}"])
-    streams = tuple(s.strip() for s in args.streams.split(","))
-    losses = tuple(s.strip() for s in args.losses.split(","))
+    streams, losses = tuple(comma_list(args.streams)), tuple(comma_list(args.losses))
     results = [run_heads(protected, contenders, streams=streams, losses=losses, seed=seed) for seed in seeds]
     if len(results) == 1:
         return results[0], format_heads(results[0])
@@ -308,19 +301,6 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "summary": summarize(results),
     }
     return result, "\n\n".join([*map(format_heads, results), format_summary(result)])
-
-
-def _seeds(value: int | str) -> list[int]:
-    """`--seed`: one seed or a comma-separated list; the error names the flag."""
-    try:
-        seeds = [int(value)] if isinstance(value, int) else [int(s) for s in value.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(
-            "--seed", f"expected a seed or a comma-separated list of seeds, got {value!r}"
-        ) from None
-    if not seeds:
-        raise ConfigError("--seed", "expected at least one seed")
-    return seeds
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

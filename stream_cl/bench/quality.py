@@ -37,7 +37,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from stream_cl.config import Config, ConfigError, load_config
+from stream_cl.bench.options import add_strategies_and_streams, comma_list, overrides_by_name
+from stream_cl.config import Config, load_config
 
 if TYPE_CHECKING:  # heavy imports stay inside functions: the CLI imports this module for --help
     from stream_cl.ingest.chunk import Record
@@ -439,12 +440,7 @@ HELP = "strategies side by side: final accuracy, forgetting, BWT, samples/s (+ j
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategies", default="finetune,replay", help="comma-separated strategy names")
-    p.add_argument(
-        "--streams",
-        default="split-mnist",
-        help="comma-separated built-in streams, shapes included (e.g. split-mnist:gradual)",
-    )
+    add_strategies_and_streams(p, strategies="finetune,replay", streams="split-mnist")
     p.add_argument("--scenarios", default="class,task", help="class and/or task (comma-separated)")
     p.add_argument("--seed", type=int, default=0, help="the stream's seed (default: 0)")
     p.add_argument("--joint-epochs", type=int, default=5, help="epochs of the joint reference (default: 5)")
@@ -465,20 +461,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
-    per_name: dict[str, list[str]] = {n: [] for n in names}
-    for item in args.override:
-        name, sep, override = item.partition(":")
-        if not sep or name not in per_name:
-            raise ConfigError(
-                "--override", f"expected NAME:section.key=value with NAME in {names}, got {item!r}"
-            )
-        per_name[name].append(override)
+    names = comma_list(args.strategies)
+    per_name = overrides_by_name(args.override, names, "NAME")
     result = run_quality(
         config,
         [Contender.strategy(n, *per_name[n]) for n in names],
-        streams=[s.strip() for s in args.streams.split(",")],
-        scenarios=[s.strip() for s in args.scenarios.split(",")],
+        streams=comma_list(args.streams),
+        scenarios=comma_list(args.scenarios),
         seed=args.seed,
         joint_epochs=args.joint_epochs,
         references=not args.no_references,

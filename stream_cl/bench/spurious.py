@@ -24,6 +24,7 @@ import statistics
 from collections.abc import Sequence
 from typing import Any
 
+from stream_cl.bench.options import add_strategies_and_streams, comma_ints, comma_list
 from stream_cl.config import Config, ConfigError
 
 GOAL_POINTS = 1.0  # mean cost of the false boundaries, in points of average accuracy
@@ -110,11 +111,8 @@ def format_spurious(result: dict[str, Any]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategies", default="eidetic,replay,fip", help="comma-separated strategy names")
-    p.add_argument(
-        "--streams",
-        default="split-mnist,split-mnist:recurring",
-        help="comma-separated built-in streams, shapes included",
+    add_strategies_and_streams(
+        p, strategies="eidetic,replay,fip", streams="split-mnist,split-mnist:recurring"
     )
     p.add_argument("--seeds", default="0", help="comma-separated stream seeds (default: 0)")
     p.add_argument(
@@ -127,11 +125,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    try:
-        seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError("--seeds", f"expected comma-separated integers, got {args.seeds!r}") from None
-    if not seeds or args.model_seeds < 1 or len(seeds) * args.model_seeds < 2:
+    seeds = comma_ints(args.seeds, "--seeds")
+    if args.model_seeds < 1 or len(seeds) * args.model_seeds < 2:
         raise ConfigError(
             "--model-seeds",
             "expected 2 or more pairs (stream seeds x model seeds): a standard error needs them",
@@ -140,8 +135,8 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         raise ConfigError("--spurious", f"expected a count >= 1, got {args.spurious}")
     result = run_spurious(
         config,
-        [n.strip() for n in args.strategies.split(",") if n.strip()],
-        [s.strip() for s in args.streams.split(",") if s.strip()],
+        comma_list(args.strategies),
+        comma_list(args.streams),
         seeds=seeds,
         model_seeds=args.model_seeds,
         spurious=args.spurious,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING, Any
 
+from stream_cl.bench.options import comma_ints, comma_list
 from stream_cl.config import Config
 
 if TYPE_CHECKING:
@@ -156,11 +157,11 @@ def run(config: Config, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         source.append("strategy.options.asymmetric=false")
     config = with_overrides(config, source)
     rows: list[dict[str, Any]] = []
-    for name in [s.strip() for s in args.streams.split(",") if s.strip()]:
+    for name in comma_list(args.streams):
         epochs = args.source_epochs or SOURCE_EPOCHS.get(name, 1)
         state = learn_source(config, load_stream(name, seed=0), epochs)
         start, end = endpoints(state)
-        for seed in [int(s) for s in args.seeds.split(",")]:
+        for seed in comma_ints(args.seeds, "--seeds"):
             buffer, test, _ = stream_buffer(state, name, args.buffer, seed)
             train, _, _ = stream_buffer(state, name, 10**9, seed + 100)
             began = time.perf_counter()
