@@ -237,10 +237,15 @@ def test_taylor_scores_consolidate() -> None:
     assert 0.0 < s.free_capacity_ratio() < 1.0
 
 
-def _consolidations(s: Eidetic, learn: Any) -> list[dict[str, Any]]:
+def _consolidations(
+    s: Eidetic, learn: Any, events: tuple[str, ...] = ("eidetic_consolidated",)
+) -> list[dict[str, Any]]:
     with capture_logs() as logs:
         learn()
-    return [e for e in logs if e["event"] == "eidetic_consolidated"]
+    return [e for e in logs if e["event"] in events]
+
+
+VISIT_ENDS = ("eidetic_consolidated", "eidetic_task_held")  # the events of a visit's buffer used up
 
 
 def test_a_loose_probe_keeps_one_neuron_per_layer() -> None:
@@ -352,8 +357,8 @@ def test_short_visits_wait_until_the_task_learned_enough_to_consolidate() -> Non
             s.learn(_batch(task, [2 * task, 2 * task + 1], rng))
             s.on_boundary(Boundary(previous_task=task, task=1 - task, reason="explicit", recurring=True))
 
-    events = _consolidations(s, transition)
-    assert [e["task"] for e in events] == [0, 1, 0]  # 12 boundaries, three consolidations
+    events = _consolidations(s, transition, VISIT_ENDS)
+    assert [e["task"] for e in events] == [0, 1, 0]  # 12 boundaries, three visits' buffers used
     s.learn(_batch(1, [2, 3], rng))  # a visit not consolidated yet
     restored = _strategy("mlp", "adam+decay", min_consolidation=40)
     restored.load_state_dict(s.state_dict())  # its buffer survives a checkpoint
@@ -403,3 +408,53 @@ def test_bench_scores_each_task_after_its_consolidation() -> None:
     assert average_accuracy(run.matrix) > 0.8  # it learned: the zeros above are not vacuous
     routed = learn_stream(config, stream, "class")
     assert 0.5 < routed.route_accuracy <= 1.0
+
+
+def _revisit(s: Eidetic, task: int, rng: np.random.Generator, swap_labels: bool = False) -> None:
+    """Task `task` back for a visit of 20 steps (its two classes swapped if `swap_labels`), ended by
+    the boundary to the next task."""
+    s.on_boundary(Boundary(previous_task=s.current_task, task=task, reason="explicit", recurring=True))
+    classes = [2 * task, 2 * task + 1]  # known already: no class is added
+    for _ in range(20):
+        b = _batch(task, classes, rng)
+        s.learn(Batch(x=b.x, y=4 * task + 1 - b.y if swap_labels else b.y, task=task))
+
+
+@pytest.mark.parametrize("swap_labels", [False, True])
+def test_a_returning_task_keeps_its_stored_rows_while_they_still_answer_it(
+    swap_labels: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task back for another visit whose stored rows still answer the visit's buffer (within
+    `tol` of the whole network) keeps them: no neuron taken, no recovery, its answers with a hint
+    bit-identical, the live rows of its classes its stored ones (on the owned features). A visit they no longer answer
+    (the task's two labels swapped) is consolidated as any task is."""
+    s = _strategy("mlp", "adam+decay")
+    rng = np.random.default_rng(0)
+    for task in range(2):
+        _learn_task(s, task, rng, steps=20)
+    _revisit(s, 0, rng, swap_labels)  # its boundary consolidated task 1
+    x = _random_inputs(2)
+    hinted = s.predict_proba(x, 0)[0]
+    stored = s.task_heads[0]
+    free = s.masks.free_units()
+    recoveries: list[int] = []
+    recover = s._recover
+    monkeypatch.setattr(s, "_recover", lambda *a: (recoveries.append(1), recover(*a)))
+
+    (event,) = _consolidations(
+        s, lambda: s.on_boundary(Boundary(previous_task=0, task=1, reason="explicit")), VISIT_ENDS
+    )
+
+    assert event["task"] == 0
+    if swap_labels:
+        assert event["event"] == "eidetic_consolidated" and recoveries
+        assert all(now < before for now, before in zip(s.masks.free_units(), free, strict=True))
+        return
+    assert event["event"] == "eidetic_task_held" and not recoveries
+    assert event["buffer_accuracy"] >= event["live_accuracy"] * (1 - s.options.tol)
+    assert s.masks.free_units() == free
+    assert s.task_heads[0] is stored
+    assert torch.equal(s.predict_proba(x, 0)[0], hinted)
+    owned = s.masks.owned_features()  # the live rows' other columns start over, as the free neurons do
+    assert torch.equal(s.model.head.weight[[0, 1]][:, owned], stored[1][:, owned])
+    assert torch.equal(s.model.head.bias[[0, 1]], stored[2])

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.nn import functional as F
 
 from stream_cl.log import get_logger
 from stream_cl.strategies.backbones import Classifier, frozen_copy
@@ -250,7 +251,18 @@ class Eidetic(Strategy):
         # set once the rest is pruned. No forward is made twice.
         probe_args = (self.model, self.layers, self.masks.rank, x, y, classes, self.generator)
         probe = Probe(*probe_args)
-        before = self._buffer_accuracy(probe.features(keep_top(scores, free, 1.0)), probe.y, classes)
+        everything = probe.features(keep_top(scores, free, 1.0))
+        before = self._buffer_accuracy(everything, probe.y, classes)
+        stored = self.task_heads.get(task)
+        if stored is not None and stored[0] == classes:
+            # A task back for another visit: where the rows stored at its last consolidation, on
+            # its own neurons, still answer this visit's buffer within `tol` of the whole network,
+            # it keeps them and takes no neuron more (each visit would otherwise cost capacity and
+            # a consolidation, however often the task recurs).
+            held = self._buffer_accuracy(everything, probe.y, classes, rows=(stored[1], stored[2]))
+            if held >= before * (1 - o.tol):
+                self._keep_stored_head(task, held, before)
+                return
         kept, head = smallest_fraction(probe, scores, free, o.probe_tol, o.max_keep)
         saved = self._save_params()
         for attempt in range(1, o.max_attempts + 1):
@@ -273,11 +285,40 @@ class Eidetic(Strategy):
         self._take_ownership(task, kept.pruned(free), attempt, accuracy)
         self._store_task_head(task)
 
-    def _buffer_accuracy(self, features: torch.Tensor, y: torch.Tensor, classes: list[int]) -> float:
-        """The live head's accuracy over `classes` on samples of these (eval-mode) features."""
+    def _buffer_accuracy(
+        self,
+        features: torch.Tensor,
+        y: torch.Tensor,
+        classes: list[int],
+        rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> float:
+        """Accuracy over `classes` on samples of these (eval-mode) features: the live head's, or
+        that of `rows` (weight, bias: one row per class of `classes`, in order)."""
         with torch.no_grad():
-            proba = Strategy._proba(self.model.head(features), [classes], 0)
+            if rows is None:
+                logits = self.model.head(features)
+            else:
+                logits = features.new_full((features.shape[0], self.n_classes), float("-inf"))
+                logits[:, classes] = F.linear(features, rows[0], rows[1])
+            proba = Strategy._proba(logits, [classes], 0)
         return float((proba.argmax(1) == y).float().mean())
+
+    def _keep_stored_head(self, task: int, accuracy: float, live_accuracy: float) -> None:
+        """End a returning task's visit on its stored rows: the live head's rows of its classes
+        are written back from them, and the free neurons, trained on the visit, start over as
+        capacity for the next task (as pruned ones do after a consolidation)."""
+        classes, weight, bias = self.task_heads[task]
+        self._write_rows(HeadRows(tuple(classes), weight, bias))
+        self.masks.reinit_free(self.generator)
+        self._reinit_free_head_columns()
+        self.log.info(
+            "eidetic_task_held",
+            task=task,
+            buffer_accuracy=round(accuracy, 4),
+            live_accuracy=round(live_accuracy, 4),
+            free_units=self.masks.free_units(),
+            free_capacity_ratio=round(self.free_capacity_ratio(), 4),
+        )
 
     def _recover(self, x: torch.Tensor, y: torch.Tensor) -> None:
         bs = self.model_config.batch_size
