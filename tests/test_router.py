@@ -88,3 +88,31 @@ def test_a_new_task_is_solved_at_doubling_counts_a_returning_one_every_refresh()
     router.new_task(1)
     restored.load_state_dict(router.state_dict())
     assert restored.returning and restored.stale() == router.stale()
+
+
+def test_the_statistics_are_the_gram_matrix_and_the_solve_is_ridge_on_it() -> None:
+    """Only the Gram matrix's lower triangle is folded; a checkpoint holds the whole symmetric
+    matrix, Σ φφᵀ over the learned samples, and the solve is the ridge solution on it."""
+    cpu = torch.device("cpu")
+    router = RidgeRouter((20,), 512, lam=1.0, refresh=10_000, seed=0, device=cpu)
+    assert router.features.dim > 2 * 128  # more than two blocks of the triangle's rows
+    x, y = (
+        torch.randn(300, 20, generator=torch.Generator().manual_seed(0)),
+        torch.arange(300) % 3,
+    )  # 300: a fold of 256 and some pending
+    for i in range(0, 300, 30):
+        router.observe(x[i : i + 30], y[i : i + 30], task=0)
+    router.solve()
+    state = router.state_dict()
+    phi = router.features(x).double()
+    assert torch.equal(state["gram"], state["gram"].T)
+    assert torch.allclose(state["gram"], phi.T @ phi, rtol=1e-5, atol=1e-3)
+    samples = phi.shape[0]
+    ridge = 1.0 * float((phi * phi).sum()) / samples * torch.eye(phi.shape[1], dtype=torch.float64)
+    expected = torch.linalg.solve(phi.T @ phi + ridge, phi.T @ F.one_hot(y, 3).double())
+    assert router.weight is not None
+    assert torch.allclose(router.weight.double(), expected, rtol=1e-4, atol=1e-5)
+    restored = RidgeRouter((20,), 512, lam=1.0, refresh=10_000, seed=0, device=cpu)
+    restored.load_state_dict(state)
+    restored.solve()
+    assert restored.weight is not None and torch.equal(restored.weight, router.weight)
