@@ -117,12 +117,17 @@ class RandomFeatures(nn.Module):
 # ATen's own im2col convolution (None where this torch lacks it), looked up once: it is on the
 # predict path.
 _IM2COL_CONV = getattr(torch.ops.aten, "thnn_conv2d", None)
+# Fewest samples (of one slice) convolved by oneDNN, the default kernel; fewer go through im2col.
+_ONEDNN_FROM = 8
 
 
 def _convolve(x: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
-    """`F.conv2d(x, filters)`. On the CPU through ATen's own im2col kernel: with oneDNN's, the
-    default, the features took 1.6× as long for one sample and 2.0–2.2× for 32 to 256 (torch 2.13)."""
-    if _IM2COL_CONV is not None and x.device.type == "cpu":
+    """`F.conv2d(x, filters)`, by whichever CPU kernel was faster for that many samples (one thread,
+    torch 2.13, µs per sample, im2col against oneDNN): one 28×28 sample, the predict path's, 17
+    against 37; 8 of them 13.0 against 10.6, 31 of them 12.7 against 7.4 (3×32×32: 52 against
+    50, then 48 against 24 and 52 against 21). Only on 8×8 inputs was im2col faster for 8 to 31
+    samples, by ~1 µs a sample."""
+    if _IM2COL_CONV is not None and x.device.type == "cpu" and x.shape[0] < _ONEDNN_FROM:
         return _IM2COL_CONV(x, filters, list(filters.shape[-2:]))
     return F.conv2d(x, filters)
 
