@@ -62,7 +62,7 @@ def _learned(router: RidgeRouter, task: int, samples: int) -> None:
         router.observe(torch.rand(8, 1, 8, 8), torch.arange(8) % 2, task)
 
 
-def test_a_new_task_is_solved_at_doubling_counts_a_returning_one_every_refresh() -> None:
+def test_a_new_task_is_solved_at_doubling_counts_and_its_boundary_a_returning_one_every_refresh() -> None:
     router = RidgeRouter((1, 8, 8), 64, lam=0.001, refresh=400, seed=0, device=torch.device("cpu"))
     for task in (0, 1):
         _learned(router, task, 16)
@@ -71,10 +71,13 @@ def test_a_new_task_is_solved_at_doubling_counts_a_returning_one_every_refresh()
         _learned(router, task, 32)
         assert router.stale()  # a new task: 32 samples since the solve (the doubling schedule)
         router.solve()
+        _learned(router, task, 8)
+        assert router.due_at_boundary()  # a new task's visit ends: its last samples are solved for
+        router.solve()
         router.new_task(task + 1)
     router.new_task(0)  # task 0 returns: its targets were solved for
     _learned(router, 0, 392)
-    assert not router.stale()
+    assert not router.stale() and not router.due_at_boundary()  # its samples wait for `refresh`
     _learned(router, 0, 8)
     assert router.stale()  # `refresh` samples since the last solve
     router.solve()

@@ -13,9 +13,10 @@ The router is learned from streaming statistics only:
 every learned sample adds `φ(x)φ(x)ᵀ` to a Gram matrix and `φ(x)` to its target's column, so the
 router never forgets a task, needs no stored samples, and its memory is fixed by the feature
 dimension (D² + D·targets floats), whatever the stream's length. It is solved (Cholesky, float64)
-at every boundary and, between boundaries, when a new (task, class) target appeared, when the
-current task's samples doubled since the last solve (while the task is new: a returning one is
-routed to already), or `refresh` samples after it at most. Features
+at the boundary that ends a new task's visit and, between boundaries, when a new (task, class)
+target appeared, when the current task's samples doubled since the last solve (while the task is
+new), or `refresh` samples after it at most. A returning task is routed to already: its visit is
+solved for on the `refresh` cadence alone, across its boundary too. Features
 are folded into the Gram matrix in blocks of a few hundred samples (one large product is cheaper),
 and into its lower triangle only (the Cholesky reads nothing else).
 
@@ -145,8 +146,8 @@ class RouterOptions(StrategyOptions):
     router_lam: float = 0.001
     # Without a task hint, the best (task, class) by log p_task + router_weight · router score answers.
     router_weight: float = 30.0
-    # Most learned samples between two router solves (it is also solved at every boundary, and
-    # within a new task whenever the task's samples doubled since the last solve).
+    # Most learned samples between two router solves (it is also solved at the boundary that ends
+    # a new task's visit, and within a new task whenever its samples doubled since the last solve).
     router_refresh: int = 2000
 
     def validate(self) -> None:
@@ -314,11 +315,18 @@ class RidgeRouter:
         )
         return len(self.targets) != self.solved_targets or self.since_solve >= due
 
+    def due_at_boundary(self) -> bool:
+        """Whether the boundary ending the current visit solves: after a new task's samples, yes;
+        after a returning task's, only when `stale()` (it is routed to already, and `refresh`
+        bounds how long its samples wait: on a stream whose tasks recur, most boundaries end a
+        returning visit, and each solve is a 1,025-wide Cholesky)."""
+        return self.stale() or (self.since_solve > 0 and not self.returning)
+
     def new_task(self, task: int) -> None:
         """A boundary: the doubling schedule of `stale` starts over for the next task, unless
         `task` returns (the router was solved on its targets before): it is routed to already, so
-        its visit is solved at the boundary and every `refresh` samples (new classes of it are
-        solved for at once, as any new target)."""
+        its visit is solved for every `refresh` samples alone (`due_at_boundary`; new classes of
+        it are solved for at once, as any new target)."""
         self.task_samples = self.task_samples_at_solve = 0
         self.returning = any(t == task for t, _ in self.targets[: self.solved_targets])
 

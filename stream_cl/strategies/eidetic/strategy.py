@@ -28,7 +28,8 @@ training mode, and those statistics are never updated. LayerNorm mixes neurons, 
 Routing without a task id (`strategies/router.py`): a streaming ridge classifier over fixed random
 features of the input scores every (task, class) pair; added to the heads' log-probabilities
 (weighted by `router_weight`), the best pair picks the task whose head answers. It learns from
-every sample's statistics (no replay, fixed memory, no forgetting) and is solved at each boundary.
+every sample's statistics (no replay, fixed memory, no forgetting) and is solved at the boundary
+that ends a new task.
 A task hint bypasses the router; the route taken is returned.
 
 Consolidation runs synchronously inside `on_boundary`, on the learner thread: serving keeps
@@ -234,7 +235,7 @@ class Eidetic(Strategy):
         self.task_buffers.keep_only(task, event.task)
         if consolidate:  # a short visit changes neither ownership nor the router's schedule
             self._rebuild_optimizer()  # no moment of a now-fixed entry survives
-            if self.router.since_solve or self.router.stale():
+            if self.router.due_at_boundary():
                 self.router.request_solve()
             self.router.new_task(event.task)
 

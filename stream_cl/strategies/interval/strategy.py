@@ -314,7 +314,7 @@ class Interval(Strategy):
         super().on_boundary(event)
         consolidated = self._switch_to(self._slot(event.task))
         if self.router is not None and consolidated:  # a short visit leaves the router's schedule
-            if self.router.since_solve or self.router.stale():
+            if self.router.due_at_boundary():
                 self.router.solve()
             self.router.new_task(event.task)
 
