@@ -140,6 +140,9 @@ class NeuronMasks:
         self.fixed_mask = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in self.params()}
         self.fixed_value = {n: torch.zeros_like(p) for n, p in self.params()}
         self.fixed_rows: dict[str, torch.Tensor] = {}  # name -> indices of the rows fixed_mask covers
+        # name -> the values of those rows, gathered once per change of the masks: every optimizer
+        # step writes them back, and gathering them again each time cost that step a copy of them.
+        self.fixed_rows_value: dict[str, torch.Tensor] = {}
         self._index_rows()
 
     def params(self) -> list[tuple[str, torch.Tensor]]:
@@ -154,13 +157,15 @@ class NeuronMasks:
         return params
 
     def _index_rows(self) -> None:
-        """Re-derive `fixed_rows` from `fixed_mask` (after every change of the masks)."""
-        self.fixed_rows = {}
+        """Re-derive `fixed_rows` and their values from `fixed_mask` and `fixed_value` (after every
+        change of either)."""
+        self.fixed_rows, self.fixed_rows_value = {}, {}
         for name, mask in self.fixed_mask.items():
             rows = mask.flatten(1).any(1) if mask.dim() > 1 else mask
             if mask.dim() > 1 and not bool((mask.flatten(1).all(1) == rows).all()):
                 raise AssertionError(f"fixed entries of {name} do not form whole rows")
             self.fixed_rows[name] = rows.nonzero().flatten()
+            self.fixed_rows_value[name] = self.fixed_value[name].index_select(0, self.fixed_rows[name])
 
     def zero_fixed_grads(self) -> None:
         """Zero the gradient of every fixed entry (before each optimizer step): no moment builds up."""
@@ -176,7 +181,7 @@ class NeuronMasks:
             for name, p in self.params():
                 rows = self.fixed_rows[name]
                 if rows.numel():
-                    p.index_copy_(0, rows, self.fixed_value[name].index_select(0, rows))
+                    p.index_copy_(0, rows, self.fixed_rows_value[name])
 
     def owned_mask(self, name: str) -> torch.Tensor:
         rank = self.rank[int(name.split(".")[0])]
