@@ -319,7 +319,7 @@ class RidgeRouter:
         """Whether the boundary ending the current visit solves: after a new task's samples, yes;
         after a returning task's, only when `stale()` (it is routed to already, and `refresh`
         bounds how long its samples wait: on a stream whose tasks recur, most boundaries end a
-        returning visit, and each solve is a 1,025-wide Cholesky)."""
+        returning visit, and each solve is a Cholesky as wide as the features: 1,025 by default)."""
         return self.stale() or (self.since_solve > 0 and not self.returning)
 
     def new_task(self, task: int) -> None:
