@@ -265,7 +265,7 @@ def test_gzip_bodies_are_decompressed_and_still_limited(server: PredictionServer
 
 def test_latency_bench_measures_http_next_to_the_socket() -> None:
     """One run: in-process, socket, HTTP JSON and binary on the same server; every figure present."""
-    from stream_cl.bench.latency import format_latency_table, run_latency_bench
+    from stream_cl.bench.latency import format_latency_table, overhead_parts, run_latency_bench
 
     result = run_latency_bench(
         make_snapshot(), samples(16), n_requests=20, concurrency=(1, 4), duration_s=0.2
@@ -276,9 +276,15 @@ def test_latency_bench_measures_http_next_to_the_socket() -> None:
         assert figures["p50_vs_socket"] > 0
     assert "http_binary_p50_within_1.5x_socket" in result["goals"]
     assert "HTTP binary infer p50" in format_latency_table(result)
-    # the same round trip to a model that answers at once is timed beside it
+    # the same round trip to a model that answers at once, and to one that busy-waits as long as
+    # the forward, are timed beside it; with the forward's own cost they add up to the server's
     assert result["socket_noop_model_p50_ms"] > 0 and result["inprocess_after_round_trip_p50_ms"] > 0
-    assert "model that answers at once" in format_latency_table(result)
+    assert result["waiting_model_busy_ms"] > 0
+    assert result["socket_waiting_model_p50_ms"] > result["waiting_model_busy_ms"]
+    parts = overhead_parts(result)
+    assert sum(parts.values()) == pytest.approx(result["socket_p50_ms"] - result["inprocess_p50_ms"])
+    table = format_latency_table(result)
+    assert "model that answers at once" in table and "waking after a wait as long as the forward" in table
 
 
 def test_stalled_headers_get_408_and_silent_connections_close() -> None:

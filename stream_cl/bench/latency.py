@@ -3,7 +3,8 @@ in-process forward.
 
 Everything is measured side by side in one run on the same machine, server and snapshot (the
 in-process forward, the plain backbone's, the socket round trip, the round trip to a model that
-answers at once and the in-process forward right after one take turns in blocks of 50 calls), and
+answers at once, the round trip to one that busy-waits as long as the forward instead, and the
+in-process forward right after a round trip take turns in blocks of 50 calls), and
 the result is reported as ratios measured side by side: socket p50 over in-process p50, HTTP
 (JSON and binary tensors) p50 over socket p50, and throughput with many concurrent clients over
 throughput with one. Socket latency is taken with `PredictionClient`, as a caller sees it; HTTP
@@ -163,22 +164,32 @@ def run_latency_bench(
     """
     xs = np.ascontiguousarray(xs, dtype=np.float32).reshape(len(xs), -1)
     lo, hi = min(concurrency), max(concurrency)
-    holder, noop_holder = SnapshotHolder(), SnapshotHolder()
+    # How long the stand-in that waits instead of a forward busy-waits: the forward's p50 now.
+    wait_s = float(np.median(_interleaved_seconds({"f": snapshot.predict}, xs, _WARMUP)["f"]))
+    holder, noop_holder, waiting_holder = SnapshotHolder(), SnapshotHolder(), SnapshotHolder()
     holder.publish(snapshot)
-    noop_holder.publish(noop_snapshot(snapshot))
+    noop_holder.publish(stand_in_snapshot(snapshot))
+    waiting_holder.publish(stand_in_snapshot(snapshot, busy_s=wait_s))
+    stand_in_config = ServeConfig(port=0, http_enabled=False)
     with (
         PredictionServer(ServeConfig(port=0, http_port=0), holder) as server,
-        PredictionServer(ServeConfig(port=0, http_enabled=False), noop_holder) as noop_server,
+        PredictionServer(stand_in_config, noop_holder) as noop_server,
+        PredictionServer(stand_in_config, waiting_holder) as waiting_server,
     ):
         port = server.port
-        assert port is not None and noop_server.port is not None
-        with PredictionClient(port=port) as client, PredictionClient(port=noop_server.port) as noop:
+        assert port is not None and noop_server.port is not None and waiting_server.port is not None
+        with (
+            PredictionClient(port=port) as client,
+            PredictionClient(port=noop_server.port) as noop,
+            PredictionClient(port=waiting_server.port) as waiting,
+        ):
             calls: dict[str, Callable[[np.ndarray], object]] = {
                 "inprocess": snapshot.predict,
                 "socket": lambda x: client.predict(x[0]),
                 "noop": lambda x: noop.predict(x[0]),
-                # the forward as a server meets it: the round trip before it has evicted the
-                # weights the back-to-back in-process calls keep in the core's caches
+                "waiting": lambda x: waiting.predict(x[0]),
+                # the forward as a server meets it, on a core that idled through the round trip (a
+                # 0.3 ms sleep in-process before each forward slowed it down alike, every op of it)
                 "inprocess_cold": snapshot.predict,
             }
             if plain is not None:
@@ -188,7 +199,8 @@ def run_latency_bench(
             }
             _interleaved_seconds(calls, xs, _WARMUP, untimed_before=before)
             timed = _interleaved_seconds(calls, xs, n_requests, untimed_before=before)
-        noop_server.stop()  # before the throughput runs: its loop thread would only compete
+        noop_server.stop()  # before the throughput runs: their loop threads would only compete
+        waiting_server.stop()
         inprocess, sock, plain_seconds = timed["inprocess"], timed["socket"], timed.get("plain")
         frames = _request_frames(xs)
         throughput = {str(c): _throughput(port, frames, c, duration_s) for c in concurrency}
@@ -234,6 +246,11 @@ def run_latency_bench(
         # the same round trip to a server whose model answers at once: what the serving stack
         # (client, loopback, event loop, batcher, msgpack) costs alone
         "socket_noop_model_p50_ms": _percentile_ms(timed["noop"], 50),
+        # ... to a server whose model busy-waits as long as the in-process forward (no memory
+        # touched) and then answers: the stack, that wait, and the cost of waking the client's
+        # core after a wait that long
+        "waiting_model_busy_ms": wait_s * 1000.0,
+        "socket_waiting_model_p50_ms": _percentile_ms(timed["waiting"], 50),
         # the in-process forward, each call right after a round trip to that server
         "inprocess_after_round_trip_p50_ms": _percentile_ms(timed["inprocess_cold"], 50),
         "socket_p99_ms": _percentile_ms(sock, 99),
@@ -255,15 +272,40 @@ def run_latency_bench(
     }
 
 
-def noop_snapshot(served: Snapshot) -> Snapshot:
+def stand_in_snapshot(served: Snapshot, busy_s: float = 0.0) -> Snapshot:
     """A snapshot like `served` (labels, tasks, input shape) whose predictor answers uniform
-    probabilities at once: served, it shows the round trip's cost without a model."""
+    probabilities at once, or after busy-waiting `busy_s` without touching memory: served, it
+    shows the round trip's cost without a model, or with a wait as long as the model's."""
     n_labels = len(served.labels)
 
     def predictor(x: torch.Tensor, task: Any) -> tuple[torch.Tensor, list[Any]]:
+        if busy_s > 0:
+            until = time.perf_counter() + busy_s
+            while time.perf_counter() < until:
+                pass
         return torch.full((len(x), n_labels), 1.0 / n_labels), [task] * len(x)
 
     return Snapshot(0, "noop", served.labels, served.tasks, served.input_shape, predictor)
+
+
+def overhead_parts(result: dict[str, Any]) -> dict[str, float]:
+    """The server's own cost, "socket p50 − in-process p50", split three ways (ms; they add up to
+    it) by the stand-ins' round trips: the stack alone; what the same round trip costs more when
+    the server takes as long as the forward without running it (waking the waiting client's
+    core: on a virtual machine whose idle cores halt, a wake-up after a longer wait costs more);
+    the rest, the forward run in the server over the same forward run back to back."""
+    noop, waiting, busy = (
+        result["socket_noop_model_p50_ms"],
+        result["socket_waiting_model_p50_ms"],
+        result["waiting_model_busy_ms"],
+    )
+    return {
+        "the stack alone": noop,
+        "waking after a wait as long as the forward": waiting - noop - busy,
+        "the forward in the server over the in-process one": result["socket_p50_ms"]
+        - waiting
+        - (result["inprocess_p50_ms"] - busy),
+    }
 
 
 def format_latency_table(result: dict[str, Any]) -> str:
@@ -289,12 +331,21 @@ def format_latency_table(result: dict[str, Any]) -> str:
             f"{result['socket_noop_model_p50_ms']:.3f} ms",
         )
     )
+    waited = result["waiting_model_busy_ms"]
     rows.append(
         (
-            "in-process forward p50 right after such a round trip (caches cold)",
+            f"socket p50 with a model that busy-waits {waited:.3f} ms (as long as the forward)",
+            f"{result['socket_waiting_model_p50_ms']:.3f} ms",
+        )
+    )
+    rows.append(
+        (
+            "in-process forward p50 right after such a round trip (the core idled)",
             f"{result['inprocess_after_round_trip_p50_ms']:.3f} ms",
         )
     )
+    for part, ms in overhead_parts(result).items():
+        rows.append((f"  of the server's own cost: {part}", f"{ms:.3f} ms"))
     lo, hi = result["concurrency"]
     rows.append((f"throughput {hi} / {lo} client(s)", f"{result[f'throughput_{hi}_vs_{lo}']:.2f}x"))
     for encoding, figures in result.get("http", {}).items():
