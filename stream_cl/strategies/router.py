@@ -82,12 +82,18 @@ class RandomFeatures(nn.Module):
             self.register_buffer("weight", torch.randn(d, n, generator=gen) / math.sqrt(d))
             self.dim = 2 * n + 1
 
-    def _pool(self, z: torch.Tensor) -> torch.Tensor:
+    def _pool_both(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pooled relu of the filter maps `z`, and the pooled maps (`z` is overwritten)."""
         h, w = z.shape[-2:]
         if h % self.pool[0] == 0 and w % self.pool[1] == 0:  # plain pooling is faster than adaptive
             size = (h // self.pool[0], w // self.pool[1])
-            return F.avg_pool2d(z, size, size)
-        return F.adaptive_avg_pool2d(z, self.pool)
+            # A channels-last map is pooled ~3.5x faster than a contiguous one (measured per op on
+            # MNIST's maps), more than the copy costs; every sum is taken in the same order.
+            z = z.contiguous(memory_format=torch.channels_last)
+            mean = F.avg_pool2d(z, size, size)
+            return F.avg_pool2d(z.relu_(), size, size), mean
+        mean = F.adaptive_avg_pool2d(z, self.pool)
+        return F.adaptive_avg_pool2d(z.relu_(), self.pool), mean
 
     def unbiased(self, x: torch.Tensor) -> torch.Tensor:
         """The features without the constant: [n, dim − 1]."""
@@ -100,10 +106,9 @@ class RandomFeatures(nn.Module):
             # 1,000 samples. Each sample's features are computed alone: slicing changes no bit.
             if x.shape[0] > self.chunk:
                 return torch.cat([self.unbiased(part) for part in x.split(self.chunk)])
-            z = _convolve(x, weight)
             # Pooling the filters' and their negations' maps would pool twice the data: the
             # negation's pooled relu is the pooled relu minus the pooled map.
-            pos, mean = self._pool(F.relu(z)), self._pool(z)
+            pos, mean = self._pool_both(_convolve(x, weight))
             h = torch.cat([pos, (pos - mean).clamp_min(0.0)], dim=1).flatten(1)
         else:
             z = x.flatten(1) @ weight
