@@ -365,17 +365,23 @@ class RidgeRouter:
     def _solve(self, targets: int) -> None:
         """(Background, or after `jobs.wait()`.) The ridge system on the statistics folded so far."""
         self._fold()
-        d, xy = self.gram.shape[0], self._xy(targets)[:, :targets]
+        xy = self._xy(targets)[:, :targets]
         # λ in units of one sample's squared feature norm (the last feature is the constant 1, so
         # gram[-1, -1] counts the samples): a prior worth `lam` samples, whatever the stream's length.
         samples = float(self.gram[-1, -1]) or 1.0
         scale = float(self.gram.diagonal().sum()) / samples or 1.0
-        ridge = (self.lam * scale) * torch.eye(d, dtype=self.gram.dtype, device=self.device)
-        chol, info = torch.linalg.cholesky_ex(self.gram + ridge)  # reads the lower triangle alone
+        ridge = self.lam * scale
+        # λ added to a copy's diagonal: an identity matrix as wide as the features (8 MB at the
+        # default 1,025) would be built, added and freed on every solve for the same bits.
+        system = self.gram.clone()
+        system.diagonal().add_(ridge)
+        chol, info = torch.linalg.cholesky_ex(system)  # reads the lower triangle alone
         if int(info) == 0:
             w = torch.cholesky_solve(xy, chol)
         else:
-            w = torch.linalg.lstsq(self.symmetric_gram() + ridge, xy).solution
+            system = self.symmetric_gram()
+            system.diagonal().add_(ridge)
+            w = torch.linalg.lstsq(system, xy).solution
         self.solution = RouterSolution(w.float(), targets)
 
     def scores_fn(self) -> RouterScores | None:
