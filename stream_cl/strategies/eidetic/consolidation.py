@@ -103,6 +103,11 @@ class Probe:
     def _masks(self, kept: KeptUnits) -> list[torch.Tensor]:
         return [(r != FREE) | k for r, k in zip(self.rank, kept.keep, strict=True)]
 
+    @staticmethod
+    def keep_all(free: list[torch.Tensor]) -> KeptUnits:
+        """Every free unit kept: what `keep_top` gives at fraction 1, with no scores needed."""
+        return KeptUnits(1.0, [is_free.clone() for is_free in free])
+
     def features(self, kept: KeptUnits) -> torch.Tensor:
         """The model's features of the probe's samples (eval mode) with every free unit the kept
         set leaves out silenced. A unit already fixed at zero output (a pruned one) gives the same

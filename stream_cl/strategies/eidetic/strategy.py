@@ -246,13 +246,12 @@ class Eidetic(Strategy):
         x, y = buffer.inputs().clone(), buffer.y[: len(buffer)].clone()
         classes = list(self.task_classes[task])
         free = [rank == FREE for rank in self.masks.rank]
-        scores = unit_scores(o.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
         # Accuracies are taken on the probe's samples (cheaper), from the features its probes
         # compute: keeping every free unit leaves the model's own features, and so does the kept
         # set once the rest is pruned. No forward is made twice.
         probe_args = (self.model, self.layers, self.masks.rank, x, y, classes, self.generator)
         probe = Probe(*probe_args)
-        everything = probe.features(keep_top(scores, free, 1.0))
+        everything = probe.features(probe.keep_all(free))
         before = self._buffer_accuracy(everything, probe.y, classes)
         stored = self.task_heads.get(task)
         if stored is not None and stored[0] == classes:
@@ -264,6 +263,9 @@ class Eidetic(Strategy):
             if held >= before * (1 - o.tol):
                 self._keep_stored_head(task, held, before)
                 return
+        # Scored only now, as a held task prunes nothing (taylor: a forward and a backward on the
+        # buffer in eval mode, which changes no parameter or buffer: the probe's cache holds).
+        scores = unit_scores(o.score, self.layers, self.model, lambda m: self._loss(m(x), y).mean())
         kept, head = smallest_fraction(probe, scores, free, o.probe_tol, o.max_keep)
         saved = self._save_params()
         for attempt in range(1, o.max_attempts + 1):
